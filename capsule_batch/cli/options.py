@@ -1,0 +1,52 @@
+"""Options and helpers shared by several commands, validated in one place."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+
+
+def existing_path(**kw: Any) -> click.Path:
+    """An input path. Existence is checked by the library, so a missing file is a run error (exit 1)
+    with the file named, not a usage error."""
+    return click.Path(path_type=Path, **kw)
+
+
+def output_path() -> click.Path:
+    return click.Path(path_type=Path, dir_okay=True, file_okay=True)
+
+
+def check_writable_parent(path: Path) -> None:
+    """Fail before any work when the folder an output goes into is missing or read-only."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise click.ClickException(f"{parent}: output folder does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise click.ClickException(f"{parent}: not writable")
+
+
+def parse_key_values(items: tuple[str, ...], what: str) -> dict[str, Any]:
+    """`key=value` pairs; values parsed as JSON where they are valid JSON (numbers, booleans), else strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise click.BadParameter(f"expected key=value, got {item!r}", param_hint=what)
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,166 @@
+"""The FrameSource contract (DESIGN.md).
+
+A source reads one recording (a video file or a folder of frames) and yields `FrameBatch`es:
+- `pixels`: (N, 3, S, S) already preprocessed per the bundle's `Preprocess`, in the engine's dtype,
+  on the engine's device;
+- `index`: the frame numbers in the recording (int64), strictly increasing;
+- `pts`: presentation times in seconds (float64).
+Every frame from `start` to the end is accounted for exactly once, in order: either in some batch's
+`index`, or in some batch's `failures` (a frame that could not be decoded, with the reason). A
+source never drops or duplicates a frame silently.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from capsule_batch.errors import SourceError
+from capsule_batch.preprocess import Preprocess
+from capsule_batch.registry import Registry
+
+
+@dataclass(frozen=True)
+class DecodeFailure:
+    """A frame (or, with `index=-1`, the rest of the recording) that could not be decoded."""
+
+    index: int
+    reason: str
+
+
+@dataclass
+class FrameBatch:
+    pixels: Any  # torch.Tensor (N, 3, S, S)
+    index: np.ndarray  # (N,) int64
+    pts: np.ndarray  # (N,) float64 seconds
+    failures: tuple[DecodeFailure, ...] = ()  # frames with index below index[-1] (or at the end) that failed
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+
+@dataclass
+class RecordingInfo:
+    """What a source knows about a recording before decoding it. `frame_count` is the container's claim
+    (may be wrong or None); the decode is the truth and the study file records both."""
+
+    path: Path
+    kind: str  # "video" or "frames"
+    frame_count: int | None
+    fps: float | None
+    width: int | None
+    height: int | None
+    codec: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class FrameSource(abc.ABC):
+    """Base class of sources; construct with `open_source` rather than directly."""
+
+    name: ClassVar[str] = "?"
+
+    def __init__(
+        self,
+        path: str | Path,
+        preprocess: Preprocess,
+        *,
+        batch_size: int = 64,
+        device: Any = "cpu",
+        dtype: Any = None,
+        start: int = 0,
+    ):
+        self.path = Path(path)
+        self.preprocess = preprocess
+        self.batch_size = int(batch_size)
+        self.device = device
+        self.dtype = dtype
+        self.start = int(start)
+        if self.batch_size < 1:
+            raise SourceError(f"batch size must be >= 1, got {batch_size}")
+        if self.start < 0:
+            raise SourceError(f"start frame must be >= 0, got {start}")
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        """(usable on this machine, why not) — checks packages and hardware, not a particular file."""
+        return True, ""
+
+    @classmethod
+    def accepts(cls, path: Path) -> tuple[bool, str]:
+        """(can read this kind of input, why not) — cheap checks on the path only."""
+        return True, ""
+
+    @abc.abstractmethod
+    def info(self) -> RecordingInfo: ...
+
+    @abc.abstractmethod
+    def __iter__(self) -> Iterator[FrameBatch]: ...
+
+    def close(self) -> None:
+        """Release decoder resources; safe to call twice."""
+
+    def __enter__(self) -> FrameSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+#: Built-in source modules register themselves on import.
+SOURCES: Registry[FrameSource] = Registry("source", ())
+
+
+def is_frame_folder(path: Path) -> bool:
+    return path.is_dir()
+
+
+def choose_source(path: Path, device: Any) -> str:
+    """`auto`: dali on a GPU where installed, else decord for video and images for folders."""
+    names = SOURCES.names()
+    on_gpu = getattr(device, "type", str(device)).startswith("cuda")
+    if on_gpu and "dali" in names:
+        ok, _ = SOURCES.get("dali").available()
+        if ok and SOURCES.get("dali").accepts(path)[0]:
+            return "dali"
+    candidates = ["images"] if is_frame_folder(path) else ["decord"]
+    for name in candidates + [n for n in names if n not in candidates]:
+        if name not in names:
+            continue
+        cls = SOURCES.get(name)
+        if cls.available()[0] and cls.accepts(path)[0]:
+            return name
+    raise SourceError(f"{path}: no available source can read it (sources: {', '.join(names) or 'none'})")
+
+
+def open_source(
+    path: str | Path,
+    preprocess: Preprocess,
+    *,
+    source: str = "auto",
+    batch_size: int = 64,
+    device: Any = "cpu",
+    dtype: Any = None,
+    start: int = 0,
+    **kwargs: Any,
+) -> FrameSource:
+    """Open `path` with the named source (or `auto`); an explicit choice that cannot work here says why."""
+    path = Path(path)
+    if not path.exists():
+        raise SourceError(f"{path}: no such file or folder")
+    name = choose_source(path, device) if source == "auto" else source
+    try:
+        cls = SOURCES.get(name)
+    except KeyError as e:
+        raise SourceError(str(e.args[0])) from None
+    ok, why = cls.available()
+    if not ok:
+        raise SourceError(f"source {name} cannot work here: {why}")
+    ok, why = cls.accepts(path)
+    if not ok:
+        raise SourceError(f"{path}: source {name} cannot read it: {why}")
+    return cls(path, preprocess, batch_size=batch_size, device=device, dtype=dtype, start=start, **kwargs)
