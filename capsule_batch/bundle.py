@@ -51,14 +51,23 @@ _INERT_GLOBAL_PREFIXES = (
 )
 
 
-class _Inert(dict):
+#: Allow-listed classes that are dict subclasses: torch's weights-only unpickler fills only exact dicts,
+#: so these are rebuilt as plain dicts.
+_DICT_LIKE_SUFFIXES = (".AttributeDict",)
+
+
+class _Inert:
     """Stands in for an allow-listed metadata class while unpickling; stores nothing, runs nothing."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__()
+        pass
 
     def __setstate__(self, state: Any) -> None:
         pass
+
+
+def _stub_for(global_name: str) -> type:
+    return dict if global_name.endswith(_DICT_LIKE_SUFFIXES) else _Inert
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -93,7 +102,9 @@ def _torch_load_safely(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         msg = str(e)
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+        if "Weights only load failed" not in msg:
+            raise BundleError(f"{path}: not a PyTorch checkpoint or safetensors file ({_short(e)})") from e
+    except Exception as e:  # a garbage file can make the unpickler fail in many ways; none is a crash
         raise BundleError(f"{path}: not a PyTorch checkpoint or safetensors file ({_short(e)})") from e
 
     if zipfile.is_zipfile(path):
@@ -110,9 +121,9 @@ def _torch_load_safely(path: Path) -> Any:
         )
     _logger.info("%s: ignoring metadata objects %s", path, ", ".join(sorted(set(unsafe))))
     try:
-        with ser.safe_globals([(_Inert, g) for g in unsafe]):
+        with ser.safe_globals([(_stub_for(g), g) for g in unsafe]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+    except Exception as e:
         raise BundleError(f"{path}: refused to unpickle: {_short(e)}") from e
 
 
@@ -221,7 +232,8 @@ def fit_state_dict(model: Any, sd: dict[str, Any], where: str, arch: str) -> Non
         parts = []
         if mism:
             shown = ", ".join(f"{k} {list(sd[k].shape)} vs {list(own[k].shape)}" for k in mism[:4])
-            parts.append(f"{len(mism)} tensors have other shapes (checkpoint vs model: {shown}{', ...' if len(mism) > 4 else ''})")
+            more = ", ..." if len(mism) > 4 else ""
+            parts.append(f"{len(mism)} tensors have other shapes (checkpoint vs model: {shown}{more})")
         if missing:
             parts.append(f"{len(missing)} missing ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
         if unexpected:
@@ -368,9 +380,8 @@ class ModelBundle:
         """Refuse weights that changed since the bundle was written."""
         actual = sha256_file(self.weights_path)
         if actual != self.weights_sha256:
-            raise BundleError(
-                f"{self.weights_path}: sha256 {actual[:12]}... does not match model.json ({self.weights_sha256[:12]}...)"
-            )
+            expected = self.weights_sha256[:12]
+            raise BundleError(f"{self.weights_path}: sha256 {actual[:12]}... does not match model.json ({expected}...)")
 
     def create_model(self, verify: bool = True) -> Any:
         """The eval-mode torch module with the bundle's weights, on CPU in float32."""

@@ -252,7 +252,7 @@ def _draw_finding(img: np.ndarray, f: Finding, cx: float, cy: float, frame: int)
         px = cx + r * 1.6 * ts
         py = cy + r * 0.6 * np.sin(3 * ts + a + 0.05 * frame) + r * 0.2 * np.cos(5 * ts + b)
         d = np.full((h, w), 1e9, np.float32)
-        for x0, y0 in zip(px, py):
+        for x0, y0 in zip(px, py, strict=True):
             d = np.minimum(d, (xx - x0) ** 2 + (yy - y0) ** 2)
         width = max(2.5, r * 0.14)
         _paint(img, np.clip((width**2 - d) / width**2 * 3, 0, 1), (238, 226, 205), 0.95)

@@ -23,7 +23,7 @@ def command() -> None:
 
 
 @command.command("import")
-@click.argument("checkpoint", type=existing_path(dir_okay=False))
+@click.argument("checkpoint", type=existing_path())
 @click.option("--arch", required=True, help="timm architecture, e.g. eva02_base_patch14_224.")
 @click.option("-o", "--output", "out", required=True, type=output_path(), help="Bundle folder to create.")
 @click.option("--classes", default="ce24", show_default=True,
