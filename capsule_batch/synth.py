@@ -135,6 +135,7 @@ class Scene:
         r = np.hypot(xx - size / 2 + 0.5, yy - size / 2 + 0.5) / (size / 2)
         self.vignette = (np.clip(1.05 - 0.55 * r**2, 0, 1) * (r < 0.98))[..., None].astype(np.float32)
         self.findings = self._schedule(rng, frames, fps, findings_per_1000, classes)
+        self._patches: dict[Finding, tuple[np.ndarray, np.ndarray, int]] = {}
         self._by_frame: dict[int, Finding] = {}
         for f in self.findings:
             for i in range(f.start, f.end + 1):
@@ -172,21 +173,45 @@ class Scene:
     def render(self, i: int) -> np.ndarray:
         """Frame i as (size, size, 3) uint8 RGB."""
         s, t = self.size, self.tex_size
-        ox, oy = self.path[i]
-        rows = (int(oy) + np.arange(s)) % t
-        cols = (int(ox) + np.arange(s)) % t
-        img = self.texture[rows[:, None], cols[None, :]]
+        ox, oy = (int(v) % t for v in self.path[i])
+        if ox + s <= t and oy + s <= t:
+            img = self.texture[oy : oy + s, ox : ox + s]
+        else:
+            img = self.texture[((oy + np.arange(s)) % t)[:, None], ((ox + np.arange(s)) % t)[None, :]]
+        img = img * (self.light[i] * self.vignette)
         f = self._by_frame.get(i)
         if f is not None:
-            cx = (f.tx - int(ox)) % t
-            cy = (f.ty - int(oy)) % t
-            img = img.copy()
-            _draw_finding(img, f, cx, cy, i)
-        img = img * (self.light[i] * self.vignette)
+            self._overlay(img, f, (f.tx - ox) % t, (f.ty - oy) % t, self.light[i])
         out = np.clip(img, 0, 255).astype(np.uint8)
         if self.stamp:
             draw_stamp(out, i)
         return out
+
+    def _overlay(self, img: np.ndarray, f: Finding, cx: float, cy: float, light: float) -> None:
+        """Apply the finding's cached affine patch (out = img * A + B) centred at (cx, cy), clipped to the frame.
+
+        Every drawing operation of a finding is affine in the pixel values, so rendering it once onto
+        zeros (-> B) and ones (-> A + B) captures it exactly; it then costs one multiply-add per frame.
+        """
+        if f not in self._patches:
+            rad = int(3.0 * f.radius) + 2
+            n = 2 * rad + 1
+            zeros, ones = np.zeros((n, n, 3), np.float32), np.ones((n, n, 3), np.float32)
+            _draw_finding(zeros, f, rad, rad)
+            _draw_finding(ones, f, rad, rad)
+            self._patches[f] = (ones - zeros, zeros, rad)
+        a, b, rad = self._patches[f]
+        x0, y0 = int(round(cx)) - rad, int(round(cy)) - rad
+        h, w = img.shape[:2]
+        ys, xs = max(0, y0), max(0, x0)
+        ye, xe = min(h, y0 + a.shape[0]), min(w, x0 + a.shape[1])
+        if ys >= ye or xs >= xe:
+            return
+        pa = a[ys - y0 : ye - y0, xs - x0 : xe - x0]
+        pb = b[ys - y0 : ye - y0, xs - x0 : xe - x0]
+        vig = self.vignette[ys:ye, xs:xe]
+        # the finding is lit like the mucosa around it: B scales with light and vignetting
+        img[ys:ye, xs:xe] = img[ys:ye, xs:xe] * pa + pb * (light * vig)
 
 
 def _blob(h: int, w: int, cx: float, cy: float, radius: float, rng: np.random.Generator,
@@ -207,7 +232,7 @@ def _paint(img: np.ndarray, mask: np.ndarray, color: tuple[float, float, float],
     img += m * np.asarray(color, np.float32)
 
 
-def _draw_finding(img: np.ndarray, f: Finding, cx: float, cy: float, frame: int) -> None:
+def _draw_finding(img: np.ndarray, f: Finding, cx: float, cy: float) -> None:
     h, w, _ = img.shape
     rng = np.random.default_rng(f.seed)  # same shape on every frame of the finding
     r = f.radius
@@ -250,7 +275,7 @@ def _draw_finding(img: np.ndarray, f: Finding, cx: float, cy: float, frame: int)
         ts = np.linspace(-1, 1, 48)
         a, b = rng.uniform(0, 6.3, 2)
         px = cx + r * 1.6 * ts
-        py = cy + r * 0.6 * np.sin(3 * ts + a + 0.05 * frame) + r * 0.2 * np.cos(5 * ts + b)
+        py = cy + r * 0.6 * np.sin(3 * ts + a) + r * 0.2 * np.cos(5 * ts + b)
         d = np.full((h, w), 1e9, np.float32)
         for x0, y0 in zip(px, py, strict=True):
             d = np.minimum(d, (xx - x0) ** 2 + (yy - y0) ** 2)
