@@ -8,11 +8,24 @@ A source reads one recording (a video file or a folder of frames) and yields `Fr
 Every frame from `start` to the end is accounted for exactly once, in order: either in some batch's
 `index`, or in some batch's `failures` (a frame that could not be decoded, with the reason). A
 source never drops or duplicates a frame silently.
+
+Failures travel in the next batch yielded after them; a batch may therefore hold zero frames and only
+failures (always so for a failure at the end of a recording).
+
+Truncated or damaged video: the source yields every frame that decodes, then one
+`DecodeFailure(index=<first frame not yielded>, reason, final=True)`: decoding stopped there, and
+every frame from `index` on is missing (how many is unknown: the container's count may be wrong
+too). Frame-count metadata that disagrees with a clean decode is not a failure: the decode is the
+truth, `info().frame_count` keeps the container's claim and `frames_decoded` the real count.
+
+`start` (resume from a frame number) is frame-exact for every source: the first frame yielded has
+index `start`.
 """
 
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,16 +34,18 @@ from typing import Any, ClassVar
 import numpy as np
 
 from capsule_batch.errors import SourceError
-from capsule_batch.preprocess import Preprocess
+from capsule_batch.preprocess import Preprocess, preprocess_batch
 from capsule_batch.registry import Registry
 
 
 @dataclass(frozen=True)
 class DecodeFailure:
-    """A frame (or, with `index=-1`, the rest of the recording) that could not be decoded."""
+    """A frame that could not be decoded; with `final=True`, decoding stopped there and every frame from
+    `index` on is missing (a truncated or damaged recording)."""
 
     index: int
     reason: str
+    final: bool = False
 
 
 @dataclass
@@ -80,6 +95,8 @@ class FrameSource(abc.ABC):
         self.device = device
         self.dtype = dtype
         self.start = int(start)
+        #: frames yielded so far (after a full iteration: the real decoded count, next to info().frame_count)
+        self.frames_decoded = 0
         if self.batch_size < 1:
             raise SourceError(f"batch size must be >= 1, got {batch_size}")
         if self.start < 0:
@@ -101,7 +118,7 @@ class FrameSource(abc.ABC):
     @abc.abstractmethod
     def __iter__(self) -> Iterator[FrameBatch]: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, sources without resources keep it
         """Release decoder resources; safe to call twice."""
 
     def __enter__(self) -> FrameSource:
@@ -112,11 +129,55 @@ class FrameSource(abc.ABC):
 
 
 #: Built-in source modules register themselves on import.
-SOURCES: Registry[FrameSource] = Registry("source", ())
+SOURCES: Registry[FrameSource] = Registry(
+    "source",
+    (
+        "capsule_batch.sources.dali",
+        "capsule_batch.sources.decord_source",
+        "capsule_batch.sources.images",
+        "capsule_batch.sources.synthetic",
+    ),
+)
+
+#: "paths" that name a generated recording instead of a file (see sources/synthetic.py)
+SYNTHETIC_PREFIX = "synthetic:"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def is_synthetic_spec(path: str | Path) -> bool:
+    return str(path).startswith(SYNTHETIC_PREFIX)
 
 
 def is_frame_folder(path: Path) -> bool:
     return path.is_dir()
+
+
+def natural_key(name: str) -> tuple[Any, ...]:
+    """Sort key that orders `frame_2` before `frame_10` (digit runs compare as numbers)."""
+    return tuple(int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name))
+
+
+def list_frames(folder: Path) -> list[Path]:
+    """The JPEG/PNG files of a frame folder, in natural sort order; frame i of the recording is entry i."""
+    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    if not files:
+        raise SourceError(f"{folder}: no JPEG or PNG frames in this folder")
+    return sorted(files, key=lambda p: natural_key(p.name))
+
+
+def to_pixels(frames: Any, preprocess: Preprocess, device: Any, dtype: Any) -> Any:
+    """uint8 (N,H,W,3) numpy/torch frames -> preprocessed (N,3,S,S) tensor on `device` in `dtype` (CPU sources)."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
+    return preprocess_batch(t.to(device), preprocess, dtype)
+
+
+def empty_pixels(preprocess: Preprocess, device: Any, dtype: Any) -> Any:
+    import torch
+
+    s = preprocess.input_size
+    return torch.empty((0, 3, s, s), dtype=dtype or torch.float32, device=device)
 
 
 def choose_source(path: Path, device: Any) -> str:
@@ -150,9 +211,12 @@ def open_source(
 ) -> FrameSource:
     """Open `path` with the named source (or `auto`); an explicit choice that cannot work here says why."""
     path = Path(path)
-    if not path.exists():
-        raise SourceError(f"{path}: no such file or folder")
-    name = choose_source(path, device) if source == "auto" else source
+    if is_synthetic_spec(path):
+        name = "synthetic" if source == "auto" else source
+    else:
+        if not path.exists():
+            raise SourceError(f"{path}: no such file or folder")
+        name = choose_source(path, device) if source == "auto" else source
     try:
         cls = SOURCES.get(name)
     except KeyError as e:
