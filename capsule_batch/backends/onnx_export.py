@@ -53,16 +53,15 @@ def export_onnx(
 
     `model` may pass an already built fp32 module (tests); it is not modified.
     """
-    try:
-        import onnx
-    except ImportError:
-        raise MissingPackageError("onnx", "onnx", "ONNX export") from None
     import copy
+    import importlib.util
 
     import torch
 
     from capsule_batch.devices import torch_dtype
 
+    if importlib.util.find_spec("onnx") is None:
+        raise MissingPackageError("onnx", "onnx", "ONNX export")
     if opset < MIN_OPSET:
         raise EngineError(f"ONNX opset {opset} is too old: LayerNormalization needs >= {MIN_OPSET}")
     if exporter not in EXPORTERS:
