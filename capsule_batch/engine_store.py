@@ -1,6 +1,6 @@
 """The engine store: compiled artefacts (ONNX exports, TensorRT plans) with a meta.json each.
 
-Layout (root `engines/` by default, or `$CAPSULE_BATCH_ENGINES`, or `--engines DIR`):
+Layout (root `engines/` by default, or `$CAPSULE_BATCH_ENGINES`, or `--engine-dir DIR`):
 
     engines/<bundle name>/<entry>/meta.json + the artefact file
     engines/timing-cache/<tensorrt version>-<gpu>.cache
@@ -16,6 +16,7 @@ corrupt and refused with a clear error; it is never loaded.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -23,7 +24,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,20 @@ def mismatches(meta: dict[str, Any], expected: dict[str, Any]) -> list[str]:
         if have != want:
             out.append(f"{k} is {_describe_value(have)}, needed {_describe_value(want)}")
     return out
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock file, so that ranks of one job sharing a store build an engine once, not N times."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class EngineStore:
@@ -136,7 +151,11 @@ class EngineStore:
         if policy not in POLICIES:
             raise EngineError(f"unknown rebuild policy {policy!r} (choose from {', '.join(POLICIES)})")
         d = self.entry_dir(bundle, entry)
-        reasons: list[str] = []
+        with _locked(d.parent / f".{d.name}.lock"):
+            return self._ensure_locked(d, expected, build, policy)
+
+    def _ensure_locked(self, d: Path, expected: dict[str, Any], build: Callable[[Path], tuple[str, dict[str, Any]]],
+                       policy: str) -> tuple[Path, dict[str, Any]]:
         if (d / META_FILE).exists() and policy != "force":
             meta = self.read_meta(d)
             reasons = mismatches(meta, expected)

@@ -44,17 +44,17 @@ def test_round_trip_build_list_load(tmp_path):
     root = tmp_path / "engines"
     runner = CliRunner()
     res = runner.invoke(cli, ["engine", "build", "-m", str(bundle.path), "--backend", "onnxruntime",
-                              "--device", "cpu", "--engines", str(root), "--json"])
+                              "--device", "cpu", "--engine-dir", str(root), "--json"])
     assert res.exit_code == 0, res.output
     built = json.loads(res.stdout.strip().splitlines()[-1])
     assert built["backend"] == "onnxruntime" and os.path.isfile(built["artifact"])
 
-    res = runner.invoke(cli, ["engine", "list", "--engines", str(root), "--json", "--verify"])
+    res = runner.invoke(cli, ["engine", "list", "--engine-dir", str(root), "--json", "--verify"])
     rows = [json.loads(line) for line in res.stdout.strip().splitlines()]
     assert len(rows) == 1 and rows[0]["status"] == "ok"
     meta = rows[0]
     assert meta["bundle_sha256"] == bundle.sha256 and meta["opset"] >= 17 and meta["dtype"] == "fp32"
-    res = runner.invoke(cli, ["engine", "list", "--engines", str(root)])
+    res = runner.invoke(cli, ["engine", "list", "--engine-dir", str(root)])
     assert "onnx-fp32-opset17-legacy" in res.stdout and res.stdout.rstrip().endswith("ok")
 
     # loading with rebuilding forbidden proves the stored entry is used as is
@@ -65,7 +65,7 @@ def test_round_trip_build_list_load(tmp_path):
         ref = bundle.create_model()(x)
     assert (engine.logits(x) - ref).abs().max() <= 1e-3
 
-    res = runner.invoke(cli, ["engine", "list", "--engines", str(tmp_path / "empty")])
+    res = runner.invoke(cli, ["engine", "list", "--engine-dir", str(tmp_path / "empty")])
     assert res.exit_code == 0 and "no engines" in res.stdout
 
 

@@ -206,7 +206,7 @@ def create_engine(
     CPU and fp16/bf16 on CUDA (per backend). Extra keyword arguments go to the backend: `store` and
     `rebuild` to those that use the engine store; `compile`, `cuda_graphs` to torch; `threads` to onnxruntime.
     """
-    dev = resolve_device(device if isinstance(device, str) else str(device))
+    dev = resolve_device(device if device is None or isinstance(device, str) else str(device))
     name = choose_backend(dev.type) if backend == "auto" else backend
     try:
         cls = BACKENDS.get(name)

@@ -8,7 +8,7 @@ import click
 
 from capsule_batch.cli.options import emit_json, existing_path, json_option
 
-engines_option = click.option("--engines", "engines_dir", type=click.Path(path_type=Path, file_okay=False),
+engines_option = click.option("--engine-dir", "engines_dir", type=click.Path(path_type=Path, file_okay=False),
                               default=None, help="Engine store folder (default: $CAPSULE_BATCH_ENGINES or ./engines).")
 
 
