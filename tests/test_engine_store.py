@@ -286,7 +286,7 @@ def test_trt_parser_errors_are_reported(tmp_path, trt_bundle):
     assert not any(tmp_path.glob("*/tensorrt-*"))  # a failed build leaves no entry behind
 
 
-def test_trt_backend_selected_and_refused_without_gpu(trt_bundle, monkeypatch):
+def test_trt_backend_refused_without_gpu(trt_bundle, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.13.0", []))
     with pytest.raises(EngineError, match="backend tensorrt cannot run on cpu"):
         create_engine(trt_bundle, backend="tensorrt", device="cpu")

@@ -35,7 +35,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     text = str(exc).lower()
-    return "out of memory" in text or "failed to allocate memory" in text
+    return any(s in text for s in ("out of memory", "failed to allocate memory", "cublas_status_alloc_failed"))
 
 
 class Engine:
@@ -129,15 +129,17 @@ class Engine:
             except Exception as e:
                 if not is_out_of_memory(e) or size == 1:
                     raise
-                self._back_off(size, e)
+                reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            else:
+                outs.append(torch.softmax(logits.float(), dim=-1))
+                start += size
                 continue
-            outs.append(torch.softmax(logits.float(), dim=-1))
-            start += size
+            self._back_off(size, reason)  # outside `except`: the traceback no longer pins the failed batch
         if not outs:
             return torch.empty((0, self.bundle.num_classes), dtype=torch.float32, device=self.device)
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def _back_off(self, size: int, exc: BaseException) -> None:
+    def _back_off(self, size: int, reason: str) -> None:
         import torch
 
         self.max_batch = max(1, size // 2)
@@ -145,8 +147,7 @@ class Engine:
             torch.cuda.empty_cache()
         if not self._warned_oom:
             _logger.warning("%s engine ran out of memory at batch %d (%s); continuing with batch %d",
-                            self.name, size, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
-                            self.max_batch)
+                            self.name, size, reason, self.max_batch)
             self._warned_oom = True
         else:
             _logger.info("%s engine: batch lowered to %d", self.name, self.max_batch)

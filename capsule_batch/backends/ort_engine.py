@@ -2,7 +2,8 @@
 
 CPU: fp32, `threads` sets intra-op threads (default: onnxruntime's choice). CUDA: needs onnxruntime-gpu
 (the CUDA execution provider); fp16 runs an fp16 export; inputs and outputs stay on the GPU through
-I/O binding on torch tensors, and the session runs on torch's current stream.
+I/O binding on torch tensors, and the session runs on the torch stream that was current when the
+engine was created (`user_compute_stream`).
 """
 
 from __future__ import annotations

@@ -45,6 +45,17 @@ class TorchEngine(Engine):
         if cuda_graphs and not compile:
             self._capture()
 
+    @classmethod
+    def resolve_precision(cls, precision: str, device_type: str) -> str:
+        """`auto` on a GPU without bf16 (before Ampere) is fp16."""
+        resolved = super().resolve_precision(precision, device_type)
+        if precision == "auto" and resolved == "bf16" and device_type == "cuda":
+            import torch
+
+            if not torch.cuda.is_bf16_supported():
+                return "fp16"
+        return resolved
+
     @property
     def dtype(self) -> Any:
         return self._dtype
