@@ -1,54 +1,195 @@
-"""The Engine contract (DESIGN.md).
+"""The Engine contract (DESIGN.md) and backend selection.
 
 An engine is built from a `ModelBundle` for one device, precision and maximum batch, and maps
 preprocessed pixels (N, 3, S, S) to class probabilities (N, C) float32 on the same device, softmax
-applied. `N` may be anything from 1 to `max_batch`.
+applied. Backends implement `logits(pixels)` for N <= `max_batch`; `Engine.infer` adds what every
+backend needs once: chunking at `max_batch`, the softmax, and the out-of-memory back-off.
 """
 
 from __future__ import annotations
 
-import abc
+import importlib.util
+import logging
 from typing import Any, ClassVar
 
 from capsule_batch.bundle import ModelBundle
-from capsule_batch.errors import EngineError
+from capsule_batch.devices import PRECISIONS, resolve_device
+from capsule_batch.errors import EngineError, MissingPackageError
 from capsule_batch.registry import Registry
 
+_logger = logging.getLogger(__name__)
 
-class Engine(abc.ABC):
+
+def is_illegal_access(exc: BaseException) -> bool:
+    """A CUDA error that leaves the context unusable: never retry after it."""
+    text = str(exc).lower()
+    return "illegal memory access" in text or "illegal address" in text
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Out of device memory, from torch, onnxruntime (message) or TensorRT (message)."""
+    import torch
+
+    if is_illegal_access(exc):
+        return False
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return any(s in text for s in ("out of memory", "failed to allocate memory", "cublas_status_alloc_failed"))
+
+
+class Engine:
+    """Base class of all backends. Subclasses set `requires`, implement `dtype` and `logits`."""
+
     name: ClassVar[str] = "?"
+    #: (import name, extra that installs it) for every optional package the backend needs.
+    requires: ClassVar[tuple[tuple[str, str], ...]] = ()
+    #: device type -> precisions the backend can run there; "auto" resolves to the first one.
+    precisions: ClassVar[dict[str, tuple[str, ...]]] = {"cpu": ("fp32",)}
+    #: True when the backend keeps artefacts in the engine store (takes `store=` and `rebuild=`).
+    uses_store: ClassVar[bool] = False
 
     def __init__(self, bundle: ModelBundle, *, device: Any, precision: str, max_batch: int):
         self.bundle = bundle
         self.device = device
         self.precision = precision
         self.max_batch = int(max_batch)
+        if self.max_batch < 1:
+            raise EngineError(f"max_batch must be >= 1, got {max_batch}")
+        self._warned_oom = False
+
+    @classmethod
+    def missing_package(cls) -> tuple[str, str] | None:
+        """(package, extra) of the first required package that is not installed, else None."""
+        for package, extra in cls.requires:
+            try:
+                found = importlib.util.find_spec(package) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                return package, extra
+        return None
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
         """(usable on this machine, why not)."""
+        missing = cls.missing_package()
+        if missing:
+            return False, f"needs {missing[0]}: pip install 'capsule-batch[{missing[1]}]'"
         return True, ""
 
-    @property
-    @abc.abstractmethod
-    def dtype(self) -> Any:
-        """The dtype the engine wants its input pixels in."""
+    @classmethod
+    def supports(cls, device_type: str) -> tuple[bool, str]:
+        """(can run on this device type, why not)."""
+        if device_type not in cls.precisions:
+            return False, f"runs on {' or '.join(cls.precisions)} only"
+        return True, ""
 
-    @abc.abstractmethod
+    @classmethod
+    def resolve_precision(cls, precision: str, device_type: str) -> str:
+        """`auto` -> the backend's preferred precision on this device; refuse what it cannot run."""
+        if precision not in PRECISIONS:
+            raise EngineError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+        allowed = cls.precisions.get(device_type, ())
+        if precision == "auto":
+            return allowed[0]
+        if precision not in allowed:
+            raise EngineError(f"backend {cls.name} on {device_type} runs {', '.join(allowed)}, not {precision}")
+        return precision
+
+    @property
+    def dtype(self) -> Any:
+        """The torch dtype the engine wants its input pixels in."""
+        raise NotImplementedError
+
+    def logits(self, pixels: Any) -> Any:
+        """(n, 3, S, S) with n <= max_batch -> logits (n, C) on `self.device` (any float dtype)."""
+        raise NotImplementedError
+
     def infer(self, pixels: Any) -> Any:
-        """(N, 3, S, S) -> probabilities (N, C) float32 on `self.device`."""
+        """(N, 3, S, S) -> probabilities (N, C) float32 on `self.device`, any N.
+
+        Out of device memory: the batch is split in halves, `max_batch` is lowered for the rest of
+        the run and a warning is logged once. An illegal memory access is re-raised at once.
+        """
+        import torch
+
+        size_px = self.bundle.preprocess.input_size
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, size_px, size_px):
+            raise EngineError(f"{self.name} engine: expected pixels (N, 3, {size_px}, {size_px}), "
+                              f"got {tuple(pixels.shape)}")
+        pixels = pixels.to(self.device, self.dtype, non_blocking=True)
+        outs = []
+        start, n = 0, int(pixels.shape[0])
+        while start < n:
+            size = min(self.max_batch, n - start)
+            chunk = pixels[start:start + size]
+            try:
+                logits = self.logits(chunk)
+            except Exception as e:
+                if not is_out_of_memory(e) or size == 1:
+                    raise
+                reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            else:
+                outs.append(torch.softmax(logits.float(), dim=-1))
+                start += size
+                continue
+            self._back_off(size, reason)  # outside `except`: the traceback no longer pins the failed batch
+        if not outs:
+            return torch.empty((0, self.bundle.num_classes), dtype=torch.float32, device=self.device)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _back_off(self, size: int, reason: str) -> None:
+        import torch
+
+        self.max_batch = max(1, size // 2)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if not self._warned_oom:
+            _logger.warning("%s engine ran out of memory at batch %d (%s); continuing with batch %d",
+                            self.name, size, reason, self.max_batch)
+            self._warned_oom = True
+        else:
+            _logger.info("%s engine: batch lowered to %d", self.name, self.max_batch)
 
     def describe(self) -> dict[str, Any]:
         """Configuration recorded in study files and benchmark lines."""
         return {"backend": self.name, "device": str(self.device), "precision": self.precision,
-                "max_batch": self.max_batch}
+                "max_batch": self.max_batch, "dtype": str(self.dtype).removeprefix("torch.")}
 
     def close(self) -> None:
         """Release resources; safe to call twice."""
 
 
 #: Built-in backend modules register themselves on import.
-BACKENDS: Registry[Engine] = Registry("backend", ())
+BACKENDS: Registry[Engine] = Registry("backend", (
+    "capsule_batch.backends.torch_engine",
+    "capsule_batch.backends.ort_engine",
+    "capsule_batch.backends.trt_engine",
+))
+
+#: `auto` tries these (backend, device type) pairs in order; the first that can work here wins.
+AUTO_ORDER: tuple[tuple[str, str], ...] = (
+    ("tensorrt", "cuda"),
+    ("torch", "cuda"),
+    ("onnxruntime", "cpu"),
+    ("torch", "cpu"),
+)
+
+
+def choose_backend(device_type: str) -> str:
+    """The `auto` backend for a device type, by AUTO_ORDER; the reasons are logged at debug level."""
+    for name, dev in AUTO_ORDER:
+        if dev != device_type:
+            continue
+        cls = BACKENDS.get(name)
+        ok, why = cls.available()
+        if ok:
+            ok, why = cls.supports(device_type)
+        if ok:
+            return name
+        _logger.debug("auto engine: skipping %s on %s (%s)", name, device_type, why)
+    raise EngineError(f"no backend can run on {device_type} here (backends: {', '.join(BACKENDS.names())})")
 
 
 def create_engine(
@@ -60,15 +201,32 @@ def create_engine(
     max_batch: int = 64,
     **kwargs: Any,
 ) -> Engine:
-    """Build an engine; an explicit backend that cannot work here fails with the reason."""
-    names = BACKENDS.names()
-    if backend == "auto":
-        raise EngineError(f"no backend can run here (backends: {', '.join(names) or 'none'})")
+    """Build an engine; an explicit backend that cannot work here fails with the reason.
+
+    `device` is a torch.device or a spec (`auto`, `cpu`, `cuda:N`); `precision` `auto` is fp32 on
+    CPU and fp16/bf16 on CUDA (per backend). Extra keyword arguments go to the backend: `store` and
+    `rebuild` to those that use the engine store; `compile`, `cuda_graphs` to torch; `threads` to onnxruntime.
+    """
+    dev = resolve_device(device if device is None or isinstance(device, str) else str(device))
+    name = choose_backend(dev.type) if backend == "auto" else backend
     try:
-        cls = BACKENDS.get(backend)
+        cls = BACKENDS.get(name)
     except KeyError as e:
         raise EngineError(str(e.args[0])) from None
-    ok, why = cls.available()
+    missing = cls.missing_package()
+    if missing:
+        raise MissingPackageError(missing[0], missing[1], f"the {name} backend")
+    ok, why = cls.supports(dev.type)
     if not ok:
-        raise EngineError(f"backend {backend} cannot work here: {why}")
-    return cls(bundle, device=device, precision=precision, max_batch=max_batch, **kwargs)
+        raise EngineError(f"backend {name} cannot run on {dev}: {why}")
+    prec = cls.resolve_precision(precision, dev.type)
+    if not cls.uses_store:
+        for k in ("store", "rebuild"):
+            kwargs.pop(k, None)
+    engine = cls(bundle, device=dev, precision=prec, max_batch=max_batch, **kwargs)
+    _logger.info("engine: %s", engine.describe())
+    return engine
+
+
+__all__ = ["AUTO_ORDER", "BACKENDS", "Engine", "choose_backend", "create_engine",
+           "is_illegal_access", "is_out_of_memory"]

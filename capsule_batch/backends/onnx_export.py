@@ -1,0 +1,148 @@
+"""ONNX export of any bundle: logits output, dynamic batch, opset >= 17, checked by `onnx.checker`.
+
+onnxruntime and TensorRT both build from this file (cached in the engine store). The legacy
+(TorchScript) exporter is the default: it traces EVA-02 quickly and its graphs are what TensorRT's
+ONNX parser is tested against. It cannot trace fused attention (`is_causal` becomes a tensor,
+REFERENCE.md), so fused attention is switched off on the exported copy's attention modules only;
+the math is identical. `exporter="dynamo"` uses torch.export and handles fused attention as is.
+The graph's float type follows `dtype`: fp32 for onnxruntime and TensorRT 10, fp16/bf16 for
+TensorRT 11's strongly typed networks, whose precision comes from the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from capsule_batch.bundle import ModelBundle
+from capsule_batch.errors import EngineError, MissingPackageError
+
+_logger = logging.getLogger(__name__)
+
+INPUT_NAME = "pixels"
+OUTPUT_NAME = "logits"
+MIN_OPSET = 17
+DEFAULT_OPSET = 17
+EXPORTERS = ("legacy", "dynamo")
+ONNX_DTYPES = ("fp32", "fp16", "bf16")
+
+
+def _disable_fused_attn(model: Any) -> int:
+    """Turn off `F.scaled_dot_product_attention` in timm attention modules; returns how many."""
+    n = 0
+    for m in model.modules():
+        if isinstance(getattr(m, "fused_attn", None), bool) and m.fused_attn:
+            m.fused_attn = False
+            n += 1
+    return n
+
+
+def export_onnx(
+    bundle: ModelBundle,
+    path: str | os.PathLike,
+    *,
+    opset: int = DEFAULT_OPSET,
+    exporter: str = "legacy",
+    dtype: str = "fp32",
+    model: Any = None,
+) -> Path:
+    """Write `bundle`'s model as ONNX to `path` (input `pixels` (B,3,S,S), output `logits` (B,C)).
+
+    `model` may pass an already built fp32 module (tests); it is not modified.
+    """
+    import copy
+    import importlib.util
+
+    import torch
+
+    from capsule_batch.devices import torch_dtype
+
+    if importlib.util.find_spec("onnx") is None:
+        raise MissingPackageError("onnx", "onnx", "ONNX export")
+    if opset < MIN_OPSET:
+        raise EngineError(f"ONNX opset {opset} is too old: LayerNormalization needs >= {MIN_OPSET}")
+    if exporter not in EXPORTERS:
+        raise EngineError(f"unknown ONNX exporter {exporter!r} (choose from {', '.join(EXPORTERS)})")
+    if dtype not in ONNX_DTYPES:
+        raise EngineError(f"unknown ONNX dtype {dtype!r} (choose from {', '.join(ONNX_DTYPES)})")
+    path = Path(path)
+    model = copy.deepcopy(model) if model is not None else bundle.create_model()
+    model = model.eval().to(torch_dtype(dtype))
+    if exporter == "legacy":
+        n = _disable_fused_attn(model)
+        _logger.debug("ONNX export: fused attention off in %d modules for the legacy exporter", n)
+    size = bundle.preprocess.input_size
+    example = torch.randn(2, 3, size, size).to(torch_dtype(dtype))
+    _logger.info("exporting %s (%s, %s) to ONNX opset %d with the %s exporter", bundle.name, bundle.arch, dtype,
+                 opset, exporter)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if exporter == "legacy":
+                torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
+                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                  dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                                  do_constant_folding=True)
+            else:
+                batch = torch.export.Dim("batch", min=1, max=4096)
+                prog = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
+                                         input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                         dynamic_shapes=({0: batch},), optimize=True)
+                prog.save(str(path), external_data=False)
+    except Exception as e:  # the exporters raise many types; the user needs the model and the reason
+        raise EngineError(f"{bundle.path}: ONNX export ({exporter}, opset {opset}, {dtype}) failed: "
+                          f"{type(e).__name__}: {str(e)[:500]}") from e
+    check_onnx(path)
+    return path
+
+
+def check_onnx(path: str | os.PathLike) -> Any:
+    """Run `onnx.checker` and verify the interface (names, dynamic batch); returns the loaded model proto."""
+    import onnx
+
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+        onnx.checker.check_model(str(path), full_check=False)
+    except Exception as e:  # onnx raises DecodeError, ValidationError, OSError...
+        raise EngineError(f"{path}: not a valid ONNX model ({type(e).__name__}: {str(e)[:300]})") from e
+    inputs = [i for i in proto.graph.input]
+    outputs = [o for o in proto.graph.output]
+    if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in outputs] != [OUTPUT_NAME]:
+        raise EngineError(f"{path}: expected one input {INPUT_NAME!r} and one output {OUTPUT_NAME!r}")
+    dim0 = inputs[0].type.tensor_type.shape.dim[0]
+    if dim0.HasField("dim_value"):
+        raise EngineError(f"{path}: the batch dimension is fixed at {dim0.dim_value}, expected dynamic")
+    return proto
+
+
+def onnx_opset(proto: Any) -> int:
+    return max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def ensure_onnx(
+    bundle: ModelBundle,
+    store: Any,
+    *,
+    dtype: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    exporter: str = "legacy",
+    policy: str = "auto",
+) -> tuple[Path, dict[str, Any]]:
+    """The bundle's ONNX export from the engine store (keyed by bundle sha256, dtype, opset, exporter),
+    exported on first use; onnxruntime and TensorRT share it."""
+    from capsule_batch.engine_store import bundle_identity
+
+    expected = {"kind": "onnx", **bundle_identity(bundle), "dtype": dtype, "opset": opset, "exporter": exporter}
+
+    def build(tmp: Path) -> tuple[str, dict[str, Any]]:
+        import onnx
+
+        export_onnx(bundle, tmp / "model.onnx", opset=opset, exporter=exporter, dtype=dtype)
+        return "model.onnx", {"backend": "onnx", "backend_version": onnx.__version__,
+                              "input": INPUT_NAME, "output": OUTPUT_NAME}
+
+    return store.ensure(bundle, f"onnx-{dtype}-opset{opset}-{exporter}", expected, build, policy)

@@ -1,0 +1,215 @@
+"""Engines on CPU: registry and `auto` order, precision rules, parity against eager fp32 torch, ONNX
+export checks, and the out-of-memory back-off."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import pytest
+import torch
+
+from capsule_batch.backends import BACKENDS, create_engine
+from capsule_batch.backends.base import AUTO_ORDER, Engine, choose_backend, is_out_of_memory
+from capsule_batch.backends.onnx_export import check_onnx, export_onnx, onnx_opset
+from capsule_batch.backends.ort_engine import OrtEngine
+from capsule_batch.backends.trt_engine import TensorRTEngine
+from capsule_batch.bundle import create_model, save_bundle
+from capsule_batch.classes import CE24_CLASSES
+from capsule_batch.engine_store import EngineStore
+from capsule_batch.errors import EngineError, MissingPackageError
+from capsule_batch.preprocess import Preprocess
+
+ARCH = "eva02_tiny_patch14_224"
+ARGS = {"depth": 2, "img_size": 56}
+
+
+def make_bundle(path, seed: int = 0):
+    """A 2-block EVA-02 at 56 px whose head is scaled up, so logits are O(10), not O(0.01)."""
+    torch.manual_seed(seed)
+    model = create_model(ARCH, len(CE24_CLASSES), ARGS)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.head.weight, std=0.5)
+        model.head.bias.zero_()
+    return save_bundle(path, model.state_dict(), arch=ARCH, class_names=list(CE24_CLASSES),
+                       preprocess=Preprocess(input_size=56, resize=56), model_args=ARGS, overwrite=True)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return make_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return EngineStore(tmp_path_factory.mktemp("engines"))
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return torch.randn(400, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def reference(bundle, inputs):
+    with torch.inference_mode():
+        return bundle.create_model()(inputs)
+
+
+def test_registry_and_auto_order(monkeypatch):
+    assert {"torch", "onnxruntime", "tensorrt"} <= set(BACKENDS.names())
+    assert AUTO_ORDER[0] == ("tensorrt", "cuda") and AUTO_ORDER[-1] == ("torch", "cpu")
+    assert choose_backend("cpu") == "onnxruntime"
+    monkeypatch.setattr(OrtEngine, "requires", (("no_such_package_xyz", "onnx"),))
+    assert choose_backend("cpu") == "torch"
+    monkeypatch.setattr(TensorRTEngine, "requires", ())
+    assert choose_backend("cuda") == "tensorrt"
+    monkeypatch.setattr(TensorRTEngine, "requires", (("no_such_package_xyz", "tensorrt"),))
+    assert choose_backend("cuda") == "torch"
+
+
+def test_missing_package_names_the_extra(bundle, monkeypatch):
+    if importlib.util.find_spec("tensorrt") is None:
+        with pytest.raises(MissingPackageError, match=r"capsule-batch\[tensorrt\]"):
+            create_engine(bundle, backend="tensorrt", device="cpu")
+    monkeypatch.setattr(OrtEngine, "requires", (("no_such_package_xyz", "onnx"),))
+    with pytest.raises(MissingPackageError, match=r"no_such_package_xyz.*capsule-batch\[onnx\]"):
+        create_engine(bundle, backend="onnxruntime", device="cpu")
+    ok, why = OrtEngine.available()
+    assert not ok and "capsule-batch[onnx]" in why
+
+
+def test_precision_and_device_rules(bundle, store):
+    assert create_engine(bundle, backend="torch", device="cpu").precision == "fp32"
+    with pytest.raises(EngineError, match="runs fp32, not bf16"):
+        create_engine(bundle, backend="onnxruntime", device="cpu", precision="bf16", store=store)
+    with pytest.raises(EngineError, match="unknown precision"):
+        create_engine(bundle, backend="torch", device="cpu", precision="int8")
+    with pytest.raises(EngineError, match="unknown backend"):
+        create_engine(bundle, backend="jax", device="cpu")
+    ok, why = TensorRTEngine.supports("cpu")
+    assert not ok and "cuda" in why
+    with pytest.raises(EngineError, match="CUDA graphs need a CUDA device"):
+        create_engine(bundle, backend="torch", device="cpu", cuda_graphs=True)
+
+
+def test_torch_fp32_is_exact_eager(bundle, inputs, reference):
+    engine = create_engine(bundle, backend="torch", device="cpu", precision="fp32", max_batch=64)
+    assert engine.dtype == torch.float32 and engine.device == torch.device("cpu")
+    probs = engine.infer(inputs[:100])
+    assert probs.shape == (100, len(CE24_CLASSES)) and probs.dtype == torch.float32
+    assert torch.allclose(probs, reference[:100].softmax(-1), atol=1e-6, rtol=0)
+    assert reference.abs().max() > 5, "the test head must give logits that are not tiny"
+    assert engine.describe()["backend"] == "torch"
+
+
+def test_onnxruntime_matches_eager_fp32(bundle, store, inputs, reference):
+    engine = create_engine(bundle, backend="onnxruntime", device="cpu", precision="auto", max_batch=32,
+                           store=store, threads=1)
+    assert engine.precision == "fp32" and engine.describe()["artifact"].endswith("model.onnx")
+    logits = torch.cat([engine.logits(inputs[i:i + 32]) for i in range(0, 96, 32)])
+    assert (logits - reference[:96]).abs().max().item() <= 1e-3
+    probs = engine.infer(inputs[:70])  # 70 is not a multiple of max_batch: chunked
+    assert probs.shape == (70, 10)
+    assert (probs - reference[:70].softmax(-1)).abs().max().item() <= 1e-4
+    assert (probs.argmax(1) == reference[:70].argmax(1)).all()
+
+
+def test_torch_bf16_top1_agreement(bundle, inputs, reference):
+    engine = create_engine(bundle, backend="torch", device="cpu", precision="bf16", max_batch=200)
+    assert engine.dtype == torch.bfloat16 and engine.describe()["autocast"]
+    probs = engine.infer(inputs)
+    agree = (probs.argmax(1) == reference.argmax(1)).float().mean().item()
+    assert agree >= 0.99, agree
+
+
+def test_onnx_export_interface(bundle, tmp_path):
+    path = export_onnx(bundle, tmp_path / "m.onnx", dtype="fp16")  # what TensorRT 11 parses
+    proto = check_onnx(path)
+    assert onnx_opset(proto) >= 17
+    assert proto.graph.input[0].type.tensor_type.elem_type == 10  # FLOAT16
+    assert not proto.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")
+    with pytest.raises(EngineError, match="opset 13 is too old"):
+        export_onnx(bundle, tmp_path / "old.onnx", opset=13)
+    (tmp_path / "junk.onnx").write_bytes(b"\x00garbage")
+    with pytest.raises(EngineError, match="junk.onnx: not a valid ONNX model"):
+        check_onnx(tmp_path / "junk.onnx")
+
+
+def test_dynamo_exporter_matches(bundle, tmp_path, inputs, reference):
+    import onnxruntime as ort
+
+    path = export_onnx(bundle, tmp_path / "d.onnx", exporter="dynamo")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"pixels": inputs[:5].numpy()})[0]
+    assert abs(out - reference[:5].numpy()).max() <= 1e-3
+
+
+class FlakyEngine(Engine):
+    """Behaves like a GPU engine that runs out of memory above `limit` frames."""
+
+    name = "flaky"
+
+    def __init__(self, bundle, limit: int, error: BaseException | None = None, **kw):
+        super().__init__(bundle, device=torch.device("cpu"), precision="fp32", **kw)
+        self.limit, self.error, self.calls = limit, error, []
+
+    @property
+    def dtype(self):
+        return torch.float32
+
+    def logits(self, pixels):
+        self.calls.append(int(pixels.shape[0]))
+        if pixels.shape[0] > self.limit:
+            raise self.error or torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return pixels.mean(dim=(2, 3)).repeat(1, 4)[:, :10]
+
+
+def test_out_of_memory_backs_off_and_says_so(bundle, caplog):
+    x = torch.randn(21, 3, 56, 56)
+    engine = FlakyEngine(bundle, limit=5, max_batch=16)
+    with caplog.at_level(logging.WARNING):
+        probs = engine.infer(x)
+        engine.infer(x)
+    expected = torch.softmax(x.mean(dim=(2, 3)).repeat(1, 4)[:, :10], -1)
+    assert torch.allclose(probs, expected)
+    assert engine.max_batch == 4
+    assert engine.calls[:3] == [16, 8, 4]
+    warnings = [r for r in caplog.records if "ran out of memory" in r.getMessage()]
+    assert len(warnings) == 1 and "continuing with batch" in warnings[0].getMessage()
+
+
+def test_illegal_memory_access_is_never_retried(bundle):
+    err = RuntimeError("CUDA error: an illegal memory access was encountered")
+    engine = FlakyEngine(bundle, limit=0, error=err, max_batch=8)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        engine.infer(torch.randn(8, 3, 56, 56))
+    assert engine.calls == [8] and engine.max_batch == 8
+    assert not is_out_of_memory(RuntimeError("out of memory after an illegal memory access"))
+    assert is_out_of_memory(RuntimeError("Failed to allocate memory for requested buffer of size 123"))
+    with pytest.raises(torch.OutOfMemoryError):  # batch 1 cannot shrink further
+        FlakyEngine(bundle, limit=0, max_batch=1).infer(torch.randn(1, 3, 56, 56))
+
+
+def test_wrong_input_shape_is_refused(bundle):
+    engine = create_engine(bundle, backend="torch", device="cpu")
+    with pytest.raises(EngineError, match=r"expected pixels \(N, 3, 56, 56\)"):
+        engine.infer(torch.randn(2, 3, 64, 64))
+    assert engine.infer(torch.randn(0, 3, 56, 56)).shape == (0, 10)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_torch_cuda_precisions_and_graphs(bundle, inputs, reference):
+    ref = reference.softmax(-1)
+    fp32 = create_engine(bundle, backend="torch", device="cuda", precision="fp32", max_batch=128)
+    assert (fp32.infer(inputs.cuda()).cpu() - ref).abs().max() <= 1e-4
+    for prec in ("bf16", "fp16"):
+        for graphs in (False, True):
+            eng = create_engine(bundle, backend="torch", device="cuda", precision=prec, max_batch=128,
+                                cuda_graphs=graphs)
+            probs = eng.infer(inputs.cuda().to(eng.dtype)).cpu()
+            assert (probs.argmax(1) == ref.argmax(1)).float().mean() >= 0.99
