@@ -220,7 +220,8 @@ class Pipeline:
             res.error = f"{type(e).__name__}: {e}"
             _logger.error("%s: failed: %s", recording, res.error, exc_info=_logger.isEnabledFor(logging.DEBUG))
         res.seconds = round(time.perf_counter() - t0, 3)
-        res.fps = round((res.frames - res.resumed_from) / res.seconds, 2) if res.seconds > 0 else 0.0
+        if res.status != "skipped" and res.seconds > 0:
+            res.fps = round((res.frames - res.resumed_from) / res.seconds, 2)
         return res
 
     # ------------------------------------------------------------------------------------------
