@@ -21,7 +21,9 @@ from capsule_batch.errors import CapsuleError
 COMMANDS: dict[str, str] = {
     "engine": "engine",
     "env": "env",
+    "export": "export",
     "model": "model",
+    "run": "run",
     "synth": "synth",
 }
 
