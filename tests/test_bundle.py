@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import sys
 import types
 from contextlib import contextmanager
@@ -189,10 +190,16 @@ def test_pickle_that_would_execute_code_is_refused(tmp_path, container):
     assert not marker.exists(), "the pickled code ran"
 
 
-def _write_bundle(seed_ckpt, tmp_path) -> Path:
-    out = tmp_path / "bundle"
+@pytest.fixture(scope="module")
+def imported_bundle(seed_ckpt, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("imported") / "bundle"
     import_checkpoint(seed_ckpt[0], out, arch=ARCH)
     return out
+
+
+def _write_bundle(imported_bundle: Path, tmp_path: Path) -> Path:
+    """A private copy of the imported bundle that a test may damage."""
+    return Path(shutil.copytree(imported_bundle, tmp_path / "bundle"))
 
 
 def _edit_meta(bundle: Path, **changes) -> None:
@@ -201,8 +208,8 @@ def _edit_meta(bundle: Path, **changes) -> None:
     (bundle / "model.json").write_text(json.dumps(meta))
 
 
-def test_bundle_that_lies_about_arch_or_classes_is_refused(seed_ckpt, tmp_path):
-    out = _write_bundle(seed_ckpt, tmp_path)
+def test_bundle_that_lies_about_arch_or_classes_is_refused(imported_bundle, tmp_path):
+    out = _write_bundle(imported_bundle, tmp_path)
     _edit_meta(out, arch="eva02_small_patch14_224")
     with pytest.raises(BundleError, match="do not fit eva02_small_patch14_224"):
         ModelBundle.load(out).create_model()
@@ -211,8 +218,8 @@ def test_bundle_that_lies_about_arch_or_classes_is_refused(seed_ckpt, tmp_path):
         ModelBundle.load(out).create_model()
 
 
-def test_changed_weights_are_refused(seed_ckpt, tmp_path):
-    out = _write_bundle(seed_ckpt, tmp_path)
+def test_changed_weights_are_refused(imported_bundle, tmp_path):
+    out = _write_bundle(imported_bundle, tmp_path)
     with open(out / "model.safetensors", "r+b") as f:
         f.seek(-8, 2)
         f.write(b"\x01" * 8)
@@ -236,15 +243,15 @@ def test_changed_weights_are_refused(seed_ckpt, tmp_path):
         ({"weights_sha256": "abc"}, "sha256 hex digest"),
     ],
 )
-def test_invalid_model_json_is_refused_with_reason(seed_ckpt, tmp_path, change, message):
-    out = _write_bundle(seed_ckpt, tmp_path)
+def test_invalid_model_json_is_refused_with_reason(imported_bundle, tmp_path, change, message):
+    out = _write_bundle(imported_bundle, tmp_path)
     _edit_meta(out, **change)
     with pytest.raises(BundleError, match=message):
         ModelBundle.load(out)
 
 
-def test_model_info_cli(seed_ckpt, tmp_path):
-    out = _write_bundle(seed_ckpt, tmp_path)
+def test_model_info_cli(imported_bundle, tmp_path):
+    out = _write_bundle(imported_bundle, tmp_path)
     runner = CliRunner()
     res = runner.invoke(cli, ["model", "info", str(out)])
     assert res.exit_code == 0, res.output
