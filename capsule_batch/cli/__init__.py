@@ -20,7 +20,9 @@ from capsule_batch.errors import CapsuleError
 #: command name -> module under capsule_batch.cli that defines `command`
 COMMANDS: dict[str, str] = {
     "env": "env",
+    "export": "export",
     "model": "model",
+    "run": "run",
     "synth": "synth",
 }
 

@@ -50,3 +50,29 @@ def parse_key_values(items: tuple[str, ...], what: str) -> dict[str, Any]:
 def emit_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, default=str) + "\n")
     sys.stdout.flush()
+
+
+def engine_options(f: Any) -> Any:
+    """--engine/--source/--device/--precision/--batch-size, shared by run and bench."""
+    from capsule_batch.devices import PRECISIONS
+
+    for opt in reversed([
+        click.option("--engine", default="auto", show_default=True,
+                     help="Inference backend: auto, tensorrt, torch, onnxruntime."),
+        click.option("--source", default="auto", show_default=True, help="Frame source: auto, dali, decord, images."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+                     help="Frames per decode batch and engine call."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def resolve_run_device(spec: str) -> Any:
+    """Like `resolve_device`, but under torchrun `auto` picks the GPU of this process's LOCAL_RANK."""
+    from capsule_batch.devices import cuda_available, resolve_device
+
+    if spec == "auto" and "LOCAL_RANK" in os.environ and cuda_available():
+        return resolve_device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+    return resolve_device(spec)

@@ -1,0 +1,115 @@
+"""`capsule-batch run`: classify whole recordings into HDF5 study files (see capsule_batch.pipeline)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+from capsule_batch.cli.options import emit_json, engine_options, existing_path, json_option, resolve_run_device
+
+_logger = logging.getLogger(__name__)
+
+
+@click.command("run")
+@click.argument("recordings", nargs=-1, required=True, type=existing_path())
+@click.option("-m", "--model", "bundle_path", required=True, type=existing_path(), help="Model bundle folder.")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Folder for the study files (OUTDIR/<stem>.h5); created if missing.")
+@engine_options
+@click.option("--resume/--overwrite", default=True, show_default=True,
+              help="Continue a partial study file (default), or start every study over, finished ones included.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Process only recordings i with i % N == I (sorted); default: torchrun's RANK/WORLD_SIZE.")
+@click.option("--top-k", type=click.IntRange(min=1), default=None, help="Keep only the K highest-scoring events.")
+@click.option("--merge-gap", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Flagged frames of one class at most this many frames apart form one event.")
+@click.option("--min-run", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Drop events with fewer flagged frames (off by default: validate per class first).")
+@click.option("--smooth", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Moving average of the probabilities over this many frames before flagging (1: off).")
+@click.option("--probs-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Storage type of frames/probs.")
+@click.option("--block-frames", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Frames per flushed block: the most a crash can lose.")
+@click.option("--thumbs-per-event", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--max-thumbs", type=click.IntRange(min=0), default=200, show_default=True,
+              help="Thumbnails per study at most (events with the highest peaks first).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a terminal).")
+@json_option
+def command(recordings: tuple[Path, ...], bundle_path: Path, out_dir: Path, engine: str, source: str, device: str,
+            precision: str, batch_size: int, resume: bool, shard: str | None, top_k: int | None, merge_gap: int,
+            min_run: int, smooth: int, probs_dtype: str, block_frames: int, thumbs_per_event: int, max_thumbs: int,
+            progress: bool | None, as_json: bool) -> None:
+    """Decode and classify every frame of each RECORDING (video file or frame folder) into OUTDIR/<stem>.h5.
+
+    Exit 0 when all succeed, 1 when any failed, 130 when interrupted (rerun the command to resume).
+    """
+    from capsule_batch.backends.base import create_engine
+    from capsule_batch.bundle import ModelBundle
+    from capsule_batch.pipeline import Pipeline, RunOptions, resolve_shard, select_shard
+    from capsule_batch.triage import TriageConfig
+
+    rank, world = resolve_shard(shard)
+    mine = select_shard(recordings, rank, world)
+    bundle = ModelBundle.load(bundle_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = resolve_run_device(device)
+    eng = create_engine(bundle, backend=engine, device=dev, precision=precision, max_batch=batch_size)
+    triage = TriageConfig.from_bundle(bundle, merge_gap=merge_gap, min_run=min_run, smooth=smooth, top_k=top_k)
+    opts = RunOptions(source=source, batch_size=batch_size, resume=resume, overwrite=not resume,
+                      probs_dtype=probs_dtype, block_frames=block_frames, triage=triage,
+                      thumbs_per_event=thumbs_per_event, max_thumbs=max_thumbs, progress=progress,
+                      argv=sys.argv[:], shard=f"{rank}/{world}")
+    stop = threading.Event()
+    pipe = Pipeline(bundle, eng, opts, stop)
+    _logger.info("rank %d/%d: %d of %d recordings", rank, world, len(mine), len(recordings))
+    with _stop_on_signals(stop):
+        results = pipe.run_many(mine, out_dir)
+    eng.close()
+
+    failed = [r for r in results if r.status == "failed"]
+    interrupted = [r for r in results if r.status == "interrupted"]
+    if as_json:
+        emit_json({"rank": rank, "world_size": world, "recordings": [r.to_json() for r in results],
+                   "failed": len(failed), "interrupted": len(interrupted)})
+    else:
+        for r in results:
+            what = r.error if r.error else (f"{r.frames} frames, {r.flagged_frames} flagged, {r.events} events, "
+                                            f"{r.fps:.1f} frames/s")
+            click.echo(f"{r.status:11s} {r.recording} -> {r.output}: {what}")
+    if interrupted:
+        click.echo("interrupted: run the same command again to resume from the last flushed block", err=True)
+        sys.exit(130)
+    if failed:
+        sys.exit(1)
+
+
+class _stop_on_signals:
+    """First SIGINT/SIGTERM: set `stop` (the run flushes and ends); a second SIGINT aborts at once."""
+
+    def __init__(self, stop: threading.Event):
+        self.stop = stop
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.stop.set()
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after the current block is flushed "
+                         "(Ctrl-C again to abort)\n")
+
+    def __enter__(self) -> _stop_on_signals:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)

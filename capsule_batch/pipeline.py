@@ -1,0 +1,442 @@
+"""Run whole recordings: source -> engine -> writer, stages overlapped, to one study file each.
+
+Three stages talk through bounded queues (the hand-off is a `FrameBatch`, then a `_Rows` block):
+- a decode thread iterates the `FrameSource` (decode + preprocessing) `prefetch` batches ahead;
+- the calling thread runs the `Engine` and turns each batch into rows (frame number, pts, probs,
+  status), decode failures included as rows with status decode-failed and NaN probabilities;
+- a writer thread appends rows to the `StudyWriter` in blocks of `block_frames`, each flushed.
+A stage that dies puts its exception where the caller sees it within a queue timeout, so a dead
+stage raises instead of hanging. Setting `stop` (the CLI does on SIGINT/SIGTERM) ends the run after
+the rows computed so far are flushed; the partial file then resumes from there.
+
+After the last frame: events from the whole probability table (streamed), thumbnails of event
+frames re-decoded through the source's `start=` (frame-exact), then the file is finished and renamed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from capsule_batch.errors import CapsuleError, StudyError
+from capsule_batch.progress import Progress
+from capsule_batch.sources.base import FrameBatch, FrameSource, open_source
+from capsule_batch.store import (
+    STATUS_DECODE_FAILED,
+    STATUS_OK,
+    StudyReader,
+    StudyWriter,
+    partial_path,
+    recording_identity,
+)
+from capsule_batch.triage import TriageConfig, compute_events, thumbnail_frames
+
+_logger = logging.getLogger(__name__)
+
+_POLL = 0.1  # seconds between checks of the other stages while waiting on a queue
+
+
+@dataclass
+class RunOptions:
+    """Knobs of a run; the engine and bundle are given separately (built once for many recordings)."""
+
+    source: str = "auto"
+    batch_size: int = 64
+    resume: bool = True
+    overwrite: bool = False
+    probs_dtype: str = "float16"
+    block_frames: int = 4096
+    prefetch: int = 4
+    triage: TriageConfig | None = None
+    thumbs_per_event: int = 3
+    max_thumbs: int = 200
+    thumb_quality: int = 85
+    progress: bool | None = None
+    argv: list[str] = field(default_factory=list)
+    shard: str | None = None
+
+
+@dataclass
+class StudyResult:
+    """What happened to one recording; `status` is done, skipped, failed or interrupted."""
+
+    recording: str
+    status: str
+    output: str | None = None
+    frames: int = 0
+    flagged_frames: int = 0
+    events: int = 0
+    decode_failures: int = 0
+    resumed_from: int = 0
+    fps: float = 0.0
+    seconds: float = 0.0
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _End:
+    pass
+
+
+_END = _End()
+
+
+@dataclass
+class _Failed:
+    error: BaseException
+
+
+@dataclass
+class _Rows:
+    index: np.ndarray
+    pts: np.ndarray
+    probs: np.ndarray
+    status: np.ndarray
+
+
+class RunInterrupted(Exception):
+    """`stop` was set: rows so far are flushed and the partial file resumes from `frames_done`."""
+
+    def __init__(self, partial: Path, frames_done: int):
+        super().__init__(f"{partial}: interrupted after {frames_done} frames")
+        self.partial, self.frames_done = partial, frames_done
+
+
+def study_path(recording: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """OUTDIR/<stem>.h5 (a frame folder: its name)."""
+    p = Path(recording)
+    stem = p.name if p.is_dir() or not p.suffix else p.stem
+    return Path(out_dir) / f"{stem}.h5"
+
+
+def select_shard(recordings: Iterable[str | os.PathLike], rank: int, world_size: int) -> list[str]:
+    """Recordings sorted, then every `world_size`-th from `rank`: each goes to exactly one process."""
+    if not 0 <= rank < world_size:
+        raise CapsuleError(f"shard {rank}/{world_size}: need 0 <= I < N")
+    return [str(r) for i, r in enumerate(sorted(str(r) for r in recordings)) if i % world_size == rank]
+
+
+def resolve_shard(spec: str | None, env: dict[str, str] | None = None) -> tuple[int, int]:
+    """`--shard I/N` wins; else torchrun's RANK/WORLD_SIZE; else (0, 1)."""
+    env = os.environ if env is None else env
+    if spec:
+        try:
+            i, n = (int(x) for x in spec.split("/"))
+        except ValueError:
+            raise CapsuleError(f"--shard {spec!r}: expected I/N, e.g. 0/4") from None
+        if n < 1 or not 0 <= i < n:
+            raise CapsuleError(f"--shard {spec!r}: need N >= 1 and 0 <= I < N")
+        return i, n
+    if "WORLD_SIZE" in env:
+        return int(env.get("RANK", "0")), int(env["WORLD_SIZE"])
+    return 0, 1
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def _put(q: queue.Queue, item: Any, alive: Any) -> None:
+    """Put without hanging: give up with an error when the consumer died (`alive()` false)."""
+    while True:
+        try:
+            q.put(item, timeout=_POLL)
+            return
+        except queue.Full:
+            if not alive():
+                raise _StageDied from None
+
+
+class _StageDied(Exception):
+    pass
+
+
+class Pipeline:
+    """One bundle + engine, many recordings. `stop` (a threading.Event) ends a run cleanly at the next batch."""
+
+    def __init__(self, bundle: Any, engine: Any, options: RunOptions | None = None,
+                 stop: threading.Event | None = None):
+        self.bundle, self.engine = bundle, engine
+        self.options = options or RunOptions()
+        self.stop = stop or threading.Event()
+        self.triage = self.options.triage or TriageConfig.from_bundle(bundle)
+
+    # ------------------------------------------------------------------------------------------
+    def run_many(self, recordings: list[str | os.PathLike], out_dir: str | os.PathLike) -> list[StudyResult]:
+        """Each recording to its own study; a failing one is reported and the rest go on."""
+        outs: dict[Path, str] = {}
+        for r in recordings:
+            o = study_path(r, out_dir)
+            if o in outs:
+                raise StudyError(f"{r} and {outs[o]} would both write {o}: rename one of them")
+            outs[o] = str(r)
+        results = []
+        for r in recordings:
+            if self.stop.is_set():
+                results.append(StudyResult(str(r), "interrupted", error="not started: interrupted"))
+                continue
+            results.append(self.run(r, out_dir))
+        return results
+
+    def run(self, recording: str | os.PathLike, out_dir: str | os.PathLike) -> StudyResult:
+        """One recording; errors become a failed result (with the reason), never an exception."""
+        t0 = time.perf_counter()
+        final = study_path(recording, out_dir)
+        res = StudyResult(str(recording), "failed", output=str(final))
+        try:
+            if final.exists() and not self.options.overwrite:
+                with StudyReader(final) as rd:
+                    s = rd.summary()
+                res.status, res.frames = "skipped", s["frames"]
+                res.flagged_frames, res.events = int(s["flagged_frames"] or 0), int(s["events"] or 0)
+                _logger.info("%s: already done (%s); --overwrite to redo it", recording, final)
+                return res
+            self._run(Path(recording), final, res)
+            res.status = "done"
+        except RunInterrupted as e:
+            res.status, res.output = "interrupted", str(e.partial)
+            res.error = (f"interrupted after {e.frames_done} frames; the partial file {e.partial} resumes "
+                         "when the same command is run again")
+        except CapsuleError as e:
+            res.error = str(e)
+            _logger.error("%s: %s", recording, e)
+        except Exception as e:  # a decoder or engine crash on one recording must not stop the others
+            res.error = f"{type(e).__name__}: {e}"
+            _logger.error("%s: failed: %s", recording, res.error, exc_info=_logger.isEnabledFor(logging.DEBUG))
+        res.seconds = round(time.perf_counter() - t0, 3)
+        res.fps = round((res.frames - res.resumed_from) / res.seconds, 2) if res.seconds > 0 else 0.0
+        return res
+
+    # ------------------------------------------------------------------------------------------
+    def _open_source(self, path: Path, start: int, batch_size: int | None = None) -> FrameSource:
+        return open_source(path, self.bundle.preprocess, source=self.options.source,
+                           batch_size=batch_size or self.options.batch_size, device=self.engine.device,
+                           dtype=self.engine.dtype, start=start)
+
+    def _identity(self, path: Path) -> dict[str, Any]:
+        d = recording_identity(path)
+        d.update(bundle_name=self.bundle.name, bundle_path=str(Path(self.bundle.path).resolve()),
+                 bundle_sha256=self.bundle.sha256, arch=self.bundle.arch, class_names=list(self.bundle.class_names),
+                 normal_class=self.bundle.normal_class, probs_dtype=self.options.probs_dtype,
+                 engine=self.engine.describe(), backend=self.engine.describe().get("backend", self.engine.name),
+                 precision=self.engine.describe().get("precision", ""), argv=list(self.options.argv),
+                 shard=self.options.shard or "")
+        return d
+
+    def _run(self, path: Path, final: Path, res: StudyResult) -> None:
+        opts = self.options
+        if not path.exists() and ":" not in str(path):
+            raise CapsuleError(f"{path}: no such file or folder")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if opts.overwrite:
+            for p in (final, partial_path(final)):
+                p.unlink(missing_ok=True)
+        writer = StudyWriter.open(final, self._identity(path), resume=opts.resume and not opts.overwrite)
+        res.resumed_from = res.frames = writer.frames_done
+        try:
+            src = self._open_source(path, writer.frames_done)
+            try:
+                info = src.info()
+                extra = {"source": src.name, "fps": info.fps or 0.0, "container_frame_count": info.frame_count or -1,
+                         "codec": info.codec or "", "width": info.width or 0, "height": info.height or 0}
+                tail = self._stream(src, writer, res, info.frame_count)
+            finally:
+                src.close()
+            if writer.frames_done == 0:
+                raise CapsuleError(f"{path}: no frames could be decoded{f' ({tail})' if tail else ''}")
+            if tail:
+                _logger.warning("%s: decoding stopped after frame %d: %s", path, writer.frames_done - 1, tail)
+                extra["decode_tail_failure"] = tail
+            if info.frame_count and info.frame_count != writer.frames_done:
+                _logger.info("%s: the container claims %d frames, %d were decoded", path, info.frame_count,
+                             writer.frames_done)
+            events, n_flagged = compute_events(writer.probs_blocks(), self.triage)
+            thumbs = self._thumbnails(path, thumbnail_frames(events, opts.thumbs_per_event, opts.max_thumbs))
+            with_status = writer._f["frames"]["status"]
+            res.decode_failures = int(sum(int((with_status[lo:lo + 65536] != STATUS_OK).sum())
+                                          for lo in range(0, writer.frames_done, 65536)))
+            extra["decode_failures"] = res.decode_failures
+            writer.finish(events, n_flagged, self.triage, thumbs, extra)
+            res.flagged_frames, res.events = n_flagged, len(events)
+        finally:
+            writer.close()
+
+    def _stream(self, src: FrameSource, writer: StudyWriter, res: StudyResult, total: int | None) -> str | None:
+        """Decode thread -> inference here -> writer thread. Returns a tail failure reason (or None)."""
+        opts = self.options
+        decode_q: queue.Queue = queue.Queue(maxsize=max(1, opts.prefetch))
+        write_q: queue.Queue = queue.Queue(maxsize=max(1, opts.prefetch))
+        quit_decode = threading.Event()
+        writer_error: list[BaseException] = []
+
+        def decode() -> None:
+            try:
+                for batch in src:
+                    while not quit_decode.is_set():
+                        try:
+                            decode_q.put(batch, timeout=_POLL)
+                            break
+                        except queue.Full:
+                            pass
+                    if quit_decode.is_set():
+                        return
+                item: Any = _END
+            except BaseException as e:  # handed to the caller, which re-raises it
+                item = _Failed(e)
+            while not quit_decode.is_set():
+                try:
+                    decode_q.put(item, timeout=_POLL)
+                    return
+                except queue.Full:
+                    pass
+
+        def write() -> None:
+            pending: list[_Rows] = []
+            n = 0
+            try:
+                while True:
+                    item = write_q.get()
+                    if item is not _END:
+                        pending.append(item)
+                        n += len(item.index)
+                    if pending and (n >= opts.block_frames or item is _END):
+                        writer.append(*(np.concatenate([getattr(r, k) for r in pending])
+                                        for k in ("index", "pts", "probs", "status")))
+                        _logger.debug("%s: flushed frames_done=%d", writer.partial, writer.frames_done)
+                        pending, n = [], 0
+                    if item is _END:
+                        return
+            except BaseException as e:
+                writer_error.append(e)
+
+        dt = threading.Thread(target=decode, name="capsule-decode", daemon=True)
+        wt = threading.Thread(target=write, name="capsule-writer", daemon=True)
+        bar = Progress(total, Path(src.path).name, enabled=opts.progress)
+        bar.set(writer.frames_done)
+        expected = writer.frames_done
+        tail: str | None = None
+        interrupted = False
+        dt.start()
+        wt.start()
+        try:
+            while True:
+                if self.stop.is_set():
+                    interrupted = True
+                    break
+                if writer_error:
+                    break
+                try:
+                    item = decode_q.get(timeout=_POLL)
+                except queue.Empty:
+                    if not dt.is_alive() and decode_q.empty():
+                        raise StudyError(f"{src.path}: the decode thread ended without a result") from None
+                    continue
+                if item is _END:
+                    break
+                if isinstance(item, _Failed):
+                    raise item.error
+                rows, tail_reason = self._rows(item, expected, src)
+                tail = tail or tail_reason
+                if len(rows.index):
+                    expected = int(rows.index[-1]) + 1
+                    try:
+                        _put(write_q, rows, wt.is_alive)
+                    except _StageDied:
+                        break
+                    res.frames = expected
+                    bar.set(expected)
+                if tail:
+                    break
+        finally:
+            quit_decode.set()
+            try:
+                _put(write_q, _END, wt.is_alive)
+            except _StageDied:
+                pass
+            wt.join()
+            dt.join(timeout=10)
+            bar.close()
+        if writer_error:
+            raise writer_error[0]
+        res.frames = writer.frames_done
+        if interrupted:
+            raise RunInterrupted(writer.partial, writer.frames_done)
+        return tail
+
+    def _rows(self, batch: FrameBatch, expected: int, src: FrameSource) -> tuple[_Rows, str | None]:
+        """Probabilities for a batch, merged with its decode failures into contiguous rows."""
+        c = len(self.bundle.class_names)
+        n = len(batch)
+        probs = np.empty((n, c), np.float32)
+        mb = max(1, int(self.engine.max_batch))
+        for lo in range(0, n, mb):
+            probs[lo:lo + mb] = _to_numpy(self.engine.infer(batch.pixels[lo:lo + mb]))
+        failed = sorted({f.index: f.reason for f in batch.failures if f.index >= 0}.items())
+        tail = next((f.reason for f in batch.failures if f.index < 0), None)
+        if failed:
+            for i, reason in failed:
+                _logger.warning("%s: frame %d could not be decoded: %s", src.path, i, reason)
+            idx = np.concatenate([np.asarray(batch.index, np.int64), np.array([i for i, _ in failed], np.int64)])
+            order = np.argsort(idx, kind="stable")
+            idx = idx[order]
+            pts = np.concatenate([np.asarray(batch.pts, np.float64), np.full(len(failed), np.nan)])[order]
+            probs = np.concatenate([probs, np.full((len(failed), c), np.nan, np.float32)])[order]
+            status = np.concatenate([np.full(n, STATUS_OK, np.uint8), np.full(len(failed), STATUS_DECODE_FAILED,
+                                                                             np.uint8)])[order]
+        else:
+            idx, pts = np.asarray(batch.index, np.int64), np.asarray(batch.pts, np.float64)
+            status = np.full(n, STATUS_OK, np.uint8)
+        if len(idx) and not np.array_equal(idx, np.arange(expected, expected + len(idx))):
+            raise StudyError(f"{src.path}: source {src.name} broke the frame order: expected frames from {expected}, "
+                             f"got {idx[:3].tolist()}...{idx[-1]} ({len(idx)} frames)")
+        return _Rows(idx, pts, probs, status), tail
+
+    # ------------------------------------------------------------------------------------------
+    def _thumbnails(self, path: Path, wanted: dict[int, list[int]]) -> list[tuple[int, int, bytes]]:
+        """JPEGs of the wanted frames, re-decoded frame-exactly via `start=`; nearby frames share one pass."""
+        frames = sorted(wanted)
+        out: list[tuple[int, int, bytes]] = []
+        i, reopen_gap = 0, 4 * self.options.batch_size
+        while i < len(frames):
+            before = i
+            with self._open_source(path, frames[i], batch_size=min(16, self.options.batch_size)) as src:
+                for batch in src:
+                    for j, f in enumerate(np.asarray(batch.index).tolist()):
+                        while i < len(frames) and frames[i] < f:
+                            i += 1  # a wanted frame the source did not yield this time (decode failure)
+                        if i < len(frames) and frames[i] == f:
+                            jpeg = self._jpeg(batch.pixels[j])
+                            out.extend((f, ev, jpeg) for ev in wanted[f])
+                            i += 1
+                    if i >= len(frames) or (len(batch) and frames[i] > int(batch.index[-1]) + reopen_gap):
+                        break
+            if i == before:
+                i += 1
+        return out
+
+    def _jpeg(self, pixels: Any) -> bytes:
+        """A preprocessed (3, S, S) frame back to RGB with the bundle's mean/std: what the model saw."""
+        import io
+
+        from PIL import Image
+
+        pre = self.bundle.preprocess
+        x = _to_numpy(pixels).transpose(1, 2, 0)
+        x = (x * np.asarray(pre.std, np.float32) + np.asarray(pre.mean, np.float32)) * 255.0
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(x + 0.5, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=self.options.thumb_quality)
+        return buf.getvalue()
+

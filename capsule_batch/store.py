@@ -1,0 +1,395 @@
+"""The study file (HDF5, schema `capsule-batch/1`): `StudyWriter` fills it, `StudyReader` reads it.
+
+Layout (DESIGN.md): root attributes describe the run (source identity, bundle, engine, triage
+settings as JSON); `frames/{index,pts,probs,status}` hold one row per frame of the recording, in
+order; `events` is a table of flagged runs; `thumbs/{frame,event,jpeg}` hold JPEG bytes of the
+frames a reviewer needs; `review` is left for reviewer decisions. Datasets are chunked and
+gzip-compressed (with the shuffle filter), which every HDF5 reader decodes without plugins.
+
+Crash safety without SWMR: the file is written as `NAME.h5.partial` and renamed to `NAME.h5` when
+complete. Rows are appended per block: the datasets are resized and written, the file is flushed,
+and only then is the root attribute `frames_done` raised and the file flushed again. A process
+killed at any point leaves `frames_done` <= the rows that reached the disk, so a resume truncates
+the datasets to `frames_done` and goes on from there. The file is created with HDF5's default
+(oldest) format, whose superblock carries no "open for writing" mark, so a file whose writer died
+reopens without `h5clear`; when it still cannot be reopened, the run starts over with a warning.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from capsule_batch import __version__
+from capsule_batch.errors import StudyError
+from capsule_batch.triage import Event, TriageConfig
+
+_logger = logging.getLogger(__name__)
+
+SCHEMA = "capsule-batch/1"
+PARTIAL_SUFFIX = ".partial"
+STATUS_OK, STATUS_DECODE_FAILED = 0, 1
+STATUS_NAMES = {STATUS_OK: "ok", STATUS_DECODE_FAILED: "decode-failed"}
+PROBS_DTYPES = ("float16", "float32")
+HASH_BYTES = 1 << 20
+CHUNK_ROWS = 8192
+EVENT_DTYPE = np.dtype([("start", "<u4"), ("end", "<u4"), ("class", "<u2"), ("peak_frame", "<u4"),
+                        ("peak_score", "<f4"), ("n_flagged", "<u4")])
+#: attributes a resumed run must agree with, and what they mean in a refusal
+_IDENTITY = {"source_size": "recording size", "source_hash": "recording content hash",
+             "bundle_sha256": "bundle weights", "class_names": "class names", "probs_dtype": "probabilities dtype"}
+
+
+def _h5py() -> Any:
+    import h5py
+
+    return h5py
+
+
+def recording_identity(path: str | os.PathLike) -> dict[str, Any]:
+    """Path, size and a content hash of a recording (a file, or a folder of frames).
+
+    The hash covers the size and the first and last MiB of the file (for a folder: the sorted names and
+    sizes of its files, and the first and last MiB of the first and last file). Hashing a 10 GB recording
+    whole would take longer than classifying it on a GPU; head + tail + size tells recordings apart and
+    catches truncation or re-encoding, though not an edit in the middle that keeps the size.
+    """
+    p = Path(path)
+    h = hashlib.sha256()
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file())
+        size = 0
+        for f in files:
+            st = f.stat().st_size
+            size += st
+            h.update(f"{f.name}\0{st}\n".encode())
+        for f in files[:1] + files[-1:]:
+            _hash_ends(f, h)
+    elif p.is_file():
+        size = p.stat().st_size
+        h.update(str(size).encode())
+        _hash_ends(p, h)
+    else:  # a source spec such as `synthetic:frames=...` names no file: the spec is its identity
+        size = 0
+        h.update(str(path).encode())
+    return {"source_path": str(p.resolve()) if p.exists() else str(path), "source_size": size,
+            "source_hash": "sha256-ends:" + h.hexdigest()}
+
+
+def _hash_ends(path: Path, h: Any) -> None:
+    with open(path, "rb") as f:
+        h.update(f.read(HASH_BYTES))
+        size = f.seek(0, os.SEEK_END)
+        if size > HASH_BYTES:
+            f.seek(max(HASH_BYTES, size - HASH_BYTES))
+            h.update(f.read(HASH_BYTES))
+
+
+def partial_path(final: Path) -> Path:
+    return final.with_name(final.name + PARTIAL_SUFFIX)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _attr(v: Any) -> Any:
+    """HDF5-friendly attribute values: str, numbers, bool; everything else as JSON."""
+    if isinstance(v, (str, bool, int, float, np.integer, np.floating)):
+        return v
+    return json.dumps(v, default=str)
+
+
+class StudyWriter:
+    """Append frames block by block to `NAME.h5.partial`, then `finish()` writes events and thumbnails
+    and renames it to `NAME.h5`. Use `StudyWriter.open` (it decides between resume and a fresh start)."""
+
+    def __init__(self, final: Path, h5: Any, frames_done: int, resumed: bool):
+        self.final = final
+        self.partial = partial_path(final)
+        self._f = h5
+        self.frames_done = frames_done
+        self.resumed = resumed
+
+    @classmethod
+    def open(cls, final: str | os.PathLike, attrs: dict[str, Any], *, resume: bool = True) -> StudyWriter:
+        """Resume `final`'s partial file when `resume` and it matches `attrs`' identity, else start over.
+
+        `attrs` must hold the identity keys (source_size, source_hash, bundle_sha256, class_names,
+        probs_dtype); a partial file made from another recording or bundle is refused, naming the difference.
+        """
+        h5py = _h5py()
+        final = Path(final)
+        part = partial_path(final)
+        if attrs.get("probs_dtype") not in PROBS_DTYPES:
+            raise StudyError(f"probabilities dtype must be one of {PROBS_DTYPES}, got {attrs.get('probs_dtype')!r}")
+        if part.exists() and resume:
+            try:
+                f = h5py.File(part, "r+")
+            except OSError as e:
+                _logger.warning("%s: cannot reopen the partial file left by an interrupted run (%s); starting over",
+                                part, e)
+            else:
+                try:
+                    done = cls._check_resumable(f, part, attrs)
+                except BaseException:
+                    f.close()
+                    raise
+                if done is not None:
+                    _logger.info("%s: resuming after frame %d", part, done)
+                    f.attrs["resumed"] = int(f.attrs.get("resumed", 0)) + 1
+                    f.flush()
+                    return cls(final, f, done, True)
+                f.close()
+        if part.exists():
+            part.unlink()
+        f = h5py.File(part, "w")  # default (oldest) file format: reopens after a crash without h5clear
+        try:
+            cls._create(f, attrs)
+        except BaseException:
+            f.close()
+            raise
+        return cls(final, f, 0, False)
+
+    @staticmethod
+    def _check_resumable(f: Any, part: Path, attrs: dict[str, Any]) -> int | None:
+        """frames_done of a matching partial file; refuse a different recording/bundle; None if unusable."""
+        if f.attrs.get("schema") != SCHEMA or "frames" not in f:
+            _logger.warning("%s: not a %s partial file; starting over", part, SCHEMA)
+            return None
+        for key, what in _IDENTITY.items():
+            have, want = f.attrs.get(key), _attr(attrs.get(key))
+            if isinstance(have, np.generic):
+                have = have.item()
+            if have != want:
+                raise StudyError(
+                    f"{part}: cannot resume: it was made with another {what} ({str(have)[:40]!r}, now "
+                    f"{str(want)[:40]!r}); use --overwrite to start over"
+                )
+        done = int(f.attrs.get("frames_done", 0))
+        g = f["frames"]
+        try:
+            lengths = {k: g[k].shape[0] for k in ("index", "pts", "probs", "status")}
+        except (KeyError, OSError) as e:
+            _logger.warning("%s: damaged partial file (%s); starting over", part, e)
+            return None
+        if min(lengths.values()) < done:
+            _logger.warning("%s: fewer rows than recorded (%s < %d); starting over", part, lengths, done)
+            return None
+        for k in lengths:
+            g[k].resize(done, axis=0)
+        if done and int(g["index"][done - 1]) != done - 1:
+            _logger.warning("%s: frame numbers in the partial file are inconsistent; starting over", part)
+            return None
+        return done
+
+    @staticmethod
+    def _create(f: Any, attrs: dict[str, Any]) -> None:
+        c = len(attrs["class_names"])
+        f.attrs["schema"] = SCHEMA
+        f.attrs["complete"] = False
+        f.attrs["frames_done"] = 0
+        f.attrs["created"] = _now()
+        f.attrs["software_version"] = __version__
+        for k, v in attrs.items():
+            f.attrs[k] = _attr(v)
+        g = f.create_group("frames")
+        kw = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+        g.create_dataset("index", (0,), maxshape=(None,), dtype="<u4", chunks=(CHUNK_ROWS,), **kw)
+        g.create_dataset("pts", (0,), maxshape=(None,), dtype="<f8", chunks=(CHUNK_ROWS,), **kw)
+        g.create_dataset("probs", (0, c), maxshape=(None, c), dtype=attrs["probs_dtype"],
+                         chunks=(max(1, CHUNK_ROWS // max(1, c // 4)), c), **kw)
+        g.create_dataset("status", (0,), maxshape=(None,), dtype="u1", chunks=(CHUNK_ROWS,), **kw)
+        g["status"].attrs["values"] = json.dumps(STATUS_NAMES)
+        f.flush()
+
+    def append(self, index: np.ndarray, pts: np.ndarray, probs: np.ndarray, status: np.ndarray) -> None:
+        """Write one block of consecutive frames and make it durable (see the module docstring)."""
+        n = len(index)
+        if n == 0:
+            return
+        if int(index[0]) != self.frames_done or (n > 1 and not np.array_equal(np.diff(index), np.ones(n - 1))):
+            raise StudyError(f"{self.partial}: frames must be appended in order: expected frame {self.frames_done}, "
+                             f"got {int(index[0])}..{int(index[-1])} ({n} rows)")
+        g = self._f["frames"]
+        lo, hi = self.frames_done, self.frames_done + n
+        for name, data in (("index", index), ("pts", pts), ("probs", probs), ("status", status)):
+            ds = g[name]
+            ds.resize(hi, axis=0)
+            ds[lo:hi] = np.asarray(data, dtype=ds.dtype)
+        self._f.flush()
+        self._f.attrs["frames_done"] = hi
+        self._f.flush()
+        self.frames_done = hi
+
+    def probs_blocks(self, block: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(frame numbers, probs as float32) of everything written, in blocks: memory bounded by `block`."""
+        g = self._f["frames"]
+        for lo in range(0, self.frames_done, block):
+            hi = min(self.frames_done, lo + block)
+            yield g["index"][lo:hi].astype(np.int64), g["probs"][lo:hi].astype(np.float32)
+
+    def finish(self, events: list[Event], n_flagged: int, triage: TriageConfig,
+               thumbs: list[tuple[int, int, bytes]], attrs: dict[str, Any] | None = None) -> Path:
+        """Write events, thumbnails (frame, event, JPEG bytes) and final attributes; rename to NAME.h5."""
+        h5py = _h5py()
+        f = self._f
+        for name in ("events", "thumbs", "review"):
+            if name in f:
+                del f[name]
+        table = np.array([(e.start, e.end, e.cls, e.peak_frame, e.peak_score, e.n_flagged) for e in events],
+                         dtype=EVENT_DTYPE)
+        ev = f.create_dataset("events", data=table, maxshape=(None,), chunks=(1024,), compression="gzip")
+        ev.attrs["class_names"] = json.dumps(list(triage.class_names))
+        tg = f.create_group("thumbs")
+        tg.create_dataset("frame", data=np.array([t[0] for t in thumbs], dtype="<u4"))
+        tg.create_dataset("event", data=np.array([t[1] for t in thumbs], dtype="<i4"))
+        jpeg = tg.create_dataset("jpeg", (len(thumbs),), dtype=h5py.vlen_dtype(np.dtype("u1")))
+        for i, t in enumerate(thumbs):
+            jpeg[i] = np.frombuffer(t[2], dtype=np.uint8)
+        f.create_group("review")
+        f.attrs["triage"] = triage.to_json()
+        f.attrs["thresholds"] = json.dumps(triage.thresholds)
+        f.attrs["frame_count"] = self.frames_done
+        f.attrs["flagged_frames"] = n_flagged
+        f.attrs["event_count"] = len(events)
+        f.attrs["finished"] = _now()
+        for k, v in (attrs or {}).items():
+            f.attrs[k] = _attr(v)
+        f.attrs["complete"] = True
+        f.flush()
+        f.close()
+        os.replace(self.partial, self.final)
+        return self.final
+
+    def close(self) -> None:
+        """Close without finishing: the partial file stays, resumable."""
+        if self._f.id.valid:
+            self._f.close()
+
+
+@dataclass
+class Thumb:
+    frame: int
+    event: int
+    jpeg: bytes
+
+
+class StudyReader:
+    """Read a study file; review, report and export go through this class, never through raw h5py."""
+
+    def __init__(self, path: str | os.PathLike, *, allow_partial: bool = False):
+        h5py = _h5py()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise StudyError(f"{self.path}: no such study file")
+        try:
+            self._f = h5py.File(self.path, "r")
+        except OSError as e:
+            raise StudyError(f"{self.path}: not a readable HDF5 file ({e})") from e
+        schema = self._f.attrs.get("schema")
+        if schema != SCHEMA:
+            self._f.close()
+            raise StudyError(f"{self.path}: not a study file of schema {SCHEMA} (schema {schema!r})")
+        if not self.complete and not allow_partial:
+            self._f.close()
+            raise StudyError(f"{self.path}: incomplete study (an interrupted run; rerun it to resume)")
+
+    def __enter__(self) -> StudyReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._f.id.valid:
+            self._f.close()
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """Root attributes, JSON strings decoded."""
+        out: dict[str, Any] = {}
+        for k, v in self._f.attrs.items():
+            if isinstance(v, np.generic):
+                v = v.item()
+            if isinstance(v, str) and v[:1] in "[{" or v == "null":
+                try:
+                    v = json.loads(v)
+                except json.JSONDecodeError:
+                    pass
+            out[k] = v
+        return out
+
+    @property
+    def complete(self) -> bool:
+        return bool(self._f.attrs.get("complete", False))
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(json.loads(self._f.attrs["class_names"]))
+
+    @property
+    def triage(self) -> TriageConfig | None:
+        s = self._f.attrs.get("triage")
+        return TriageConfig.from_json(s) if s else None
+
+    def __len__(self) -> int:
+        return int(self._f.attrs.get("frames_done", 0))
+
+    def _rows(self, name: str, start: int, stop: int | None) -> np.ndarray:
+        stop = len(self) if stop is None else min(stop, len(self))
+        return self._f["frames"][name][start:stop]
+
+    def index(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self._rows("index", start, stop).astype(np.int64)
+
+    def pts(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self._rows("pts", start, stop)
+
+    def probs(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """(N, C) float32 (stored as float16 unless the run asked for float32)."""
+        return self._rows("probs", start, stop).astype(np.float32)
+
+    def status(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self._rows("status", start, stop)
+
+    def scores(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """1 - p(normal) per frame (see triage.classify)."""
+        from capsule_batch.triage import classify
+
+        cfg = self.triage
+        if cfg is None:
+            raise StudyError(f"{self.path}: no triage settings recorded")
+        return classify(self.probs(start, stop), cfg)[0]
+
+    def blocks(self, block: int = 65536) -> Iterator[tuple[int, int]]:
+        """(start, stop) row ranges covering the study: read large studies piece by piece."""
+        for lo in range(0, len(self), block):
+            yield lo, min(len(self), lo + block)
+
+    def events(self) -> list[Event]:
+        if "events" not in self._f:
+            return []
+        return [Event(int(r["start"]), int(r["end"]), int(r["class"]), int(r["peak_frame"]), float(r["peak_score"]),
+                      int(r["n_flagged"])) for r in self._f["events"][:]]
+
+    def thumbs(self) -> list[Thumb]:
+        if "thumbs" not in self._f:
+            return []
+        g = self._f["thumbs"]
+        return [Thumb(int(f), int(e), bytes(j.tobytes())) for f, e, j in zip(g["frame"][:], g["event"][:],
+                                                                           g["jpeg"][:], strict=True)]
+
+    def summary(self) -> dict[str, Any]:
+        a = self.attrs
+        return {"frames": len(self), "flagged_frames": a.get("flagged_frames"), "events": a.get("event_count"),
+                "output": str(self.path)}

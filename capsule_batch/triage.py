@@ -1,0 +1,206 @@
+"""Triage: per-frame scores and flags, and events built from runs of flagged frames (DESIGN.md).
+
+- score = 1 - p(normal class) (the highest probability when the bundle has no normal class);
+- a frame is flagged where a class probability reaches that class's threshold (the bundle's
+  calibrated thresholds; a threshold on the normal class is read as a threshold on the score), and,
+  for a bundle without thresholds, where argmax != normal. The frame's class is the flagged class
+  with the highest probability;
+- frames flagged with the same class whose gap (unflagged or other-class frames between them) is at
+  most `merge_gap` form one event; `min_run` (drop events with fewer flagged frames) and `smooth`
+  (centred moving average of the probabilities over that many frames) are off by default;
+- `top_k` keeps only the K events with the highest peak score.
+
+Events are computed from the whole probability table streamed in blocks, so memory is bounded by
+the block size and the number of classes, and a resumed run needs no event state.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TriageConfig:
+    class_names: tuple[str, ...]
+    normal_class: str | None = "Normal"
+    thresholds: dict[str, float] | None = None
+    merge_gap: int = 2
+    min_run: int = 1
+    smooth: int = 1
+    top_k: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.merge_gap < 0 or self.min_run < 1 or self.smooth < 1 or (self.top_k is not None and self.top_k < 1):
+            raise ValueError(f"bad triage settings: {self}")
+        if self.normal_class is not None and self.normal_class not in self.class_names:
+            raise ValueError(f"normal class {self.normal_class!r} is not one of {self.class_names}")
+        for k in self.thresholds or {}:
+            if k not in self.class_names:
+                raise ValueError(f"threshold for unknown class {k!r}")
+
+    @classmethod
+    def from_bundle(cls, bundle: Any, **kw: Any) -> TriageConfig:
+        return cls(tuple(bundle.class_names), bundle.normal_class, bundle.thresholds, **kw)
+
+    @property
+    def rule(self) -> str:
+        return "thresholds" if self.thresholds else "argmax"
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d.pop("extra")
+        d["class_names"] = list(self.class_names)
+        d["rule"] = self.rule
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> TriageConfig:
+        d = json.loads(s)
+        d.pop("rule", None)
+        d["class_names"] = tuple(d["class_names"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Event:
+    """Frames `start`..`end` (inclusive, frame numbers) flagged as `cls` (class index)."""
+
+    start: int
+    end: int
+    cls: int
+    peak_frame: int
+    peak_score: float
+    n_flagged: int
+
+
+def classify(probs: np.ndarray, cfg: TriageConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(score, flagged, class index) for a (N, C) block; rows that are NaN (decode failures) are never flagged."""
+    p = np.asarray(probs, dtype=np.float32)
+    valid = np.isfinite(p).all(axis=1)
+    p = np.where(valid[:, None], p, 0.0)
+    normal = cfg.class_names.index(cfg.normal_class) if cfg.normal_class is not None else None
+    score = 1.0 - p[:, normal] if normal is not None else p.max(axis=1)
+    if cfg.thresholds:
+        over = np.zeros_like(p, dtype=bool)
+        for name, t in cfg.thresholds.items():
+            c = cfg.class_names.index(name)
+            over[:, c] = (score >= t) if c == normal else (p[:, c] >= t)
+        if normal is not None:
+            over[:, normal] = False
+            if cfg.normal_class in cfg.thresholds:  # score threshold: the frame's class is its best non-normal class
+                hit = (score >= cfg.thresholds[cfg.normal_class])[:, None]
+                best = np.where(np.arange(p.shape[1]) == normal, -1.0, p).argmax(axis=1)
+                over |= hit & (np.arange(p.shape[1])[None, :] == best[:, None])
+        flagged = over.any(axis=1)
+        cls = np.where(over, p, -1.0).argmax(axis=1)
+    else:
+        cls = p.argmax(axis=1)
+        flagged = cls != normal if normal is not None else np.ones(len(p), dtype=bool)
+    flagged &= valid
+    return score.astype(np.float32), flagged, cls.astype(np.int64)
+
+
+Blocks = Iterator[tuple[np.ndarray, np.ndarray]]
+
+
+def _smoothed_blocks(blocks: Blocks, w: int) -> Blocks:
+    """Centred moving average over `w` frames across block boundaries (NaN rows count as zeros)."""
+    if w <= 1:
+        yield from blocks
+        return
+    half_l, half_r = (w - 1) // 2, w // 2
+    buf_idx, buf, n_ctx = np.zeros((0,), np.int64), None, 0  # n_ctx leading rows are context, already emitted
+    for idx, p in blocks:
+        p = np.nan_to_num(np.asarray(p, np.float32))
+        buf = p if buf is None else np.concatenate([buf, p])
+        buf_idx = np.concatenate([buf_idx, idx])
+        end = len(buf) - half_r
+        if end > n_ctx:
+            yield buf_idx[n_ctx:end], _moving_mean(buf, half_l, half_r)[n_ctx:end]
+            keep_from = max(0, end - half_l)
+            buf, buf_idx, n_ctx = buf[keep_from:], buf_idx[keep_from:], end - keep_from
+    if buf is not None and len(buf) > n_ctx:
+        yield buf_idx[n_ctx:], _moving_mean(buf, half_l, half_r)[n_ctx:]
+
+
+def _moving_mean(x: np.ndarray, half_l: int, half_r: int) -> np.ndarray:
+    c = np.concatenate([np.zeros((1, x.shape[1]), np.float64), np.cumsum(x, axis=0, dtype=np.float64)])
+    n = len(x)
+    lo = np.clip(np.arange(n) - half_l, 0, n)
+    hi = np.clip(np.arange(n) + half_r + 1, 0, n)
+    return ((c[hi] - c[lo]) / (hi - lo)[:, None]).astype(np.float32)
+
+
+class _Open:
+    __slots__ = ("start", "last", "peak_frame", "peak_score", "n")
+
+    def __init__(self, f: int, s: float):
+        self.start = self.last = self.peak_frame = f
+        self.peak_score, self.n = s, 1
+
+
+def compute_events(blocks: Blocks, cfg: TriageConfig) -> tuple[list[Event], int]:
+    """Events and the number of flagged frames from (frame numbers, probs) blocks in frame order."""
+    open_: dict[int, _Open] = {}
+    done: list[Event] = []
+    top: list[tuple[float, int, Event]] = []
+    n_flagged = 0
+
+    def close(c: int) -> None:
+        o = open_.pop(c)
+        if o.n < cfg.min_run:
+            return
+        ev = Event(o.start, o.last, c, o.peak_frame, float(o.peak_score), o.n)
+        if cfg.top_k is None:
+            done.append(ev)
+        else:
+            item = (ev.peak_score, -ev.start, ev)
+            (heapq.heappush if len(top) < cfg.top_k else heapq.heappushpop)(top, item)
+
+    for idx, p in _smoothed_blocks(blocks, cfg.smooth):
+        score, flagged, cls = classify(p, cfg)
+        hits = np.flatnonzero(flagged)
+        n_flagged += len(hits)
+        for f, c, s in zip(idx[hits].tolist(), cls[hits].tolist(), score[hits].tolist(), strict=True):
+            o = open_.get(c)
+            if o is not None and f - o.last - 1 <= cfg.merge_gap:
+                o.last, o.n = f, o.n + 1
+                if s > o.peak_score:
+                    o.peak_frame, o.peak_score = f, s
+            else:
+                if o is not None:
+                    close(c)
+                open_[c] = _Open(f, s)
+        if len(idx):  # close events that can no longer grow, keeping the open set small
+            for c in [c for c, o in open_.items() if int(idx[-1]) - o.last > cfg.merge_gap]:
+                close(c)
+    for c in list(open_):
+        close(c)
+    events = done if cfg.top_k is None else [t[2] for t in top]
+    events.sort(key=lambda e: (e.start, e.cls))
+    return events, n_flagged
+
+
+def thumbnail_frames(events: list[Event], per_event: int, max_total: int) -> dict[int, list[int]]:
+    """frame -> event numbers for the thumbnails a reviewer needs: each event's peak plus up to
+    `per_event - 1` frames spread over the event; events with the highest peaks first, `max_total` in all."""
+    out: dict[int, list[int]] = {}
+    order = sorted(range(len(events)), key=lambda i: -events[i].peak_score)
+    for i in order:
+        e = events[i]
+        want = [e.peak_frame]
+        if per_event > 1 and e.end > e.start:
+            want += np.linspace(e.start, e.end, per_event - 1 + 2)[1:-1].round().astype(int).tolist()
+        for f in dict.fromkeys(want):
+            if len(out) >= max_total and f not in out:
+                return out
+            out.setdefault(int(f), []).append(i)
+    return out
+

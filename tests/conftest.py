@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny bundle, small synthetic recordings, and the test source/engine names.
+
+SOURCE/ENGINE name the stand-ins in capsule_doubles.py; switch them to "decord"/"torch" once the
+real implementations are merged (the tests only go through these constants).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+import capsule_doubles  # noqa: F401  (registers the stand-ins)
+
+SOURCE = "test-av"
+ENGINE = "test-torch"
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+TINY_ARCH = "eva02_tiny_patch14_224"
+TINY_ARGS = {"img_size": 56, "depth": 2}
+TINY_SIZE = 56
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory):
+    """A randomly initialised 2-block EVA-02 at 56 px with the CE24 classes (no thresholds)."""
+    import torch
+
+    from capsule_batch.bundle import create_model, save_bundle
+    from capsule_batch.classes import CE24_CLASSES
+    from capsule_batch.preprocess import Preprocess
+
+    torch.manual_seed(0)
+    model = create_model(TINY_ARCH, len(CE24_CLASSES), TINY_ARGS)
+    with torch.no_grad():  # timm's head init gives near-uniform outputs; spread them so frames differ
+        model.head.weight.normal_(0.0, 0.3)
+        model.head.bias.normal_(0.0, 0.5)
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    return save_bundle(out, model.state_dict(), arch=TINY_ARCH, class_names=list(CE24_CLASSES),
+                       preprocess=Preprocess(input_size=TINY_SIZE, resize=TINY_SIZE), model_args=TINY_ARGS)
+
+
+def make_recording(path: Path, frames: int, seed: int = 0) -> Path:
+    from capsule_batch.synth import synthesize
+
+    return synthesize(path, frames, size=TINY_SIZE, seed=seed, findings_per_1000=40.0).path
+
+
+@pytest.fixture(scope="session")
+def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_recording(tmp_path_factory.mktemp("rec") / "study_a.mp4", 120)
+
+
+def cli_cmd(*args: str) -> list[str]:
+    """argv for `capsule-batch` with the stand-ins registered, in a subprocess."""
+    return [sys.executable, str(TESTS / "run_cli_with_doubles.py"), *args]
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["HF_HUB_OFFLINE"] = "1"
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
