@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -32,3 +33,17 @@ def chromium() -> Iterator[Any]:
             yield browser
         finally:
             browser.close()
+
+
+def wait_images_loaded(page: Any, selector: str, timeout: float = 10.0) -> int:
+    """Wait until every image matching `selector` has decoded (polled from Python: the app's CSP forbids the
+    eval that Playwright's wait_for_function needs); returns how many there are."""
+    js = f"() => [...document.querySelectorAll({selector!r})].map(i => i.complete && i.naturalWidth > 0)"
+    deadline = time.monotonic() + timeout
+    while True:
+        done = page.evaluate(js)
+        if done and all(done):
+            return len(done)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"images not loaded: {selector} {done}")
+        time.sleep(0.05)

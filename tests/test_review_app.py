@@ -12,7 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from review_browser import chromium
+from review_browser import chromium, wait_images_loaded
 from review_studies import make_study
 
 from capsule_batch.review.app import ReviewApp, Server
@@ -67,8 +67,7 @@ def test_keyboard_review_survives_reload_and_lands_in_the_hdf5(tmp_path: Path) -
             assert page.evaluate("window.__pwned") is None
             assert page.locator("img[src='x']").count() == 0
             # images load: the peak frame and every filmstrip thumbnail
-            page.wait_for_function("[...document.querySelectorAll('#filmstrip img, #peak')]"
-                                   ".every(i => i.complete && i.naturalWidth > 0)")
+            wait_images_loaded(page, "#filmstrip img, #peak")
             assert errors == []
     finally:
         srv.stop()  # folds the journal into the study file

@@ -220,6 +220,7 @@ class Server:
         from werkzeug.serving import make_server
 
         self.review = review
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no per-request lines on the terminal
         self._srv = make_server("127.0.0.1", port, review.flask, threaded=True)
         self.host, self.port = self._srv.server_address[:2]
         self._thread = threading.Thread(target=self._srv.serve_forever, name="review-http", daemon=True)

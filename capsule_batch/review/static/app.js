@@ -72,7 +72,7 @@
       g.fillStyle = colour(c);
       for (let b = 0; b < n; b++) {
         const p = tl.probs[b][c];
-        if (p < 0.05) continue;
+        if (p < 0.1) continue;
         g.globalAlpha = Math.min(1, p);
         g.fillRect(b * bw, r * rowH, Math.max(1, bw), rowH - 1);
       }
