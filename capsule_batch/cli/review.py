@@ -11,7 +11,6 @@ import click
 from capsule_batch.cli.options import existing_path
 
 
-
 @click.command("review")
 @click.argument("study", type=existing_path())
 @click.option("--video", type=existing_path(), default=None,
