@@ -10,9 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-
 import capsule_doubles  # noqa: F401  (registers the stand-ins)
+import pytest
 
 SOURCE = "test-av"
 ENGINE = "test-torch"
