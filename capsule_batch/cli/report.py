@@ -14,7 +14,7 @@ from capsule_batch.cli.options import check_writable_parent, emit_json, existing
 @click.option("-o", "--output", "out", required=True, type=output_path(), help="The HTML file to write.")
 @click.option("--thumbs-per-event", type=click.IntRange(0, 50), default=3, show_default=True,
               help="Thumbnails embedded per event (the peak first).")
-@click.option("--max-image-mb", type=click.FloatRange(0.1, 500), default=16.0, show_default=True,
+@click.option("--max-image-mb", type=click.FloatRange(0.1, 500), default=12.0, show_default=True,
               help="Budget for embedded images; beyond it the report says how many were left out.")
 @json_option
 def command(study: Path, out: Path, thumbs_per_event: int, max_image_mb: float, as_json: bool) -> None:

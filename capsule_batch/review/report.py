@@ -29,7 +29,7 @@ HERE = Path(__file__).parent
 PALETTE = ["#e6194b", "#d00000", "#f58231", "#ffb000", "#911eb4", "#42d4f4", "#8a8a8a", "#3cb44b", "#f032e6",
            "#4363d8", "#9a6324", "#469990"]
 DEFAULT_PER_EVENT = 3
-DEFAULT_IMAGE_BUDGET = 16 * 1024 * 1024
+DEFAULT_IMAGE_BUDGET = 12 * 1024 * 1024
 
 
 @dataclass
@@ -130,7 +130,7 @@ def build_report(study: str | os.PathLike, per_event: int = DEFAULT_PER_EVENT,
             e = view.events[i]
             d = decisions.get(i)
             have = view.thumbs_of_event.get(i, [])
-            row = EventRow(i, e.start, e.end, _clock(view.frame_time(e.start)), names[e.cls], _colour(e.cls),
+            row = EventRow(i, e.start, e.end, _clock(float(view.ev_time[i])), names[e.cls], _colour(e.cls),
                            float(e.peak_score), e.n_flagged,
                            thumbs=[(f, _data_uri("image/jpeg", view.thumbs[f])) for f in chosen.get(i, [])],
                            left_out=len(have) - len(chosen.get(i, [])))
