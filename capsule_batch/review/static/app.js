@@ -129,7 +129,7 @@
       const sw = el("span", null, "swatch");
       sw.style.background = colour(d && d.cls !== null ? d.cls : it.cls);
       li.append(sw, el("span", `#${it.id}`, "id"), el("span", clock(it.time), "time"),
-        el("span", d && d.cls !== null ? cfg.classes[d.cls] + " (was " + it.class + ")" : it.class, "cls"),
+        el("span", d && d.cls !== null && d.cls !== it.cls ? cfg.classes[d.cls] + " (was " + it.class + ")" : it.class, "cls"),
         el("span", it.peak_score.toFixed(3), "score"), el("span", verdict === "unreviewed" ? "·" : verdict, "verdict"));
       li.addEventListener("click", () => select(it.id, state.offset + k));
       ol.append(li);
