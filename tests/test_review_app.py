@@ -15,6 +15,7 @@ import pytest
 from review_browser import chromium, wait_images_loaded
 from review_studies import make_study
 
+from capsule_batch.errors import StudyError
 from capsule_batch.review.app import ReviewApp, Server
 from capsule_batch.review.decisions import journal_path, read_decisions
 
@@ -33,9 +34,17 @@ def test_keyboard_review_survives_reload_and_lands_in_the_hdf5(tmp_path: Path) -
             page.goto(srv.url)
             page.wait_for_selector("body[data-ready='1']")
             assert page.text_content("#progress").startswith("0 / 5 reviewed")
-            page.keyboard.press("j")  # first event in time order
+            box = page.locator("#timeline").bounding_box()
+            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + 20)
+            page.mouse.wheel(0, -300)  # zoom in around the middle of the recording
+            page.wait_for_selector("#timeline-range:has-text('frames ')")
+            page.click("#timeline-reset")
+            page.wait_for_selector("#timeline-range:has-text('whole recording')")
+            page.mouse.click(box["x"] + box["width"] * 123 / 400, box["y"] + 20)  # event #1 spans frames 120-126
+            page.wait_for_selector("#ev-title:has-text('Event #1')")
+            page.keyboard.press("k")  # previous in time order
             page.wait_for_selector("#ev-title:has-text('Event #0')")
-            page.keyboard.press("j")
+            page.keyboard.press("ArrowDown")
             page.wait_for_selector("#ev-title:has-text('Event #1')")
             page.keyboard.press("k")
             page.wait_for_selector("#ev-title:has-text('Event #0')")
@@ -81,6 +90,15 @@ def test_keyboard_review_survives_reload_and_lands_in_the_hdf5(tmp_path: Path) -
     assert rows[1]["comment"].decode() == COMMENT
     assert not journal_path(study).exists()
     assert {i: d.verdict for i, d in read_decisions(study).items()} == {0: "confirm", 1: "reject"}
+    # a new app on the same file shows them again
+    with Server(ReviewApp(study)) as srv2, chromium() as browser:
+        page = browser.new_page()
+        page.goto(srv2.url)
+        page.wait_for_selector("body[data-ready='1']")
+        assert page.text_content("#progress").startswith("2 / 5 reviewed (1 confirmed, 1 rejected)")
+        page.select_option("#show", "unreviewed")
+        page.wait_for_selector("#page-info:has-text('3 events')")
+        assert [int(x) for x in page.eval_on_selector_all("#events li", "ls => ls.map(l => l.dataset.id)")] == [2, 3, 4]
 
 
 def _get(srv: Server, path: str, headers: dict | None = None, method: str = "GET", body: bytes | None = None
@@ -129,6 +147,11 @@ def test_refusals(server: Server) -> None:
     assert _get(server, "/thumb/55", {"X-Token": tok})[1][:2] == b"\xff\xd8"
 
 
+def test_one_app_per_study(server: Server) -> None:
+    with pytest.raises(StudyError, match="already open in another review app"):
+        ReviewApp(server.review.view.path)
+
+
 def test_listens_on_loopback_only(server: Server) -> None:
     """Only 127.0.0.1 answers: the machine's other addresses refuse the connection."""
     addrs = set()
@@ -155,5 +178,8 @@ def test_timeline_and_pages(server: Server) -> None:
     tl = json.loads(_get(server, "/api/timeline", tok)[1])
     assert len(tl["probs"]) == 200 and np.array(tl["ticks"]).max() == 1
     assert [i for i, t in enumerate(tl["ticks"]) if t >= 0] == list(range(50, 61))
+    zoom = json.loads(_get(server, "/api/timeline?start=40&stop=70&bins=15", tok)[1])
+    assert (zoom["start"], zoom["stop"], zoom["bin_frames"]) == (40, 70, 2.0)
+    assert zoom["ticks"] == [-1] * 5 + [1] * 6 + [-1] * 4  # frames 50..61 flagged -> bins 5..10
     q = urllib.parse.urlencode({"frame": 10})
     assert json.loads(_get(server, f"/api/locate?{q}", tok)[1]) == {"id": 0, "pos": 0}

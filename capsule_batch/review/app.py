@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from capsule_batch.errors import CapsuleError, MissingPackageError
+from capsule_batch.errors import CapsuleError, MissingPackageError, StudyError
 from capsule_batch.review.decisions import VERDICTS, BackgroundFolder, DecisionLog
 from capsule_batch.review.view import SORTS, StudyView
 
@@ -48,6 +48,15 @@ class ReviewApp:
 
     def __init__(self, study: str | os.PathLike, video: str | os.PathLike | None = None, token: str | None = None,
                  reviewer: str = "", fold_delay: float = 1.0):
+        self._lock_fd = _lock_study(Path(study))
+        try:
+            self._open(study, video, token, reviewer, fold_delay)
+        except BaseException:
+            _unlock_study(Path(study), self._lock_fd)
+            raise
+
+    def _open(self, study: str | os.PathLike, video: str | os.PathLike | None, token: str | None, reviewer: str,
+              fold_delay: float) -> None:
         self.view = StudyView(study)
         self.view.timeline()  # the whole-recording timeline, computed before the first page is served
         self.log = DecisionLog(study, len(self.view.events), len(self.view.class_names))
@@ -62,10 +71,13 @@ class ReviewApp:
         self.flask = self._build()
 
     def close(self) -> None:
-        self.folder.close()
-        if self.video is not None:
-            self.video.close()
-        self.view.close()
+        try:
+            self.folder.close()
+            if self.video is not None:
+                self.video.close()
+            self.view.close()
+        finally:
+            _unlock_study(self.view.path, self._lock_fd)
 
     def _authorised(self, request: Any) -> bool:
         host = (request.host or "").rsplit(":", 1)[0].strip("[]")
@@ -107,6 +119,11 @@ class ReviewApp:
         @app.errorhandler(CapsuleError)
         def user_error(e: CapsuleError) -> Any:
             return flask.jsonify(error=str(e)), 400
+
+        @app.errorhandler(OSError)
+        def io_error(e: OSError) -> Any:  # e.g. the journal cannot be written: the page says "not saved"
+            _logger.error("%s", e)
+            return flask.jsonify(error=f"{e.filename or view.path.parent}: {e.strerror or e}"), 500
 
         @app.get("/")
         def index() -> Any:
@@ -211,6 +228,29 @@ class ReviewApp:
         return {"reviewed": n, "total": len(self.view.events),
                 "confirmed": sum(1 for d in decided.values() if d.verdict == "confirm"),
                 "rejected": sum(1 for d in decided.values() if d.verdict == "reject")}
+
+
+def _lock_study(study: Path) -> int:
+    """One review app per study at a time: two would interleave their journals and overwrite each other's folds."""
+    import fcntl
+
+    lock = study.with_name(study.name + ".review.lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise StudyError(f"{study.parent}: cannot save decisions here ({e.strerror}); copy the study to a "
+                         "writable folder") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StudyError(f"{study}: already open in another review app (lock {lock.name})") from None
+    return fd
+
+
+def _unlock_study(study: Path, fd: int) -> None:
+    study.with_name(study.name + ".review.lock").unlink(missing_ok=True)
+    os.close(fd)
 
 
 class Server:

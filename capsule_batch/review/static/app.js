@@ -49,9 +49,27 @@
   }
 
   // ---- timeline
-  async function loadTimeline() {
-    state.timeline = await api("/api/timeline?bins=1200");
+  async function loadTimeline(start, stop) {
+    const range = start === undefined ? "" : `&start=${start}&stop=${stop}`;
+    state.timeline = await api("/api/timeline?bins=1200" + range);
+    const tl = state.timeline, whole = tl.start === 0 && tl.stop === cfg.frames;
+    $("timeline-range").textContent = whole ? "whole recording (mouse wheel zooms)" :
+      `frames ${tl.start}–${tl.stop - 1}` + (cfg.fps ? ` (${clock(tl.start / cfg.fps)}–${clock(tl.stop / cfg.fps)})` : "");
+    $("timeline-reset").hidden = whole;
     drawTimeline();
+  }
+  let zoomTimer = null;
+  function zoomTimeline(ev) {
+    const tl = state.timeline;
+    if (!tl) return;
+    ev.preventDefault();
+    const centre = frameAt(ev), span = tl.stop - tl.start;
+    const next = Math.round(Math.min(cfg.frames, Math.max(100, span * (ev.deltaY > 0 ? 1.5 : 1 / 1.5))));
+    let start = Math.round(centre - ((centre - tl.start) * next) / span);
+    start = Math.max(0, Math.min(cfg.frames - next, start));
+    state.timeline = { ...tl, start, stop: start + next };  // the pending range, until the server answers
+    clearTimeout(zoomTimer);
+    zoomTimer = setTimeout(() => loadTimeline(start, start + next), 120);
   }
   function timelineRows() {
     return cfg.classes.map((n, i) => i).filter((i) => i !== cfg.normal);
@@ -182,6 +200,7 @@
       im.alt = `frame ${f}`;
       im.title = `frame ${f}`;
       im.loading = "lazy";
+      im.addEventListener("error", () => im.classList.add("missing"));
       im.src = imgUrl(f);
       im.addEventListener("click", () => { state.filmPos = k; showFilm(); });
       strip.append(im);
@@ -215,6 +234,7 @@
   }
   function showFilm() {
     const f = state.film[state.filmPos];
+    $("peak").classList.remove("missing");
     $("peak").src = imgUrl(f);
     $("peak-caption").textContent = `frame ${f}` + (f === state.detail.peak_frame ? " (peak)" : "") +
       ` · ${state.filmPos + 1}/${state.film.length}` + (cfg.video ? " · from the recording" : " · stored thumbnail");
@@ -317,6 +337,10 @@
   }
 
   function init() {
+    $("peak").addEventListener("error", () => {
+      $("peak").classList.add("missing");
+      $("peak-caption").textContent += " · no stored thumbnail for this frame (start the app with --video)";
+    });
     const sel = $("cls");
     sel.append(new Option("(keep detected class)", ""));
     cfg.classes.forEach((n, c) => sel.append(new Option(`${(c + 1) % 10} ${n}`, String(c))));
@@ -335,6 +359,8 @@
     });
     $("timeline").addEventListener("mousemove", hoverTimeline);
     $("timeline").addEventListener("click", clickTimeline);
+    $("timeline").addEventListener("wheel", zoomTimeline, { passive: false });
+    $("timeline-reset").addEventListener("click", () => loadTimeline());
     window.addEventListener("resize", drawTimeline);
     document.addEventListener("keydown", onKey);
     Promise.all([loadTimeline(), loadPage(0)]).then(() => { document.body.dataset.ready = "1"; });
