@@ -8,8 +8,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from capsule_batch.errors import StudyError
 from capsule_batch.store import STATUS_NAMES, StudyReader
 from capsule_batch.triage import classify
@@ -31,18 +29,23 @@ def export_study(study: str | os.PathLike, out_dir: str | os.PathLike, *, overwr
         cfg = rd.triage
         if cfg is None:
             raise StudyError(f"{study}: no triage settings recorded")
-        events = rd.events()
+        events = rd.events_table()
         with open(out / "events.csv", "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
             w.writerow(["event", "class", "start_frame", "end_frame", "start_s", "end_s", "peak_frame", "peak_score",
                         "flagged_frames"])
-            for i, e in enumerate(events):
-                pts = rd.pts()[[e.start, e.end]] if len(rd) else [np.nan, np.nan]
-                w.writerow([i, names[e.cls], e.start, e.end, f"{pts[0]:.3f}", f"{pts[1]:.3f}", e.peak_frame,
-                            f"{e.peak_score:.4f}", e.n_flagged])
+            for lo in range(0, len(events), 4096):  # events are sorted by start: read the pts they span
+                chunk = events[lo:lo + 4096]
+                first = int(chunk["start"].min())
+                pts = rd.pts(first, int(chunk["end"].max()) + 1)
+                for i, e in enumerate(chunk, start=lo):
+                    w.writerow([i, names[e["class"]], e["start"], e["end"], f"{pts[e['start'] - first]:.3f}",
+                                f"{pts[e['end'] - first]:.3f}", e["peak_frame"], f"{e['peak_score']:.4f}",
+                                e["n_flagged"]])
         files = []
         for t in rd.thumbs():
-            p = thumbs_dir / f"event{t.event:05d}_{names[events[t.event].cls]}_frame{t.frame:07d}.jpg"
+            cls = names[int(events[t.event]["class"])]
+            p = thumbs_dir / f"event{t.event:05d}_{cls}_frame{t.frame:07d}.jpg"
             p.write_bytes(t.jpeg)
             files.append(p)
         with open(out / "frames.csv", "w", newline="", encoding="utf-8") as fh:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Iterable
@@ -38,7 +39,7 @@ from capsule_batch.store import (
     partial_path,
     recording_identity,
 )
-from capsule_batch.triage import TriageConfig, compute_events, thumbnail_frames
+from capsule_batch.triage import TriageConfig, compute_event_table, thumbnail_frames
 
 _logger = logging.getLogger(__name__)
 
@@ -114,8 +115,10 @@ class RunInterrupted(Exception):
 
 
 def study_path(recording: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """OUTDIR/<stem>.h5 (a frame folder: its name)."""
+    """OUTDIR/<stem>.h5 (a frame folder: its name; a source spec: the spec, made file-safe)."""
     p = Path(recording)
+    if ":" in str(recording) and not p.exists():  # a source spec such as synthetic:frames=...: a safe file name
+        return Path(out_dir) / (re.sub(r"[^A-Za-z0-9._-]+", "_", str(recording)).strip("_") + ".h5")
     stem = p.name if p.is_dir() or not p.suffix else p.stem
     return Path(out_dir) / f"{stem}.h5"
 
@@ -217,7 +220,8 @@ class Pipeline:
             res.error = f"{type(e).__name__}: {e}"
             _logger.error("%s: failed: %s", recording, res.error, exc_info=_logger.isEnabledFor(logging.DEBUG))
         res.seconds = round(time.perf_counter() - t0, 3)
-        res.fps = round((res.frames - res.resumed_from) / res.seconds, 2) if res.seconds > 0 else 0.0
+        if res.status != "skipped" and res.seconds > 0:
+            res.fps = round((res.frames - res.resumed_from) / res.seconds, 2)
         return res
 
     # ------------------------------------------------------------------------------------------
@@ -263,7 +267,7 @@ class Pipeline:
             if info.frame_count and info.frame_count != writer.frames_done:
                 _logger.info("%s: the container claims %d frames, %d were decoded", path, info.frame_count,
                              writer.frames_done)
-            events, n_flagged = compute_events(writer.probs_blocks(), self.triage)
+            events, n_flagged = compute_event_table(writer.probs_blocks(), self.triage)
             thumbs = self._thumbnails(path, thumbnail_frames(events, opts.thumbs_per_event, opts.max_thumbs))
             with_status = writer._f["frames"]["status"]
             res.decode_failures = int(sum(int((with_status[lo:lo + 65536] != STATUS_OK).sum())
@@ -273,6 +277,8 @@ class Pipeline:
             res.flagged_frames, res.events = n_flagged, len(events)
         finally:
             writer.close()
+            if writer.frames_done == 0 and writer.partial.exists():
+                writer.partial.unlink()  # nothing worth resuming (e.g. a recording that does not open)
 
     def _stream(self, src: FrameSource, writer: StudyWriter, res: StudyResult, total: int | None) -> str | None:
         """Decode thread -> inference here -> writer thread. Returns a tail failure reason (or None)."""

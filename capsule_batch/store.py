@@ -31,7 +31,7 @@ import numpy as np
 
 from capsule_batch import __version__
 from capsule_batch.errors import StudyError
-from capsule_batch.triage import Event, TriageConfig
+from capsule_batch.triage import EVENT_DTYPE, Event, TriageConfig, events_from_table, events_to_table
 
 _logger = logging.getLogger(__name__)
 
@@ -42,8 +42,6 @@ STATUS_NAMES = {STATUS_OK: "ok", STATUS_DECODE_FAILED: "decode-failed"}
 PROBS_DTYPES = ("float16", "float32")
 HASH_BYTES = 1 << 20
 CHUNK_ROWS = 8192
-EVENT_DTYPE = np.dtype([("start", "<u4"), ("end", "<u4"), ("class", "<u2"), ("peak_frame", "<u4"),
-                        ("peak_score", "<f4"), ("n_flagged", "<u4")])
 #: attributes a resumed run must agree with, and what they mean in a refusal
 _IDENTITY = {"source_size": "recording size", "source_hash": "recording content hash",
              "bundle_sha256": "bundle weights", "class_names": "class names", "probs_dtype": "probabilities dtype"}
@@ -238,7 +236,7 @@ class StudyWriter:
             hi = min(self.frames_done, lo + block)
             yield g["index"][lo:hi].astype(np.int64), g["probs"][lo:hi].astype(np.float32)
 
-    def finish(self, events: list[Event], n_flagged: int, triage: TriageConfig,
+    def finish(self, events: np.ndarray | list[Event], n_flagged: int, triage: TriageConfig,
                thumbs: list[tuple[int, int, bytes]], attrs: dict[str, Any] | None = None) -> Path:
         """Write events, thumbnails (frame, event, JPEG bytes) and final attributes; rename to NAME.h5."""
         h5py = _h5py()
@@ -246,9 +244,9 @@ class StudyWriter:
         for name in ("events", "thumbs", "review"):
             if name in f:
                 del f[name]
-        table = np.array([(e.start, e.end, e.cls, e.peak_frame, e.peak_score, e.n_flagged) for e in events],
-                         dtype=EVENT_DTYPE)
-        ev = f.create_dataset("events", data=table, maxshape=(None,), chunks=(1024,), compression="gzip")
+        table = events if isinstance(events, np.ndarray) else events_to_table(events)
+        ev = f.create_dataset("events", data=table, maxshape=(None,), chunks=(4096,), compression="gzip",
+                              shuffle=True)
         ev.attrs["class_names"] = json.dumps(list(triage.class_names))
         tg = f.create_group("thumbs")
         tg.create_dataset("frame", data=np.array([t[0] for t in thumbs], dtype="<u4"))
@@ -377,10 +375,13 @@ class StudyReader:
             yield lo, min(len(self), lo + block)
 
     def events(self) -> list[Event]:
+        return events_from_table(self.events_table())
+
+    def events_table(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows of the events table (EVENT_DTYPE), sorted by start frame."""
         if "events" not in self._f:
-            return []
-        return [Event(int(r["start"]), int(r["end"]), int(r["class"]), int(r["peak_frame"]), float(r["peak_score"]),
-                      int(r["n_flagged"])) for r in self._f["events"][:]]
+            return np.zeros(0, dtype=EVENT_DTYPE)
+        return self._f["events"][start:stop]
 
     def thumbs(self) -> list[Thumb]:
         if "thumbs" not in self._f:

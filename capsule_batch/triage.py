@@ -68,6 +68,11 @@ class TriageConfig:
         return cls(**d)
 
 
+#: one row of the study file's `events` table
+EVENT_DTYPE = np.dtype([("start", "<u4"), ("end", "<u4"), ("class", "<u2"), ("peak_frame", "<u4"),
+                        ("peak_score", "<f4"), ("n_flagged", "<u4")])
+
+
 @dataclass(frozen=True)
 class Event:
     """Frames `start`..`end` (inclusive, frame numbers) flagged as `cls` (class index)."""
@@ -146,22 +151,28 @@ class _Open:
         self.peak_score, self.n = s, 1
 
 
-def compute_events(blocks: Blocks, cfg: TriageConfig) -> tuple[list[Event], int]:
-    """Events and the number of flagged frames from (frame numbers, probs) blocks in frame order."""
+def compute_event_table(blocks: Blocks, cfg: TriageConfig, chunk: int = 65536) -> tuple[np.ndarray, int]:
+    """Events as an EVENT_DTYPE table sorted by (start, class), and the number of flagged frames, from
+    (frame numbers, probs) blocks in frame order. Closed events are packed into numpy chunks (22 bytes
+    each), so even a study that flags every frame stays small in memory."""
     open_: dict[int, _Open] = {}
-    done: list[Event] = []
-    top: list[tuple[float, int, Event]] = []
+    rows: list[tuple] = []
+    tables: list[np.ndarray] = []
+    top: list[tuple[float, int, tuple]] = []
     n_flagged = 0
 
     def close(c: int) -> None:
         o = open_.pop(c)
         if o.n < cfg.min_run:
             return
-        ev = Event(o.start, o.last, c, o.peak_frame, float(o.peak_score), o.n)
+        row = (o.start, o.last, c, o.peak_frame, o.peak_score, o.n)
         if cfg.top_k is None:
-            done.append(ev)
+            rows.append(row)
+            if len(rows) >= chunk:
+                tables.append(np.array(rows, dtype=EVENT_DTYPE))
+                rows.clear()
         else:
-            item = (ev.peak_score, -ev.start, ev)
+            item = (float(o.peak_score), -o.start, row)
             (heapq.heappush if len(top) < cfg.top_k else heapq.heappushpop)(top, item)
 
     for idx, p in _smoothed_blocks(blocks, cfg.smooth):
@@ -183,24 +194,41 @@ def compute_events(blocks: Blocks, cfg: TriageConfig) -> tuple[list[Event], int]
                 close(c)
     for c in list(open_):
         close(c)
-    events = done if cfg.top_k is None else [t[2] for t in top]
-    events.sort(key=lambda e: (e.start, e.cls))
-    return events, n_flagged
+    if cfg.top_k is not None:
+        rows = [t[2] for t in top]
+    table = np.concatenate(tables + [np.array(rows, dtype=EVENT_DTYPE)])
+    return table[np.lexsort((table["class"], table["start"]))], n_flagged
 
 
-def thumbnail_frames(events: list[Event], per_event: int, max_total: int) -> dict[int, list[int]]:
+def events_from_table(table: np.ndarray) -> list[Event]:
+    return [Event(int(r["start"]), int(r["end"]), int(r["class"]), int(r["peak_frame"]), float(r["peak_score"]),
+                  int(r["n_flagged"])) for r in table]
+
+
+def events_to_table(events: list[Event]) -> np.ndarray:
+    return np.array([(e.start, e.end, e.cls, e.peak_frame, e.peak_score, e.n_flagged) for e in events],
+                    dtype=EVENT_DTYPE)
+
+
+def compute_events(blocks: Blocks, cfg: TriageConfig) -> tuple[list[Event], int]:
+    """`compute_event_table` as `Event` objects (for small studies and tests)."""
+    table, n = compute_event_table(blocks, cfg)
+    return events_from_table(table), n
+
+
+def thumbnail_frames(events: np.ndarray | list[Event], per_event: int, max_total: int) -> dict[int, list[int]]:
     """frame -> event numbers for the thumbnails a reviewer needs: each event's peak plus up to
     `per_event - 1` frames spread over the event; events with the highest peaks first, `max_total` in all."""
+    table = events if isinstance(events, np.ndarray) else events_to_table(events)
     out: dict[int, list[int]] = {}
-    order = sorted(range(len(events)), key=lambda i: -events[i].peak_score)
-    for i in order:
-        e = events[i]
-        want = [e.peak_frame]
-        if per_event > 1 and e.end > e.start:
-            want += np.linspace(e.start, e.end, per_event - 1 + 2)[1:-1].round().astype(int).tolist()
+    for i in np.argsort(-table["peak_score"], kind="stable").tolist():
+        e = table[i]
+        start, end = int(e["start"]), int(e["end"])
+        want = [int(e["peak_frame"])]
+        if per_event > 1 and end > start:
+            want += np.linspace(start, end, per_event - 1 + 2)[1:-1].round().astype(int).tolist()
         for f in dict.fromkeys(want):
             if len(out) >= max_total and f not in out:
                 return out
             out.setdefault(int(f), []).append(i)
     return out
-

@@ -221,3 +221,18 @@ def test_second_recording_gets_its_own_file(tmp_path: Path, tiny_bundle: Any, en
     r2 = make_recording(tmp_path / "other.mp4", 20, seed=3)
     res = Pipeline(tiny_bundle, engine, opts()).run(r2, tmp_path / "o")
     assert res.status == "done" and Path(res.output).name == "other.h5" and res.frames == 20
+
+
+def test_resume_refuses_another_bundle(tmp_path: Path, recording: Path, tiny_bundle: Any, engine: Any) -> None:
+    from capsule_batch.bundle import save_bundle
+
+    first = Pipeline(tiny_bundle, engine, opts(source="test-raise")).run(recording, tmp_path)
+    assert first.status == "failed" and partial_path(Path(first.output)).exists()  # the blocks before the crash
+    sd = {k: v + 0.01 for k, v in tiny_bundle.create_model().state_dict().items()}
+    other = save_bundle(tmp_path / "other", sd, arch=tiny_bundle.arch, class_names=tiny_bundle.class_names,
+                        preprocess=tiny_bundle.preprocess, model_args=tiny_bundle.model_args)
+    eng2 = create_engine(other, backend=ENGINE, device=torch.device("cpu"), precision="fp32", max_batch=8)
+    res = Pipeline(other, eng2, opts()).run(recording, tmp_path)
+    assert res.status == "failed" and "another bundle weights" in res.error and "--overwrite" in res.error
+    res = Pipeline(other, eng2, opts(overwrite=True)).run(recording, tmp_path)
+    assert res.status == "done" and res.resumed_from == 0 and res.frames == 120

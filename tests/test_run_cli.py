@@ -112,6 +112,7 @@ def test_corrupt_recording_fails_alone(tmp_path: Path, recording: Path, tiny_bun
     good = by[recording.name]
     assert good["status"] == "done" and good["frames"] == 120 and Path(good["output"]).is_file()
     assert good["fps"] > 0 and good["events"] >= 1
+    assert not partial_path(out / "corrupt.h5").exists() and not (out / "corrupt.h5").exists()
 
     if shutil.which("h5ls"):  # the CLI's own output, read by the HDF5 tools
         ls = subprocess.run(["h5ls", "-r", good["output"]], capture_output=True, text=True, check=True).stdout
