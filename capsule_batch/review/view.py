@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from capsule_batch.store import StudyReader
+from capsule_batch.triage import events_from_table
 
 _logger = logging.getLogger(__name__)
 
@@ -67,13 +68,13 @@ class StudyView:
         self.attrs = r.attrs
         self.class_names = r.class_names
         self.n_frames = len(r)
-        events = r.events()
-        self.events = events
-        self.ev_start = np.array([e.start for e in events], np.int64)
-        self.ev_end = np.array([e.end for e in events], np.int64)
-        self.ev_cls = np.array([e.cls for e in events], np.int64)
-        self.ev_score = np.array([e.peak_score for e in events], np.float64)
-        self._orders = {"time": np.lexsort((np.arange(len(events)), self.ev_start)),
+        table = r.events_table()
+        self.events = events_from_table(table)
+        self.ev_start = table["start"].astype(np.int64)
+        self.ev_end = table["end"].astype(np.int64)
+        self.ev_cls = table["class"].astype(np.int64)
+        self.ev_score = table["peak_score"].astype(np.float64)
+        self._orders = {"time": np.lexsort((np.arange(len(table)), self.ev_start)),
                         "score": np.lexsort((self.ev_start, -self.ev_score)),
                         "class": np.lexsort((self.ev_start, self.ev_cls))}
         self.thumbs: dict[int, bytes] = {}
@@ -85,7 +86,7 @@ class StudyView:
         for frames in self.thumbs_of_event.values():
             frames.sort()
         pts = r.pts()  # one read of the whole column (8 MB for 1M frames) instead of one per listed event
-        self.ev_time = pts[self.ev_start].astype(np.float64) if len(events) else np.zeros(0)
+        self.ev_time = pts[self.ev_start].astype(np.float64) if len(table) else np.zeros(0)
         fps = self.attrs.get("fps")
         self.fps = float(fps) if isinstance(fps, (int, float)) and fps > 0 else None
         self._timeline: Timeline | None = None
