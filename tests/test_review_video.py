@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
@@ -86,3 +87,31 @@ def test_review_command_prints_a_tokened_url_and_saves_on_ctrl_c(tmp_path: Path)
     assert d[0].verdict == "confirm" and d[0].reviewer == "cli"
     with h5py.File(study, "r") as f:
         assert len(f["review/decisions"]) == 1
+
+
+def test_a_study_from_run_opens_with_its_recording(tmp_path: Path, tiny_bundle: object) -> None:
+    """A study written by the real `run` pipeline: the app pages its events, `--video` frames match the stored
+    timestamps frame-exactly (stamped recording), and the report embeds its thumbnails."""
+    from conftest import ENGINE, SOURCE, cli_cmd, cli_env
+
+    from capsule_batch.review.report import build_report
+
+    rec = synthesize(tmp_path / "rec.mp4", 80, size=64, stamp=True, findings_per_1000=40.0, vfr=True).path
+    r = subprocess.run(cli_cmd("run", str(rec), "-m", str(tiny_bundle.path), "-o", str(tmp_path / "out"),
+                               "--engine", ENGINE, "--source", SOURCE, "--device", "cpu", "--batch-size", "8"),
+                       capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    study = tmp_path / "out" / "rec.h5"
+    with Server(ReviewApp(study, rec)) as srv:
+        view = srv.review.view
+        assert view.n_frames == 80 and len(view.events) > 0
+        tok = {"X-Token": srv.review.token}
+        req = urllib.request.Request(f"http://127.0.0.1:{srv.port}/api/events?sort=score", headers=tok)
+        assert json.loads(urllib.request.urlopen(req, timeout=20).read())["total"] == len(view.events)
+        for i in (view.events[0].peak_frame, 0, 79, 40):
+            req = urllib.request.Request(f"http://127.0.0.1:{srv.port}/frame/{i}", headers=tok)
+            img = np.asarray(Image.open(io.BytesIO(urllib.request.urlopen(req, timeout=20).read())).convert("RGB"))
+            assert read_stamp(img) == i
+    html = build_report(study)
+    assert html.count('<article class="event') == len(view.events)
+    assert html.count("data:image/jpeg") >= len(view.events)
