@@ -42,6 +42,7 @@ class EventRow:
     colour: str
     score: float
     n_flagged: int
+    peak: int
     verdict: str = ""
     new_cls: str = ""
     reviewer: str = ""
@@ -131,7 +132,7 @@ def build_report(study: str | os.PathLike, per_event: int = DEFAULT_PER_EVENT,
             d = decisions.get(i)
             have = view.thumbs_of_event.get(i, [])
             row = EventRow(i, e.start, e.end, _clock(float(view.ev_time[i])), names[e.cls], _colour(e.cls),
-                           float(e.peak_score), e.n_flagged,
+                           float(e.peak_score), e.n_flagged, e.peak_frame,
                            thumbs=[(f, _data_uri("image/jpeg", view.thumbs[f])) for f in chosen.get(i, [])],
                            left_out=len(have) - len(chosen.get(i, [])))
             if d is not None:
@@ -157,7 +158,9 @@ def build_report(study: str | os.PathLike, per_event: int = DEFAULT_PER_EVENT,
         ctx = {
             "title": view.source_name, "study": view.path.name, "provenance": prov, "triage": triage,
             "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "version": __version__,
-            "frames": n, "duration": _clock(duration), "flagged": flagged,
+            "frames": n, "duration": _clock(duration),
+            "axis": [_clock(view.frame_time(min(n - 1, n * k // 4))) for k in range(5)] if n else [],
+            "flagged": flagged,
             "flag_rate": (100.0 * flagged / n) if n and isinstance(flagged, int) else None,
             "n_events": len(view.events), "reviewed": sum(1 for d in decisions.values() if d.verdict),
             "confirmed": sum(d.verdict == "confirm" for d in decisions.values()),

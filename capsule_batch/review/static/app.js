@@ -349,6 +349,7 @@
     $("confirm").addEventListener("click", () => decide("confirm"));
     $("reject").addEventListener("click", () => decide("reject"));
     $("save").addEventListener("click", () => decide());
+    $("cls").addEventListener("change", () => decide());
     ["sort", "show"].forEach((id) => $(id).addEventListener("change", () => {
       state[id] = $(id).value; state.pos = null; loadPage(0);
     }));
