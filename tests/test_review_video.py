@@ -62,7 +62,8 @@ def test_app_serves_recording_frames(tmp_path: Path) -> None:
             assert img.shape == (128, 128, 3) and read_stamp(img) == i
 
 
-def test_review_command_prints_a_tokened_url_and_saves_on_ctrl_c(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_review_command_prints_a_tokened_url_and_saves_on_exit(tmp_path: Path, sig: int) -> None:
     study = make_study(tmp_path / "s.h5", n=100, runs=[(10, 20, 1, 0.9)])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.Popen([sys.executable, "-m", "capsule_batch", "review", str(study), "--no-browser",
@@ -80,7 +81,7 @@ def test_review_command_prints_a_tokened_url_and_saves_on_ctrl_c(tmp_path: Path)
                                      headers={"X-Token": token, "Content-Type": "application/json"})
         assert urllib.request.urlopen(req, timeout=10).status == 200
     finally:
-        p.send_signal(signal.SIGINT)
+        p.send_signal(sig)
         out, err = p.communicate(timeout=30)
     assert p.returncode == 0, err
     d = read_decisions(study)

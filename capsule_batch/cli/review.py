@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 import threading
 import webbrowser
 from pathlib import Path
@@ -26,6 +28,7 @@ def command(study: Path, video: Path | None, port: int, reviewer: str, no_browse
     click.echo(f"Reviewing {study} at {srv.url}\nPress Ctrl-C to stop (decisions are saved as you go).")
     if not no_browser:
         webbrowser.open(srv.url)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # fold the journal on `kill` too, as on Ctrl-C
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
