@@ -45,16 +45,22 @@ def jpeg(img: np.ndarray, quality: int = 85) -> bytes:
 
 def make_study(path: Path, n: int = 400, runs: list[tuple[int, int, int, float]] | None = None,
                source: str = "/data/rec.mp4", thumb_size: int = 96, per_event: int = 4, max_thumbs: int = 10_000,
-               block: int = 100_000, pts: np.ndarray | None = None, seed: int = 0) -> Path:
-    """Write a complete study; events come from the real triage on the synthetic probabilities."""
+               block: int = 100_000, pts: np.ndarray | None = None, seed: int = 0, failed: tuple[int, ...] = ()
+               ) -> Path:
+    """Write a complete study; events come from the real triage on the synthetic probabilities. Frames in
+    `failed` are stored as the pipeline stores decode failures: status 1, NaN probabilities and timestamp."""
     runs = runs if runs is not None else [(40, 52, 1, 0.9), (120, 126, 8, 0.8), (200, 230, 7, 0.7),
                                           (300, 305, 0, 0.95), (350, 360, 3, 0.75)]
     probs = run_probs(n, runs, seed)
-    pts = np.arange(n) / 4.0 if pts is None else pts
+    pts = np.arange(n) / 4.0 if pts is None else pts.copy()
+    stored, status = probs.copy(), np.zeros(n, np.uint8)
+    idx = list(failed)
+    stored[idx], pts[idx], status[idx] = np.nan, np.nan, 1
+    probs[idx] = np.eye(len(CE24_CLASSES))[NORMAL]  # never flagged
     w = StudyWriter.open(path, study_attrs(source))
     for lo in range(0, n, block):
         hi = min(n, lo + block)
-        w.append(np.arange(lo, hi), pts[lo:hi], probs[lo:hi], np.zeros(hi - lo, np.uint8))
+        w.append(np.arange(lo, hi), pts[lo:hi], stored[lo:hi], status[lo:hi])
     cfg = TriageConfig(tuple(CE24_CLASSES), "Normal")
     events, n_flagged = compute_events(iter([(np.arange(n), probs)]), cfg)
     scene = Scene(thumb_size, min(n, 2000), seed, 4.0, 0.0, stamp=True)

@@ -183,3 +183,21 @@ def test_timeline_and_pages(server: Server) -> None:
     assert zoom["ticks"] == [-1] * 5 + [1] * 6 + [-1] * 4  # frames 50..61 flagged -> bins 5..10
     q = urllib.parse.urlencode({"frame": 10})
     assert json.loads(_get(server, f"/api/locate?{q}", tok)[1]) == {"id": 0, "pos": 0}
+
+
+def test_frames_that_failed_to_decode(tmp_path: Path) -> None:
+    """Decode failures (NaN probabilities and timestamps) never reach the page as NaN; they are marked."""
+    from capsule_batch.review.report import build_report
+
+    study = make_study(tmp_path / "s.h5", n=200, runs=[(50, 60, 1, 0.9)], failed=(55, 120, 121))
+
+    def strict(text: bytes) -> object:
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+
+    with Server(ReviewApp(study)) as srv:
+        tok = {"X-Token": srv.review.token}
+        tl = strict(_get(srv, "/api/timeline", tok)[1])
+        assert [i for i, f in enumerate(tl["failed"]) if f] == [55, 120, 121]
+        assert strict(_get(srv, "/api/events/0", tok)[1])["context"]["probs"][55 - 20] == [0.0] * 10
+    html = build_report(study)
+    assert "3 frames could not be decoded" in html

@@ -53,8 +53,12 @@ def test_frames_are_exact(tmp_path: Path, codec: str, vfr: bool) -> None:
 def test_app_serves_recording_frames(tmp_path: Path) -> None:
     rec = synthesize(tmp_path / "rec.mp4", 120, codec="h264", size=128, stamp=True, findings_per_1000=0).path
     pts = video_pts(rec)
-    study = make_study(tmp_path / "s.h5", n=120, runs=[(30, 40, 1, 0.9)], pts=pts)
+    study = make_study(tmp_path / "s.h5", n=120, runs=[(30, 40, 1, 0.9)], pts=pts, failed=(7,))
     with Server(ReviewApp(study, rec)) as srv:
+        req = urllib.request.Request(f"http://127.0.0.1:{srv.port}/frame/7", headers={"X-Token": srv.review.token})
+        with pytest.raises(urllib.error.HTTPError) as e:  # failed during the run: no stand-in from its neighbours
+            urllib.request.urlopen(req, timeout=20)
+        assert e.value.code == 404
         for i in (35, 3, 119):
             req = urllib.request.Request(f"http://127.0.0.1:{srv.port}/frame/{i}",
                                          headers={"X-Token": srv.review.token})

@@ -215,7 +215,7 @@ class ReviewApp:
         def frame(frame: int) -> Any:
             if self.video is None:
                 return thumb(frame)
-            if not 0 <= frame < view.n_frames:
+            if not view.decoded(frame):  # out of range, or it failed to decode during the run
                 flask.abort(404)
             pts = view.frame_time(frame)
             return flask.Response(self.video.frame_jpeg(pts), mimetype="image/jpeg",

@@ -75,7 +75,7 @@ def timeline_png(view: StudyView, width: int = 1200, row_h: int = 9, tick_h: int
     tl = view.timeline(bins=width)
     rows = [c for c in range(len(view.class_names)) if c != view.normal_index]
     bins = len(tl.probs)
-    img = np.full((len(rows) * row_h + tick_h + 2, bins, 3), 17, np.float32)
+    img = np.full((len(rows) * row_h + tick_h + 6, bins, 3), 17, np.float32)
     rgb = np.array([[int(_colour(c)[k:k + 2], 16) for k in (1, 3, 5)] for c in range(len(view.class_names))],
                    np.float32)
     for r, c in enumerate(rows):
@@ -84,7 +84,8 @@ def timeline_png(view: StudyView, width: int = 1200, row_h: int = 9, tick_h: int
         img[r * row_h:(r + 1) * row_h - 1] = 17 * (1 - a) + rgb[c] * a
     y = len(rows) * row_h + 2
     has = tl.ticks >= 0
-    img[y:, has] = rgb[tl.ticks[has]]
+    img[y:y + tick_h, has] = rgb[tl.ticks[has]]
+    img[y + tick_h + 1:, tl.failed > 0] = 187  # frames that failed to decode: grey marks below the ticks
     pic = Image.fromarray(img.astype(np.uint8))
     if bins != width:
         pic = pic.resize((width, pic.height), Image.NEAREST)
@@ -160,7 +161,7 @@ def build_report(study: str | os.PathLike, per_event: int = DEFAULT_PER_EVENT,
             "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "version": __version__,
             "frames": n, "duration": _clock(duration),
             "axis": [_clock(view.frame_time(min(n - 1, n * k // 4))) for k in range(5)] if n else [],
-            "flagged": flagged,
+            "flagged": flagged, "failed": view.n_failed,
             "flag_rate": (100.0 * flagged / n) if n and isinstance(flagged, int) else None,
             "n_events": len(view.events), "reviewed": sum(1 for d in decisions.values() if d.verdict),
             "confirmed": sum(d.verdict == "confirm" for d in decisions.values()),

@@ -34,18 +34,22 @@ class Timeline:
     bin_frames: float
     probs: np.ndarray  # (bins, C) float32
     ticks: np.ndarray  # (bins,) int16: class of the strongest event in the bin, -1 where none
+    failed: np.ndarray  # (bins,) frames in the bin that could not be decoded during the run
 
     def to_json(self) -> dict[str, Any]:
         return {"start": self.start, "stop": self.stop, "bin_frames": self.bin_frames,
-                "probs": np.round(self.probs.astype(np.float64), 2).tolist(), "ticks": self.ticks.tolist()}
+                "probs": np.round(self.probs.astype(np.float64), 2).tolist(), "ticks": self.ticks.tolist(),
+                "failed": self.failed.tolist()}
 
 
-def bin_max(reader: StudyReader, start: int, stop: int, bins: int) -> tuple[np.ndarray, float]:
-    """(bins, C) per-bin maxima of the probabilities of frames start..stop-1, read block by block."""
+def bin_max(reader: StudyReader, start: int, stop: int, bins: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """(bins, C) per-bin maxima of the probabilities of frames start..stop-1 and (bins,) counts of frames that
+    failed to decode (NaN probabilities, ignored in the maxima), read block by block."""
     n = max(0, stop - start)
     bins = max(1, min(bins, n))
     edges = start + (np.arange(bins + 1) * n) // bins
     out = np.zeros((bins, len(reader.class_names)), np.float32)
+    failed = np.zeros(bins, np.int64)
     block = 1 << 17
     for lo in range(start, stop, block):
         hi = min(stop, lo + block)
@@ -53,9 +57,10 @@ def bin_max(reader: StudyReader, start: int, stop: int, bins: int) -> tuple[np.n
         first = max(0, int(np.searchsorted(edges, lo, "right")) - 1)
         last = int(np.searchsorted(edges, hi - 1, "right")) - 1
         cuts = np.clip(edges[first:last + 1], lo, hi) - lo
-        red = np.maximum.reduceat(p, cuts, axis=0)
-        out[first:last + 1] = np.maximum(out[first:last + 1], red)
-    return out, n / bins
+        red = np.fmax.reduceat(p, cuts, axis=0)
+        out[first:last + 1] = np.fmax(out[first:last + 1], red)
+        failed[first:last + 1] += np.add.reduceat((reader.status(lo, hi) != 0).astype(np.int64), cuts)
+    return np.nan_to_num(out), failed, n / bins
 
 
 class StudyView:
@@ -85,10 +90,11 @@ class StudyView:
                 self.thumbs_of_event.setdefault(t.event, []).append(t.frame)
         for frames in self.thumbs_of_event.values():
             frames.sort()
-        pts = r.pts()  # one read of the whole column (8 MB for 1M frames) instead of one per listed event
-        self.ev_time = pts[self.ev_start].astype(np.float64) if len(table) else np.zeros(0)
         fps = self.attrs.get("fps")
         self.fps = float(fps) if isinstance(fps, (int, float)) and fps > 0 else None
+        pts = r.pts()  # one read of the whole column (8 MB for 1M frames) instead of one per listed event
+        self.ev_time = pts[self.ev_start].astype(np.float64) if len(table) else np.zeros(0)
+        self.ev_time = np.where(np.isfinite(self.ev_time), self.ev_time, self.ev_start / (self.fps or 1.0))
         self._timeline: Timeline | None = None
 
     def close(self) -> None:
@@ -111,17 +117,25 @@ class StudyView:
         whole = start == 0 and stop == self.n_frames and bins == TIMELINE_BINS
         if whole and self._timeline is not None:
             return self._timeline
-        probs, width = bin_max(self.reader, start, stop, bins)
+        probs, failed, width = bin_max(self.reader, start, stop, bins)
         ticks = np.full(len(probs), -1, np.int16)
         sel = np.nonzero((self.ev_end >= start) & (self.ev_start < stop))[0]
         for i in sel[np.argsort(self.ev_score[sel])]:  # stronger events drawn last win their bins
             b0 = int((max(self.ev_start[i], start) - start) // width)
             b1 = int((min(self.ev_end[i], stop - 1) - start) // width)
             ticks[b0:b1 + 1] = self.ev_cls[i]
-        tl = Timeline(start, stop, width, probs, ticks)
+        tl = Timeline(start, stop, width, probs, ticks, failed)
         if whole:
             self._timeline = tl
         return tl
+
+    @property
+    def n_failed(self) -> int:
+        """Frames that could not be decoded during the run (they have no probabilities)."""
+        return int(self.timeline().failed.sum())
+
+    def decoded(self, frame: int) -> bool:
+        return 0 <= frame < self.n_frames and int(self.reader.status(frame, frame + 1)[0]) == 0
 
     def order(self, sort: str, descending: bool = False) -> np.ndarray:
         o = self._orders[sort]
@@ -136,7 +150,9 @@ class StudyView:
     def frame_time(self, frame: int) -> float | None:
         """Seconds from the start of the recording (stored pts; fps when pts are missing)."""
         if 0 <= frame < self.n_frames:
-            return float(self.reader.pts(frame, frame + 1)[0])
+            t = float(self.reader.pts(frame, frame + 1)[0])
+            if np.isfinite(t):
+                return t
         return frame / self.fps if self.fps else None
 
     def event_detail(self, i: int) -> dict[str, Any]:
@@ -148,8 +164,8 @@ class StudyView:
         probs = self.reader.probs(lo, hi)
         step = max(1, -(-(hi - lo) // CONTEXT_POINTS))
         cut = np.arange(0, hi - lo, step)
-        trace = np.maximum.reduceat(probs, cut, axis=0)
-        peak = self.reader.probs(e.peak_frame, e.peak_frame + 1)[0]
+        trace = np.nan_to_num(np.fmax.reduceat(probs, cut, axis=0))
+        peak = np.nan_to_num(self.reader.probs(e.peak_frame, e.peak_frame + 1)[0])
         prev_i = np.nonzero(self.ev_start < e.start)[0]
         next_i = np.nonzero(self.ev_start > e.start)[0]
         return {**self.event_json(i), "peak_probs": np.round(peak.astype(np.float64), 4).tolist(),

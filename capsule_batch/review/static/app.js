@@ -79,9 +79,9 @@
     if (!tl) return;
     const cv = $("timeline"), rows = timelineRows();
     const w = cv.clientWidth || 1000;
-    const rowH = Math.max(6, Math.floor(100 / rows.length)), tickH = 14;
+    const rowH = Math.max(6, Math.floor(100 / rows.length)), tickH = 14, failH = 3;
     cv.width = w;
-    cv.height = rows.length * rowH + tickH + 4;
+    cv.height = rows.length * rowH + tickH + failH + 5;
     const g = cv.getContext("2d");
     g.fillStyle = "#111";
     g.fillRect(0, 0, cv.width, cv.height);
@@ -101,6 +101,10 @@
       if (tl.ticks[b] < 0) continue;
       g.fillStyle = colour(tl.ticks[b]);
       g.fillRect(b * bw, y, Math.max(1, bw), tickH);
+    }
+    g.fillStyle = "#bbb";  // frames that failed to decode during the run
+    for (let b = 0; b < n; b++) {
+      if (tl.failed[b] > 0) g.fillRect(b * bw, y + tickH + 1, Math.max(1, bw), failH);
     }
     if (state.detail) {
       const d = state.detail, span = tl.stop - tl.start;
