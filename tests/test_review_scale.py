@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -88,7 +89,10 @@ def test_report_stays_small(big_study: Path, tmp_path: Path) -> None:
     out = write_report(big_study, tmp_path / "big.html")
     size = out.stat().st_size
     html = out.read_text(encoding="utf-8")
-    print(json.dumps({"test": "report_scale", "bytes": size, "seconds": round(time.perf_counter() - t0, 2)}))
+    left_out = re.search(r"(\d+) further stored thumbnails? left out", html)
+    print(json.dumps({"test": "report_scale", "bytes": size, "seconds": round(time.perf_counter() - t0, 2),
+                      "embedded": html.count('<figure><img src="data:image/jpeg'),
+                      "left_out": int(left_out.group(1)) if left_out else 0}))
     assert size < 20e6
     assert html.count('<article class="event') == EVENTS
     assert "further stored thumbnails left out" in html
