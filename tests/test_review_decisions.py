@@ -113,3 +113,27 @@ def test_read_only_copy_of_a_study_reads_its_decisions(study: Path, tmp_path: Pa
     copy = tmp_path / "copy.h5"
     shutil.copy(study, copy)
     assert read_decisions(copy)[1].comment == "é ü 中"
+
+
+def test_decisions_recorded_while_folding_are_all_kept(study: Path) -> None:
+    import threading
+
+    log = DecisionLog(study, 3, 10)
+    stop = threading.Event()
+
+    def folder() -> None:
+        while not stop.is_set():
+            log.fold()
+
+    t = threading.Thread(target=folder)
+    t.start()
+    try:
+        for k in range(150):
+            log.record(k % 3, ("confirm", "reject")[k % 2], None, f"c{k}", "")
+    finally:
+        stop.set()
+        t.join()
+    log.fold()
+    assert [d.seq for d in read_log(study)] == list(range(1, 151))
+    assert not journal_path(study).exists()
+    assert read_decisions(study)[2].comment == "c149"
