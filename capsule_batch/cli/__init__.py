@@ -23,6 +23,8 @@ COMMANDS: dict[str, str] = {
     "env": "env",
     "export": "export",
     "model": "model",
+    "report": "report",
+    "review": "review",
     "run": "run",
     "synth": "synth",
 }

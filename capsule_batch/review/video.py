@@ -1,0 +1,74 @@
+"""Full-resolution frames from the recording for the review app, frame-exact (PyAV).
+
+One small function behind a class, so the app can later switch to the sources package's frame-exact
+`start=` reading. A seek lands on the keyframe before the target; frames are then decoded forward until
+one whose timestamp reaches the target's (REFERENCE.md: the first frame after a seek is usually not it).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import threading
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from capsule_batch.errors import SourceError
+
+_logger = logging.getLogger(__name__)
+
+
+def _jpeg(img: Any, quality: int = 92) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+class VideoFrames:
+    """Decode single frames of one video file by timestamp; one open container, guarded by a lock."""
+
+    def __init__(self, path: str | os.PathLike):
+        import av
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SourceError(f"{self.path}: no such recording")
+        try:
+            self._c = av.open(str(self.path))
+        except av.error.FFmpegError as e:
+            raise SourceError(f"{self.path}: cannot open the recording ({e})") from e
+        if not self._c.streams.video:
+            raise SourceError(f"{self.path}: no video stream")
+        self._s = self._c.streams.video[0]
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._c.close()
+
+    def frame_jpeg(self, pts: float) -> bytes:
+        """JPEG of the frame shown at `pts` seconds (the stored timestamp of a study frame)."""
+        with self._lock:
+            return _jpeg(self._decode_at(pts))
+
+    def _decode_at(self, pts: float) -> Any:
+        tb = self._s.time_base or Fraction(1, 90000)
+        rate = self._s.average_rate or self._s.guessed_rate or 30
+        half = float(1 / (2 * Fraction(rate)))  # tolerance: half a frame interval
+        target = int(pts / tb)
+        self._c.seek(max(0, target), stream=self._s, backward=True, any_frame=False)
+        last = None
+        for frame in self._c.decode(self._s):
+            if frame.pts is None:
+                continue
+            t = float(frame.pts * tb)
+            if t >= pts - half:
+                if t > pts + half and last is not None:
+                    _logger.debug("%s: no frame at %.4f s; showing %.4f s", self.path, pts, float(last.pts * tb))
+                    return last.to_image()
+                return frame.to_image()
+            last = frame
+        if last is None:
+            raise SourceError(f"{self.path}: no frame at {pts:.3f} s")
+        return last.to_image()

@@ -1,0 +1,122 @@
+"""`--video`: full-resolution frames from the recording, frame-exact (stamped synthetic videos), and the
+`review` command's start-up and shutdown."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import av
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+from review_studies import make_study
+
+from capsule_batch.review.app import ReviewApp, Server
+from capsule_batch.review.decisions import read_decisions
+from capsule_batch.review.video import VideoFrames
+from capsule_batch.synth import read_stamp, synthesize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def video_pts(path: Path) -> np.ndarray:
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        return np.array(sorted(float(f.pts * s.time_base) for f in c.decode(s)))
+
+
+@pytest.mark.parametrize("codec, vfr", [("h264", False), ("h264", True), ("vp9", False)])
+def test_frames_are_exact(tmp_path: Path, codec: str, vfr: bool) -> None:
+    rec = synthesize(tmp_path / f"rec.{'webm' if codec == 'vp9' else 'mp4'}", 90, codec=codec, size=96, stamp=True,
+                     vfr=vfr, findings_per_1000=0).path
+    pts = video_pts(rec)
+    assert len(pts) == 90
+    frames = VideoFrames(rec)
+    try:
+        for i in [0, 89, 45, 46, 44, 7, 88, 1, 60, 30]:  # backwards and forwards, across keyframes
+            img = np.asarray(Image.open(io.BytesIO(frames.frame_jpeg(pts[i]))).convert("RGB"))
+            assert img.shape == (96, 96, 3)
+            assert read_stamp(img) == i
+    finally:
+        frames.close()
+
+
+def test_app_serves_recording_frames(tmp_path: Path) -> None:
+    rec = synthesize(tmp_path / "rec.mp4", 120, codec="h264", size=128, stamp=True, findings_per_1000=0).path
+    pts = video_pts(rec)
+    study = make_study(tmp_path / "s.h5", n=120, runs=[(30, 40, 1, 0.9)], pts=pts, failed=(7,))
+    with Server(ReviewApp(study, rec)) as srv:
+        req = urllib.request.Request(f"http://127.0.0.1:{srv.port}/frame/7", headers={"X-Token": srv.review.token})
+        with pytest.raises(urllib.error.HTTPError) as e:  # failed during the run: no stand-in from its neighbours
+            urllib.request.urlopen(req, timeout=20)
+        assert e.value.code == 404
+        for i in (35, 3, 119):
+            req = urllib.request.Request(f"http://127.0.0.1:{srv.port}/frame/{i}",
+                                         headers={"X-Token": srv.review.token})
+            img = np.asarray(Image.open(io.BytesIO(urllib.request.urlopen(req, timeout=20).read())).convert("RGB"))
+            assert img.shape == (128, 128, 3) and read_stamp(img) == i
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_review_command_prints_a_tokened_url_and_saves_on_exit(tmp_path: Path, sig: int) -> None:
+    study = make_study(tmp_path / "s.h5", n=100, runs=[(10, 20, 1, 0.9)])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "capsule_batch", "review", str(study), "--no-browser",
+                          "--reviewer", "cli"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = p.stdout.readline()
+        m = re.search(r"(http://127\.0\.0\.1:(\d+)/)\?token=(\S+)", line)
+        assert m, line
+        base, token = m.group(1), m.group(3)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(base, timeout=10)
+        assert e.value.code == 403
+        assert urllib.request.urlopen(f"{base}?token={token}", timeout=10).status == 200
+        req = urllib.request.Request(f"{base}api/events/0/decision", data=b'{"verdict": "confirm"}', method="POST",
+                                     headers={"X-Token": token, "Content-Type": "application/json"})
+        assert urllib.request.urlopen(req, timeout=10).status == 200
+    finally:
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    d = read_decisions(study)
+    assert d[0].verdict == "confirm" and d[0].reviewer == "cli"
+    with h5py.File(study, "r") as f:
+        assert len(f["review/decisions"]) == 1
+
+
+def test_a_study_from_run_opens_with_its_recording(tmp_path: Path, tiny_bundle: object) -> None:
+    """A study written by the real `run` pipeline: the app pages its events, `--video` frames match the stored
+    timestamps frame-exactly (stamped recording), and the report embeds its thumbnails."""
+    from conftest import ENGINE, SOURCE, cli_cmd, cli_env
+
+    from capsule_batch.review.report import build_report
+
+    rec = synthesize(tmp_path / "rec.mp4", 80, size=64, stamp=True, findings_per_1000=40.0, vfr=True).path
+    r = subprocess.run(cli_cmd("run", str(rec), "-m", str(tiny_bundle.path), "-o", str(tmp_path / "out"),
+                               "--engine", ENGINE, "--source", SOURCE, "--device", "cpu", "--batch-size", "8"),
+                       capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    study = tmp_path / "out" / "rec.h5"
+    with Server(ReviewApp(study, rec)) as srv:
+        view = srv.review.view
+        assert view.n_frames == 80 and len(view.events) > 0
+        tok = {"X-Token": srv.review.token}
+        req = urllib.request.Request(f"http://127.0.0.1:{srv.port}/api/events?sort=score", headers=tok)
+        assert json.loads(urllib.request.urlopen(req, timeout=20).read())["total"] == len(view.events)
+        for i in (view.events[0].peak_frame, 0, 79, 40):
+            req = urllib.request.Request(f"http://127.0.0.1:{srv.port}/frame/{i}", headers=tok)
+            img = np.asarray(Image.open(io.BytesIO(urllib.request.urlopen(req, timeout=20).read())).convert("RGB"))
+            assert read_stamp(img) == i
+    html = build_report(study)
+    assert html.count('<article class="event') == len(view.events)
+    assert html.count("data:image/jpeg") >= len(view.events)
