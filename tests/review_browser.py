@@ -15,6 +15,13 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+def missing_tool(what: str) -> None:
+    """Skip on a developer machine without the tool; fail on CI, where .ci/run installs it."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must have {what}")
+    pytest.skip(f"needs {what}")
+
+
 def chromium_path() -> str | None:
     return os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -23,10 +30,13 @@ def chromium_path() -> str | None:
 def chromium() -> Iterator[Any]:
     """Chromium with the flags it needs as root on a closed network; Playwright gives it a fresh profile
     folder (its own temporary --user-data-dir) per launch."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (extra `test`)")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        missing_tool("playwright (pip install playwright, extra `test`)")
     exe = chromium_path()
     if exe is None:
-        pytest.skip("no chromium binary (apt-get install chromium; .ci/run installs it)")
+        missing_tool("a chromium binary (apt-get install chromium; .ci/run installs it)")
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
         try:
