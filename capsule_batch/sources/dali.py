@@ -264,7 +264,10 @@ class DaliSource(FrameSource):
                 t = t.reshape(-1, *t.shape[-3:])
                 valid = idx >= 0
                 keep = torch.from_numpy(np.flatnonzero(valid)).to(t.device)
-                yield idx[valid], pts[valid], t.index_select(0, keep)
+                frames = t.index_select(0, keep)
+                if t.is_cuda:  # the copy must finish before the next run may reuse DALI's buffer
+                    torch.cuda.current_stream(t.device).synchronize()
+                yield idx[valid], pts[valid], frames
 
     def _produce(self) -> Iterator[FrameBatch]:
         """Merge the readers' frames into index order and cut batches of `batch_size`."""
