@@ -277,14 +277,15 @@ def test_auto_on_cpu(rec: Path) -> None:
     assert set(SOURCES.names()) >= {"dali", "decord", "images", "synthetic"}
 
 
-def test_broken_image_is_reported_with_its_index_and_the_rest_continue(rec: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("source", ["images", "dali"])
+def test_broken_image_is_reported_with_its_index_and_the_rest_continue(rec: Path, tmp_path: Path, source: str) -> None:
     folder = tmp_path / "frames"
     folder.mkdir()
     for f in list_frames(rec / "png")[:20]:
         (folder / f.name).write_bytes(f.read_bytes())
     (folder / "frame_7.png").write_bytes(b"\x89PNG broken")
     (folder / "frame_12.png").write_bytes(b"")
-    index, stamps, _, failures, src = read_all(folder, "images", batch_size=4)
+    index, stamps, _, failures, src = read_all(folder, source, batch_size=4)
     assert index == stamps == [i for i in range(20) if i not in (7, 12)]
     assert [f.index for f in failures] == [7, 12]
     assert "frame_7.png" in failures[0].reason and not failures[0].final

@@ -316,6 +316,20 @@ class DaliSource(FrameSource):
                 ready -= n
             if done:
                 break
+        if stopped is not None and self.path.is_dir():
+            # DALI stops at a broken file without naming it: the rest goes through PIL, which reports each
+            # broken file with its index and continues
+            _logger.warning("%s: %s; reading frames from %d on with the images source", self.path, stopped.reason, nxt)
+            from capsule_batch.sources.images import ImageFolderSource
+
+            rest = ImageFolderSource(self.path, self.preprocess, batch_size=self.batch_size, device=self.device,
+                                     dtype=self.dtype, start=nxt)
+            with rest:
+                for i, batch in enumerate(rest):
+                    if i == 0 and failures:
+                        batch.failures = tuple(failures) + batch.failures
+                    yield batch
+            return
         if stopped is not None:
             failures.append(DecodeFailure(nxt, stopped.reason, final=True))
         elif self._expected_end is not None and nxt < self._expected_end:
@@ -359,8 +373,13 @@ def _as_numpy(tl: Any) -> np.ndarray:
 
 
 def _short(e: BaseException) -> str:
+    """The informative part of a DALI error: the operator and what it encountered, without the traceback."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    msg = next((ln for ln in lines if "error" in ln.lower() or "fail" in ln.lower()), lines[0] if lines else repr(e))
+    op = next((ln for ln in lines if ln.startswith("Error in")), "")
+    cause = ""
+    if "encountered:" in lines:
+        cause = next(iter(lines[lines.index("encountered:") + 1 :]), "")
+    msg = " ".join(x for x in (op.rstrip(","), cause) if x) or (lines[0] if lines else repr(e))
     return msg[:300]
 
 
