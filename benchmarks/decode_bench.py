@@ -77,6 +77,7 @@ def time_source(path: str, source: str, pre: Preprocess, batch: int, device: tor
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=1000)
+    ap.add_argument("--synthetic-frames", type=int, default=1_000_000, help="frames of the synthetic source")
     ap.add_argument("--size", type=int, default=336, help="recording frame side in px")
     ap.add_argument("--input-size", type=int, default=224, help="bundle input size (resize + center crop)")
     ap.add_argument("--batch", type=int, default=64)
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device("cuda" if kind == "gpu" else "cpu")
         kw = {"readers": args.dali_readers} if source == "dali" and codec == "h264" else {}
         try:
-            path = recording(args.workdir, codec, args.frames, args.size)
+            frames = args.synthetic_frames if codec == "synthetic" else args.frames
+            path = recording(args.workdir, codec, frames, args.size)
             frames, seconds = time_source(path, source, pre, args.batch, device, dtype, **kw)
         except CapsuleError as e:
             _logger.warning("skip %s %s: %s", source, codec, e)

@@ -263,8 +263,8 @@ class DaliSource(FrameSource):
                 t = torch.from_dlpack(pix.as_tensor())[:take]
                 t = t.reshape(-1, *t.shape[-3:])
                 valid = idx >= 0
-                keep = torch.from_numpy(np.flatnonzero(valid)).to(t.device)
-                frames = t.index_select(0, keep)
+                # one copy out of DALI's buffer (reused on the next run); padding frames (-1) are left behind
+                frames = t.clone() if valid.all() else t[torch.from_numpy(valid).to(t.device)]
                 if t.is_cuda:  # the copy must finish before the next run may reuse DALI's buffer
                     torch.cuda.current_stream(t.device).synchronize()
                 yield idx[valid], pts[valid], frames
@@ -292,16 +292,18 @@ class DaliSource(FrameSource):
             if not done:
                 pend_idx = np.concatenate([pend_idx, idx])
                 pend_pts = np.concatenate([pend_pts, pts])
-                pend_pix = pix if pend_pix is None else torch.cat([pend_pix, pix])
-            order = np.argsort(pend_idx, kind="stable")
-            pend_idx, pend_pts = pend_idx[order], pend_pts[order]
-            if pend_pix is not None and len(order):
-                pend_pix = pend_pix.index_select(0, torch.from_numpy(order).to(pend_pix.device))
-            fresh = np.concatenate([[True], pend_idx[1:] != pend_idx[:-1]]) if len(pend_idx) else np.ones(0, bool)
+                pend_pix = pix if pend_pix is None or not len(pend_pix) else torch.cat([pend_pix, pix])
+            if len(pend_idx) > 1 and (np.diff(pend_idx) <= 0).any():  # several readers: restore the order
+                order = np.argsort(pend_idx, kind="stable")
+                pend_idx, pend_pts = pend_idx[order], pend_pts[order]
+                pend_pix = pend_pix[torch.from_numpy(order).to(pend_pix.device)]
+                fresh = np.concatenate([[True], pend_idx[1:] != pend_idx[:-1]])
+            else:
+                fresh = np.ones(len(pend_idx), bool)
             fresh &= pend_idx >= nxt  # duplicates never leave the source
             if not fresh.all():
                 pend_idx, pend_pts = pend_idx[fresh], pend_pts[fresh]
-                pend_pix = pend_pix.index_select(0, torch.from_numpy(np.flatnonzero(fresh)).to(pend_pix.device))
+                pend_pix = pend_pix[torch.from_numpy(fresh).to(pend_pix.device)]
             # frames ready: the contiguous run from nxt (at the end: everything, gaps reported)
             ready = int(np.sum(pend_idx == nxt + np.arange(len(pend_idx)))) if not done else len(pend_idx)
             while ready >= self.batch_size or (done and ready > 0):
