@@ -376,3 +376,19 @@ def test_decord_early_stop_closes_the_thread(rec: Path) -> None:
 def test_failures_are_a_frozen_record() -> None:
     f = DecodeFailure(3, "bad")
     assert not f.final and f.index == 3
+
+
+@pytest.mark.parametrize("name,source,kw", CASES, ids=IDS)
+def test_start_at_the_end_yields_nothing(rec: Path, name: str, source: str, kw: dict) -> None:
+    index, _, _, failures, _ = read_all(rec / name, source, start=FRAMES, **kw)
+    assert index == [] and failures == []
+
+
+@pytest.mark.parametrize("name,source", [("h264.mp4", "decord"), ("vp9.webm", "dali"), ("jpg", "images")])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_engine_dtype(rec: Path, name: str, source: str, dtype: torch.dtype) -> None:
+    with open_source(rec / name, PRE, source=source, batch_size=32, dtype=dtype) as src:
+        batches = list(src)
+    assert all(b.pixels.dtype == dtype for b in batches)
+    stamps = [read_stamp(img) for b in batches for img in unnormalize(b.pixels)]
+    assert stamps == list(range(FRAMES))
