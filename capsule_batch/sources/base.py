@@ -172,7 +172,7 @@ def to_pixels(frames: Any, preprocess: Preprocess, device: Any, dtype: Any) -> A
     on uint8 on the CPU (torch's antialiased uint8 kernels implement PIL's algorithm and round like the
     reference, ~20x faster than the float path on CPU), the crop is a view, and normalisation is one
     fused multiply-add on a contiguous float tensor (the tests bound the difference to the reference).
-    Frames that need another resize (nearest, or already on a GPU) go through `preprocess_batch`.
+    Frames already on a GPU go through `preprocess_batch`.
     """
     import torch
     import torch.nn.functional as F
@@ -181,9 +181,12 @@ def to_pixels(frames: Any, preprocess: Preprocess, device: Any, dtype: Any) -> A
     h, w = int(t.shape[1]), int(t.shape[2])
     size = preprocess.resized_shape(h, w)
     if size != (h, w):
-        if t.dtype != torch.uint8 or t.device.type != "cpu" or preprocess.interpolation not in ("bilinear", "bicubic"):
+        if t.dtype != torch.uint8 or t.device.type != "cpu":
             return preprocess_batch(t.to(device), preprocess, dtype)
-        t = F.interpolate(t.permute(0, 3, 1, 2), size=size, mode=preprocess.interpolation, antialias=True)
+        if preprocess.interpolation == "nearest":  # PIL's NEAREST samples pixel centres: torch's "nearest-exact"
+            t = F.interpolate(t.permute(0, 3, 1, 2), size=size, mode="nearest-exact")
+        else:
+            t = F.interpolate(t.permute(0, 3, 1, 2), size=size, mode=preprocess.interpolation, antialias=True)
         t = t.permute(0, 2, 3, 1)
     top, left = preprocess.crop_box(h, w)
     s = preprocess.input_size
