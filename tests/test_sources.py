@@ -12,6 +12,8 @@ import av
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
 from capsule_batch.errors import SourceError
@@ -396,7 +398,7 @@ def test_engine_dtype(rec: Path, name: str, source: str, dtype: torch.dtype) -> 
 
 @pytest.mark.parametrize("pre", [Preprocess(input_size=56, resize=64, interpolation="bicubic"),
                                  Preprocess(input_size=56, resize=56, crop="none"),
-                                 Preprocess(input_size=64, resize=72)], ids=["bicubic", "crop-none", "upscale"])
+                                 Preprocess(input_size=64, resize=72)], ids=["bicubic", "crop-none", "resize72"])
 def test_cpu_fast_path_matches_reference_for_other_bundle_settings(rec: Path, pre: Preprocess) -> None:
     from capsule_batch.sources.base import to_pixels
 
@@ -404,3 +406,18 @@ def test_cpu_fast_path_matches_reference_for_other_bundle_settings(rec: Path, pr
     got = to_pixels(imgs, pre, "cpu", None).numpy()
     ref = np.stack([reference_preprocess(img, pre) for img in imgs])
     assert np.abs(got - ref).max() <= 0.02  # at most one uint8 level of rounding
+
+
+@given(start=st.integers(0, 500), length=st.integers(1, 3000), chunk=st.integers(1, 400),
+       gop=st.integers(1, 300))
+def test_dali_chunks_cover_the_range_once_at_keyframes(start: int, length: int, chunk: int, gop: int) -> None:
+    from capsule_batch.sources.dali import plan_chunks
+
+    end = start + length
+    keyframes = list(range(0, end + gop, gop))
+    chunks = plan_chunks(start, end, keyframes, chunk)
+    assert chunks[0][0] == start and chunks[-1][1] == end
+    assert all(a < b for a, b in chunks)
+    assert all(b == a2 for (_, b), (a2, _) in zip(chunks, chunks[1:], strict=False))
+    assert all(a in keyframes for a, _ in chunks[1:])
+    assert all(b - a >= chunk for a, b in chunks[:-1])
