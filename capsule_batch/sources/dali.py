@@ -8,8 +8,9 @@ decode device is a parameter, so the CPU pipeline (`device_id=None`) is the GPU 
 Video: `fn.experimental.readers.video` over a file list of frame ranges (frame numbers and
 timestamps on, no shuffle, sequences of `sequence_length` frames; the tail of a range is padded and
 the padding, frame number -1, dropped). A long recording on the GPU is split into keyframe-aligned
-chunks handed round-robin to several readers, so several NVDEC sessions decode at once; their
-frames are merged back into order before they are yielded. Each reader's epoch size bounds what is
+chunks handed round-robin to several readers, one pipeline each (each pipeline prefetches in its own
+threads), so several NVDEC sessions decode at once; their frames are merged back into order before
+they are yielded. Each reader's epoch size bounds what is
 taken from it, so the wrap-around of the last batch never duplicates frames.
 
 Images: `fn.readers.file` over the folder's files in natural order, the file's position as its label
@@ -78,27 +79,24 @@ def preprocess_graph(frames: Any, pre: Preprocess, out_dtype: Any, sequence: boo
     )
 
 
-def _video_pipeline(file_lists: list[str], pre: Preprocess, decode_device: str, out_dtype: Any,
-                    sequence_length: int, size: tuple[int, int]) -> tuple[Any, ...]:
+def _video_pipeline(file_list: str, pre: Preprocess, decode_device: str, out_dtype: Any,
+                    sequence_length: int, size: tuple[int, int] | None) -> tuple[Any, ...]:
     from nvidia.dali import fn
 
-    outs: list[Any] = []
-    for k, file_list in enumerate(file_lists):
-        video, _, frame_num, timestamps = fn.experimental.readers.video(
-            device=decode_device,
-            file_list=file_list,
-            file_list_format="frames",
-            file_list_include_end=True,  # measured with DALI 2.4: ranges still end before `end`; TO_END clamps
-            sequence_length=sequence_length,
-            step=sequence_length,
-            pad_mode="constant",
-            enable_frame_num="sequence",
-            enable_timestamps=True,
-            random_shuffle=False,
-            name=f"reader{k}",
-        )
-        outs += [preprocess_graph(video, pre, out_dtype, True, size), frame_num, timestamps]
-    return tuple(outs)
+    video, _, frame_num, timestamps = fn.experimental.readers.video(
+        device=decode_device,
+        file_list=file_list,
+        file_list_format="frames",
+        file_list_include_end=True,  # measured with DALI 2.4: ranges still end before `end`; TO_END clamps
+        sequence_length=sequence_length,
+        step=sequence_length,
+        pad_mode="constant",
+        enable_frame_num="sequence",
+        enable_timestamps=True,
+        random_shuffle=False,
+        name="reader",
+    )
+    return preprocess_graph(video, pre, out_dtype, True, size), frame_num, timestamps
 
 
 def _image_pipeline(files: list[str], first: int, pre: Preprocess, decode_device: str,
@@ -106,7 +104,7 @@ def _image_pipeline(files: list[str], first: int, pre: Preprocess, decode_device
     from nvidia.dali import fn, types
 
     encoded, index = fn.readers.file(files=files, labels=list(range(first, first + len(files))),
-                                     random_shuffle=False, name="reader0")
+                                     random_shuffle=False, name="reader")
     images = fn.decoders.image(encoded, device="mixed" if decode_device == "gpu" else "cpu", output_type=types.RGB)
     return preprocess_graph(images, pre, out_dtype, False, None), index
 
@@ -160,7 +158,7 @@ class DaliSource(FrameSource):
         self.num_threads = num_threads
         self.sequence_length = 1
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
-        self._pipe: Any = None
+        self._pipes: list[Any] = []
         self._expected_end: int | None = None
         if self.path.is_dir():
             self.files = list_frames(self.path)
@@ -186,8 +184,10 @@ class DaliSource(FrameSource):
             chunks = plan_chunks(self.start, n, keyframes, chunk)
             plan = [chunks[k::readers] for k in range(readers)]
             self._readers_plan = [p for p in plan if p]
-        else:
+        elif not self._info.frame_count or self.start < self._info.frame_count:
             self._readers_plan = [[(self.start, TO_END)]]
+        else:  # resuming at the end: nothing left to read
+            self._readers_plan = []
         self._info.extra["dali_readers"] = len(self._readers_plan)
 
     @classmethod
@@ -207,7 +207,8 @@ class DaliSource(FrameSource):
     def info(self) -> RecordingInfo:
         return self._info
 
-    def _build(self) -> Any:
+    def _build(self) -> list[Any]:
+        """One pipeline per reader (images: one)."""
         from nvidia.dali import pipeline_def
 
         pdef = pipeline_def(batch_size=self._pipe_batch, num_threads=self.num_threads, device_id=self._device_id,
@@ -215,24 +216,30 @@ class DaliSource(FrameSource):
         if self.path.is_dir():
             files = [str(p) for p in self.files[self.start:]]
             if not files:
-                return None
-            pipe = pdef(_image_pipeline)(files, self.start, self.preprocess, self._decode_device, self._out_dtype)
+                return []
+            pipes = [pdef(_image_pipeline)(files, self.start, self.preprocess, self._decode_device, self._out_dtype)]
         else:
+            # DALI's file list is whitespace-separated: link the recording under a name without spaces
             self._tmp = tempfile.TemporaryDirectory(prefix="capsule-dali-")
-            lists = []
-            for k, ranges in enumerate(self._readers_plan):
-                fl = Path(self._tmp.name) / f"reader{k}.txt"
-                fl.write_text("".join(f"{self.path.resolve()} 0 {a} {b}\n" for a, b in ranges))
-                lists.append(str(fl))
+            link = Path(self._tmp.name) / f"recording{self.path.suffix.lower()}"
+            link.symlink_to(self.path.resolve())
             h, w = self._info.height, self._info.width
             size = self.preprocess.resized_shape(h, w) if h and w else None
-            pipe = pdef(_video_pipeline)(lists, self.preprocess, self._decode_device, self._out_dtype,
-                                         self.sequence_length, size)
-        try:
-            pipe.build()
-        except RuntimeError as e:
-            raise SourceError(f"{self.path}: DALI cannot read it ({_short(e)})") from None
-        return pipe
+            pipes: list[Any] = []
+            for k, ranges in enumerate(self._readers_plan):
+                fl = Path(self._tmp.name) / f"reader{k}.txt"
+                fl.write_text("".join(f"{link} 0 {a} {b}\n" for a, b in ranges))
+                pipes.append(pdef(_video_pipeline)(str(fl), self.preprocess, self._decode_device, self._out_dtype,
+                                                   self.sequence_length, size))
+        for pipe in pipes:
+            try:
+                pipe.build()
+            except RuntimeError as e:
+                if self.start > 0 and "input samples: 0" in str(e):  # resuming at or past the last frame
+                    _logger.info("%s: no frames from %d on", self.path, self.start)
+                    return []
+                raise SourceError(f"{self.path}: DALI cannot read it ({_short(e)})") from None
+        return pipes
 
     @property
     def _pipe_batch(self) -> int:
@@ -242,29 +249,30 @@ class DaliSource(FrameSource):
         """(index, pts, pixels) of the valid frames of every reader, run by run, epoch-bounded."""
         import torch
 
-        pipe = self._pipe
-        n_readers = len(self._readers_plan) if not self.path.is_dir() else 1
-        remaining = [int(pipe.reader_meta(f"reader{k}")["epoch_size"]) for k in range(n_readers)]
+        remaining = [int(pipe.reader_meta("reader")["epoch_size"]) for pipe in self._pipes]
         while any(r > 0 for r in remaining):
-            outs = pipe.run()
-            for k in range(n_readers):
+            for k, pipe in enumerate(self._pipes):
                 if remaining[k] <= 0:
                     continue
                 take = min(remaining[k], self._pipe_batch)
                 remaining[k] -= take
+                outs = pipe.run()
                 if self.path.is_dir():
                     pix, labels = outs
                     idx = _as_numpy(labels).reshape(-1)[:take].astype(np.int64)
                     pts = np.full(idx.shape, np.nan)
                 else:
-                    pix, fnum, ts = outs[3 * k : 3 * k + 3]
+                    pix, fnum, ts = outs
                     idx = _as_numpy(fnum)[:take].reshape(-1).astype(np.int64)
                     pts = _as_numpy(ts)[:take].reshape(-1).astype(np.float64)
                 t = torch.from_dlpack(pix.as_tensor())[:take]
                 t = t.reshape(-1, *t.shape[-3:])
                 valid = idx >= 0
-                keep = torch.from_numpy(np.flatnonzero(valid)).to(t.device)
-                yield idx[valid], pts[valid], t.index_select(0, keep)
+                # one copy out of DALI's buffer (reused on the next run); padding frames (-1) are left behind
+                frames = t.clone() if valid.all() else t[torch.from_numpy(valid).to(t.device)]
+                if t.is_cuda:  # the copy must finish before the next run may reuse DALI's buffer
+                    torch.cuda.current_stream(t.device).synchronize()
+                yield idx[valid], pts[valid], frames
 
     def _produce(self) -> Iterator[FrameBatch]:
         """Merge the readers' frames into index order and cut batches of `batch_size`."""
@@ -289,16 +297,18 @@ class DaliSource(FrameSource):
             if not done:
                 pend_idx = np.concatenate([pend_idx, idx])
                 pend_pts = np.concatenate([pend_pts, pts])
-                pend_pix = pix if pend_pix is None else torch.cat([pend_pix, pix])
-            order = np.argsort(pend_idx, kind="stable")
-            pend_idx, pend_pts = pend_idx[order], pend_pts[order]
-            if pend_pix is not None and len(order):
-                pend_pix = pend_pix.index_select(0, torch.from_numpy(order).to(pend_pix.device))
-            fresh = np.concatenate([[True], pend_idx[1:] != pend_idx[:-1]]) if len(pend_idx) else np.ones(0, bool)
+                pend_pix = pix if pend_pix is None or not len(pend_pix) else torch.cat([pend_pix, pix])
+            if len(pend_idx) > 1 and (np.diff(pend_idx) <= 0).any():  # several readers: restore the order
+                order = np.argsort(pend_idx, kind="stable")
+                pend_idx, pend_pts = pend_idx[order], pend_pts[order]
+                pend_pix = pend_pix[torch.from_numpy(order).to(pend_pix.device)]
+                fresh = np.concatenate([[True], pend_idx[1:] != pend_idx[:-1]])
+            else:
+                fresh = np.ones(len(pend_idx), bool)
             fresh &= pend_idx >= nxt  # duplicates never leave the source
             if not fresh.all():
                 pend_idx, pend_pts = pend_idx[fresh], pend_pts[fresh]
-                pend_pix = pend_pix.index_select(0, torch.from_numpy(np.flatnonzero(fresh)).to(pend_pix.device))
+                pend_pix = pend_pix[torch.from_numpy(fresh).to(pend_pix.device)]
             # frames ready: the contiguous run from nxt (at the end: everything, gaps reported)
             ready = int(np.sum(pend_idx == nxt + np.arange(len(pend_idx)))) if not done else len(pend_idx)
             while ready >= self.batch_size or (done and ready > 0):
@@ -313,6 +323,20 @@ class DaliSource(FrameSource):
                 ready -= n
             if done:
                 break
+        if stopped is not None and self.path.is_dir():
+            # DALI stops at a broken file without naming it: the rest goes through PIL, which reports each
+            # broken file with its index and continues
+            _logger.warning("%s: %s; reading frames from %d on with the images source", self.path, stopped.reason, nxt)
+            from capsule_batch.sources.images import ImageFolderSource
+
+            rest = ImageFolderSource(self.path, self.preprocess, batch_size=self.batch_size, device=self.device,
+                                     dtype=self.dtype, start=nxt)
+            with rest:
+                for i, batch in enumerate(rest):
+                    if i == 0 and failures:
+                        batch.failures = tuple(failures) + batch.failures
+                    yield batch
+            return
         if stopped is not None:
             failures.append(DecodeFailure(nxt, stopped.reason, final=True))
         elif self._expected_end is not None and nxt < self._expected_end:
@@ -327,8 +351,8 @@ class DaliSource(FrameSource):
 
         self.close()
         self.frames_decoded = 0
-        self._pipe = self._build()
-        if self._pipe is None:
+        self._pipes = self._build()
+        if not self._pipes:
             return
         try:
             for batch in self._produce():
@@ -342,7 +366,7 @@ class DaliSource(FrameSource):
             self.close()
 
     def close(self) -> None:
-        self._pipe = None
+        self._pipes = []
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -356,8 +380,13 @@ def _as_numpy(tl: Any) -> np.ndarray:
 
 
 def _short(e: BaseException) -> str:
+    """The informative part of a DALI error: the operator and what it encountered, without the traceback."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    msg = next((ln for ln in lines if "error" in ln.lower() or "fail" in ln.lower()), lines[0] if lines else repr(e))
+    op = next((ln for ln in lines if ln.startswith("Error in")), "")
+    cause = ""
+    if "encountered:" in lines:
+        cause = next(iter(lines[lines.index("encountered:") + 1 :]), "")
+    msg = " ".join(x for x in (op.rstrip(","), cause) if x) or (lines[0] if lines else repr(e))
     return msg[:300]
 
 
