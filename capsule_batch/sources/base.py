@@ -166,35 +166,11 @@ def list_frames(folder: Path) -> list[Path]:
 
 
 def to_pixels(frames: Any, preprocess: Preprocess, device: Any, dtype: Any) -> Any:
-    """uint8 (N,H,W,3) numpy/torch frames -> preprocessed (N,3,S,S) tensor on `device` in `dtype` (CPU sources).
-
-    The definition is `preprocess_batch`'s; this is its fast path for decoded uint8 frames: the resize runs
-    on uint8 on the CPU (torch's antialiased uint8 kernels implement PIL's algorithm and round like the
-    reference, ~20x faster than the float path on CPU), the crop is a view, and normalisation is one
-    fused multiply-add on a contiguous float tensor (the tests bound the difference to the reference).
-    Frames already on a GPU go through `preprocess_batch`.
-    """
+    """uint8 (N,H,W,3) numpy/torch frames -> preprocessed (N,3,S,S) tensor on `device` in `dtype` (CPU sources)."""
     import torch
-    import torch.nn.functional as F
 
     t = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
-    h, w = int(t.shape[1]), int(t.shape[2])
-    size = preprocess.resized_shape(h, w)
-    if size != (h, w):
-        if t.dtype != torch.uint8 or t.device.type != "cpu":
-            return preprocess_batch(t.to(device), preprocess, dtype)
-        if preprocess.interpolation == "nearest":  # PIL's NEAREST samples pixel centres: torch's "nearest-exact"
-            t = F.interpolate(t.permute(0, 3, 1, 2), size=size, mode="nearest-exact")
-        else:
-            t = F.interpolate(t.permute(0, 3, 1, 2), size=size, mode=preprocess.interpolation, antialias=True)
-        t = t.permute(0, 2, 3, 1)
-    top, left = preprocess.crop_box(h, w)
-    s = preprocess.input_size
-    x = t[:, top : top + s, left : left + s].to(device).permute(0, 3, 1, 2).contiguous().float()
-    std = torch.tensor(preprocess.std, device=x.device).view(1, 3, 1, 1)
-    mean = torch.tensor(preprocess.mean, device=x.device).view(1, 3, 1, 1)
-    x.mul_(1.0 / (255.0 * std)).sub_(mean / std)
-    return x if dtype in (None, torch.float32) else x.to(dtype)
+    return preprocess_batch(t, preprocess, dtype, device)
 
 
 def empty_pixels(preprocess: Preprocess, device: Any, dtype: Any) -> Any:
