@@ -145,6 +145,7 @@ class StudyWriter:
                 if done is not None:
                     _logger.info("%s: resuming after frame %d", part, done)
                     f.attrs["resumed"] = int(f.attrs.get("resumed", 0)) + 1
+                    f.attrs["complete"] = False  # a crash between finishing and the rename left it set
                     f.flush()
                     return cls(final, f, done, True)
                 f.close()
@@ -319,7 +320,7 @@ class StudyReader:
         for k, v in self._f.attrs.items():
             if isinstance(v, np.generic):
                 v = v.item()
-            if isinstance(v, str) and v[:1] in "[{" or v == "null":
+            if isinstance(v, str) and (v[:1] in ("[", "{") or v == "null"):
                 try:
                     v = json.loads(v)
                 except json.JSONDecodeError:

@@ -15,6 +15,9 @@ import pytest
 
 SOURCE = "test-av"
 ENGINE = "test-torch"
+#: the stand-in engine that sleeps CAPSULE_TEST_ENGINE_DELAY seconds per call, so that a subprocess can be
+#: killed or interrupted mid-run; keep it when ENGINE switches to the real one
+SLOW_ENGINE = "test-torch"
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 TINY_ARCH = "eva02_tiny_patch14_224"

@@ -236,3 +236,20 @@ def test_resume_refuses_another_bundle(tmp_path: Path, recording: Path, tiny_bun
     assert res.status == "failed" and "another bundle weights" in res.error and "--overwrite" in res.error
     res = Pipeline(other, eng2, opts(overwrite=True)).run(recording, tmp_path)
     assert res.status == "done" and res.resumed_from == 0 and res.frames == 120
+
+
+def test_crash_while_finishing_resumes_to_the_same_study(tmp_path: Path, recording: Path, tiny_bundle: Any,
+                                                         engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import capsule_batch.store as store
+
+    def no_rename(*a: Any) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store.os, "replace", no_rename)
+    res = Pipeline(tiny_bundle, engine, opts()).run(recording, tmp_path)
+    assert res.status == "failed" and "Input/output error" in res.error
+    monkeypatch.undo()
+    res = Pipeline(tiny_bundle, engine, opts()).run(recording, tmp_path)
+    assert res.status == "done" and res.resumed_from == 120 and res.frames == 120
+    with StudyReader(res.output) as rd:
+        assert len(rd) == 120 and rd.events() and rd.thumbs()

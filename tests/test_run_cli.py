@@ -16,7 +16,7 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
-from conftest import ENGINE, SOURCE, cli_cmd, cli_env, make_recording
+from conftest import ENGINE, SLOW_ENGINE, SOURCE, cli_cmd, cli_env, make_recording
 
 from capsule_batch.store import StudyReader, partial_path
 
@@ -26,8 +26,8 @@ def long_recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_recording(tmp_path_factory.mktemp("long") / "long_study.mp4", 240, seed=1)
 
 
-def run_args(bundle: Any, out: Path, *recs: Path, extra: tuple[str, ...] = ()) -> list[str]:
-    return cli_cmd("run", *map(str, recs), "-m", str(bundle.path), "-o", str(out), "--engine", ENGINE,
+def run_args(bundle: Any, out: Path, *recs: Path, extra: tuple[str, ...] = (), engine: str = ENGINE) -> list[str]:
+    return cli_cmd("run", *map(str, recs), "-m", str(bundle.path), "-o", str(out), "--engine", engine,
                    "--source", SOURCE, "--device", "cpu", "--batch-size", "8", "--block-frames", "16",
                    "--probs-dtype", "float32", "--json", *extra)
 
@@ -60,7 +60,7 @@ def summary(cp: subprocess.CompletedProcess) -> dict:
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path: Path, long_recording: Path,
                                                           tiny_bundle: Any) -> None:
     out = tmp_path / "killed"
-    proc, _ = start_and_wait_for_flush(run_args(tiny_bundle, out, long_recording))
+    proc, _ = start_and_wait_for_flush(run_args(tiny_bundle, out, long_recording, engine=SLOW_ENGINE))
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
     part = partial_path(out / "long_study.h5")
@@ -68,11 +68,11 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path: Path, long_r
     with h5py.File(part, "r") as f:  # the file a killed writer left opens, and holds a consistent prefix
         done = int(f.attrs["frames_done"])
         assert 32 <= done < 240 and f["frames/index"][:done].tolist() == list(range(done))
-    resumed = run(run_args(tiny_bundle, out, long_recording))
+    resumed = run(run_args(tiny_bundle, out, long_recording, engine=SLOW_ENGINE))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     (rec,) = summary(resumed)["recordings"]
     assert rec["status"] == "done" and rec["resumed_from"] == done and rec["frames"] == 240
-    full = run(run_args(tiny_bundle, tmp_path / "full", long_recording))
+    full = run(run_args(tiny_bundle, tmp_path / "full", long_recording, engine=SLOW_ENGINE))
     assert full.returncode == 0, full.stderr[-2000:]
     with StudyReader(out / "long_study.h5") as a, StudyReader(tmp_path / "full" / "long_study.h5") as b:
         assert a.index().tolist() == list(range(240))
@@ -83,7 +83,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path: Path, long_r
 def test_ctrl_c_leaves_a_resumable_partial_and_exits_130(tmp_path: Path, long_recording: Path,
                                                          tiny_bundle: Any) -> None:
     out = tmp_path / "int"
-    proc, flushed = start_and_wait_for_flush(run_args(tiny_bundle, out, long_recording))
+    proc, flushed = start_and_wait_for_flush(run_args(tiny_bundle, out, long_recording, engine=SLOW_ENGINE))
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr[-2000:]
@@ -94,7 +94,7 @@ def test_ctrl_c_leaves_a_resumable_partial_and_exits_130(tmp_path: Path, long_re
     with StudyReader(part, allow_partial=True) as rd:
         assert flushed <= len(rd) < 240
         done = len(rd)
-    resumed = run(run_args(tiny_bundle, out, long_recording))
+    resumed = run(run_args(tiny_bundle, out, long_recording, engine=SLOW_ENGINE))
     assert resumed.returncode == 0
     (rec,) = summary(resumed)["recordings"]
     assert rec["resumed_from"] == done and rec["frames"] == 240 and not part.exists()
