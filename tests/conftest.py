@@ -1,7 +1,8 @@
 """Shared fixtures: a tiny bundle, small synthetic recordings, and the test source/engine names.
 
-SOURCE/ENGINE name the stand-ins in capsule_doubles.py; switch them to "decord"/"torch" once the
-real implementations are merged (the tests only go through these constants).
+SOURCE/ENGINE are the real CPU implementations the pipeline tests run through; the stand-ins in
+capsule_doubles.py remain for what real parts cannot do on demand (a slow engine to interrupt a run
+mid-way, a source that raises).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from pathlib import Path
 import capsule_doubles  # noqa: F401  (registers the stand-ins)
 import pytest
 
-SOURCE = "test-av"
-ENGINE = "test-torch"
+SOURCE = "decord"
+ENGINE = "torch"
 #: the stand-in engine that sleeps CAPSULE_TEST_ENGINE_DELAY seconds per call, so that a subprocess can be
 #: killed or interrupted mid-run; keep it when ENGINE switches to the real one
 SLOW_ENGINE = "test-torch"
