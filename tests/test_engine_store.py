@@ -292,6 +292,14 @@ def test_trt_backend_refused_without_gpu(trt_bundle, monkeypatch):
         create_engine(trt_bundle, backend="tensorrt", device="cpu")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_cli_names_the_extra_for_a_missing_backend(trt_bundle, tmp_path):
+    res = CliRunner().invoke(cli, ["engine", "build", "-m", str(trt_bundle.path), "--backend", "tensorrt",
+                                   "--engine-dir", str(tmp_path)])
+    assert res.exit_code == 1
+    assert "pip install 'capsule-batch[tensorrt]'" in res.output and "Traceback" not in res.output
+
+
 # ---------------------------------------------------------------------------------------------
 # Real TensorRT: runs only where TensorRT and a CUDA GPU exist (never on the development machines).
 
