@@ -67,7 +67,8 @@ class TorchEngine(Engine):
 
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self._dtype)
+        # no weight-cast cache: each weight is used once per forward, and CUDA graph capture needs it off
+        return torch.autocast(self.device.type, dtype=self._dtype, cache_enabled=False)
 
     def _run(self, pixels: Any) -> Any:
         import torch
