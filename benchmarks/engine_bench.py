@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                            "frames_per_s": round(batch / med, 2), "median_s": round(med, 5),
                            "min_s": round(min(times), 5), "repeats": args.repeats, "warmup": args.warmup,
                            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                           "loadavg_1m": round(os.getloadavg()[0], 2),
                            "gpu": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None,
                            "host": platform.node(), "torch": torch.__version__, "capsule_batch": __version__,
                            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -213,3 +213,12 @@ def test_torch_cuda_precisions_and_graphs(bundle, inputs, reference):
                                 cuda_graphs=graphs)
             probs = eng.infer(inputs.cuda().to(eng.dtype)).cpu()
             assert (probs.argmax(1) == ref.argmax(1)).float().mean() >= 0.99
+
+
+def test_torch_compile_path(bundle, inputs, reference):
+    # dynamo traces the model for real; the "eager" compiler backend skips Inductor's minutes of codegen on CPU
+    engine = create_engine(bundle, backend="torch", device="cpu", max_batch=8, compile=True,
+                           compile_options={"backend": "eager", "dynamic": False})
+    probs = engine.infer(inputs[:8])
+    assert engine.describe()["compile"]
+    assert torch.allclose(probs, reference[:8].softmax(-1), atol=1e-6, rtol=0)

@@ -1,9 +1,11 @@
-"""The engine store: build, list, load, stale/mismatch detection, corrupt files; the TensorRT build
+"""The engine store: build, list, load, stale/mismatch detection, corrupt files; the TensorRT build and run
 logic against a stand-in `tensorrt` module (which flags for TensorRT 10 vs 11, profile shapes, timing
 cache, meta.json refusal); and the real TensorRT parity test, which skips without TensorRT and a GPU."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import importlib.machinery
 import importlib.util
 import json
@@ -12,6 +14,7 @@ import os
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -212,7 +215,49 @@ def fake_tensorrt(version: str, calls: list, *, parse_ok: bool = True) -> types.
             return b"PLAN-" + version.encode()
 
     trt.Builder, trt.OnnxParser = Builder, Parser
+    trt.DataType = types.SimpleNamespace(FLOAT="DT_FLOAT", HALF="DT_HALF", BF16="DT_BF16")
+    trt.Runtime = lambda logger: FakeRuntime(calls, "DT_FLOAT" if major < 11 else "DT_HALF")
     return trt
+
+
+def _view(ptr: int, shape: tuple, np_dtype) -> np.ndarray:
+    """The array at a raw address, as the engine would see it."""
+    count = int(np.prod(shape)) * np.dtype(np_dtype).itemsize
+    return np.frombuffer((ctypes.c_char * count).from_address(ptr), dtype=np_dtype).reshape(shape)
+
+
+class FakeRuntime:
+    """Deserializes to an 'engine' that computes per-channel means through the raw tensor addresses."""
+
+    def __init__(self, calls, io_type):
+        self.calls, self.io_type = calls, io_type
+
+    def deserialize_cuda_engine(self, data):
+        self.calls.append(("deserialize", bytes(data)))
+        calls, io_type = self.calls, self.io_type
+
+        class Context:
+            def __init__(self):
+                self.shape, self.addr = None, {}
+
+            def set_input_shape(self, name, shape):
+                self.shape = shape
+
+            def set_tensor_address(self, name, ptr):
+                self.addr[name] = ptr
+
+            def get_tensor_shape(self, name):
+                return (self.shape[0], 10)
+
+            def execute_async_v3(self, stream):
+                calls.append(("execute", self.shape, stream))
+                np_type = np.float32 if io_type == "DT_FLOAT" else np.float16
+                x = _view(self.addr["pixels"], self.shape, np_type)
+                out = _view(self.addr["logits"], (self.shape[0], 10), np_type)
+                out[:] = np.tile(x.mean(axis=(2, 3)), 4)[:, :10]
+                return True
+
+        return types.SimpleNamespace(get_tensor_dtype=lambda name: io_type, create_execution_context=Context)
 
 
 @pytest.fixture(scope="module")
@@ -290,6 +335,38 @@ def test_trt_backend_refused_without_gpu(trt_bundle, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.13.0", []))
     with pytest.raises(EngineError, match="backend tensorrt cannot run on cpu"):
         create_engine(trt_bundle, backend="tensorrt", device="cpu")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_cli_names_the_extra_for_a_missing_backend(trt_bundle, tmp_path):
+    res = CliRunner().invoke(cli, ["engine", "build", "-m", str(trt_bundle.path), "--backend", "tensorrt",
+                                   "--engine-dir", str(tmp_path)])
+    assert res.exit_code == 1
+    assert "pip install 'capsule-batch[tensorrt]'" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("version", ["10.13.0", "11.4.1"])
+def test_trt_engine_runs_on_tensor_addresses(tmp_path, trt_bundle, monkeypatch, version):
+    """The run path: shapes, addresses, dtype from the engine, stream handle, chunking, softmax."""
+    import capsule_batch.backends.trt_engine as trt_engine
+
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(version, calls))
+    monkeypatch.setattr(trt_engine, "gpu_info", lambda device: GPU)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=1234))
+    engine = trt_engine.TensorRTEngine(trt_bundle, device=torch.device("cpu"), precision="fp16", max_batch=8,
+                                       store=EngineStore(tmp_path))
+    assert engine.dtype == (torch.float32 if version.startswith("10") else torch.float16)
+    assert ("deserialize", b"PLAN-" + version.encode()) in calls
+    x = torch.rand(11, 3, 56, 56)
+    probs = engine.infer(x)
+    expected = torch.softmax(x.to(engine.dtype).float().mean(dim=(2, 3)).repeat(1, 4)[:, :10], -1)
+    assert probs.dtype == torch.float32 and probs.shape == (11, 10)
+    assert torch.allclose(probs, expected, atol=2e-3)
+    assert [c for c in calls if c[0] == "execute"] == [("execute", (8, 3, 56, 56), 1234),
+                                                       ("execute", (3, 3, 56, 56), 1234)]
+    assert engine.describe()["profile"] == {"min": 1, "opt": 8, "max": 8}
 
 
 # ---------------------------------------------------------------------------------------------

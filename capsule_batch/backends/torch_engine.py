@@ -4,6 +4,7 @@ fp32 runs the model exactly as built (no autocast: it is the reference every oth
 against). bf16/fp16 run under autocast with fp32 weights, which keeps LayerNorm and softmax in fp32.
 On CUDA, `cuda_graphs` captures one graph at `max_batch` (smaller batches are padded into its static
 input) or, with `compile`, uses torch.compile's `reduce-overhead` mode, which manages graphs itself.
+`compile_options` go to torch.compile as they are (e.g. {"mode": "max-autotune"}).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ class TorchEngine(Engine):
     precisions = {"cuda": ("bf16", "fp16", "fp32"), "cpu": ("fp32", "bf16", "fp16")}
 
     def __init__(self, bundle: ModelBundle, *, device: Any, precision: str, max_batch: int,
-                 compile: bool = False, cuda_graphs: bool = False, model: Any = None):
+                 compile: bool = False, cuda_graphs: bool = False, compile_options: dict[str, Any] | None = None,
+                 model: Any = None):
         import torch
 
         super().__init__(bundle, device=device, precision=precision, max_batch=max_batch)
@@ -37,8 +39,8 @@ class TorchEngine(Engine):
         module = (model if model is not None else bundle.create_model()).eval().to(self.device)
         self._module = module
         if compile:
-            mode = "reduce-overhead" if cuda_graphs else "default"
-            self._fn = torch.compile(module, mode=mode)
+            options = {"mode": "reduce-overhead" if cuda_graphs else "default", **(compile_options or {})}
+            self._fn = torch.compile(module, **options)
         else:
             self._fn = module
         self._graph: tuple[Any, Any, Any] | None = None
@@ -65,7 +67,8 @@ class TorchEngine(Engine):
 
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self._dtype)
+        # no weight-cast cache: each weight is used once per forward, and CUDA graph capture needs it off
+        return torch.autocast(self.device.type, dtype=self._dtype, cache_enabled=False)
 
     def _run(self, pixels: Any) -> Any:
         import torch
