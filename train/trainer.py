@@ -374,7 +374,7 @@ def _train(cfg: dict[str, Any], stage: str, dist: Dist, run_dir: Path,
             stats[0] += float(loss.detach()) * len(y)
             stats[1] += len(y)
             if dist.main and step % int(rc["log_every"]) == 0:
-                _logger.info("epoch %d step %d/%d loss %.4f", epoch, step, len(loader), float(loss))
+                _logger.info("epoch %d step %d/%d loss %.4f", epoch, step, len(loader), float(loss.detach()))
         if dist.active:
             torch.distributed.all_reduce(stats)
         probs, labels = predict_probs(model, prepared.val, classes, pre, batch_size=int(tc["eval_batch_size"]),
