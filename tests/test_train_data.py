@@ -171,7 +171,7 @@ def test_corrupt_images_are_counted_and_skipped(ce24: Path, tmp_path: Path, capl
     with caplog.at_level(logging.WARNING):
         prep = prepare_data(_cfg(root))
     assert len(prep.train) == total - 2
-    assert "2 of %d images are corrupt or unreadable: skipped" % total in caplog.text
+    assert f"2 of {total} images are corrupt or unreadable: skipped" in caplog.text
     assert all(str(v) in caplog.text for v in victims)
 
 

@@ -161,7 +161,8 @@ def test_pretrain_then_finetune_with_class_mapping(ce24: Path, tmp_path: Path,
     two = load_config(None, [*TINY, f"model.init={pre_dir}"])
     model2, info2 = build_model(two, ["lesion", "normal"])
     assert not info2["head_reused"] and model2.head.weight.shape[0] == 2
-    assert torch.equal(model2.state_dict()["blocks.0.attn.qkv.weight"], pre_model.state_dict()["blocks.0.attn.qkv.weight"])
+    key = "blocks.0.attn.qkv.weight"
+    assert torch.equal(model2.state_dict()[key], pre_model.state_dict()[key])
 
     ft = run_training(ft_cfg, "finetune")
     assert ft["val_count"] == 240
