@@ -118,6 +118,13 @@ def test_recording_frames_decode_exactly(tmp_path: Path) -> None:
     assert len({s.group for s in samples}) == 1  # one recording = one group
 
 
+def test_recording_as_frame_folder(tmp_path: Path) -> None:
+    res = synthesize(tmp_path / "rec", 12, codec="png", size=48, findings_per_1000=80, seed=4)
+    samples = D.read_spec({"kind": "recording", "frames": str(res.path), "labels": str(res.labels_csv)}, "r")
+    assert [Path(s.ref).name for s in samples] == [f"frame_{i}.png" for i in range(12)]
+    assert len({s.name for s in samples}) == 12 and len({s.group for s in samples}) == 1
+
+
 def _source_images(root: Path, labels: dict[str, str], n: int) -> None:
     """A labelled folder whose labels are the source's own names; pixels from the CE24 class given."""
     for k, (label, cls) in enumerate(labels.items()):

@@ -185,28 +185,42 @@ def read_seed_csv(spec: dict[str, Any], where: str) -> list[Sample]:
 
 @reader("recording")
 def read_recording(spec: dict[str, Any], where: str) -> list[Sample]:
-    video = Path(_need(spec, "video", where))
+    """Labelled frames of one recording: a video file (`video`, frames decoded by number) or a folder of
+    extracted frames (`frames` + `frame_pattern`, as Galar ships them), with a per-frame label CSV."""
     labels = Path(_need(spec, "labels", where))
-    if not video.is_file():
-        raise DataError(f"{video}: no such video")
     frame_col, label_col = spec.get("frame_column", "frame"), spec.get("label_column", "label")
     every = int(spec.get("every", 1))
     rows = _read_csv(labels)
     if rows and (frame_col not in rows[0] or label_col not in rows[0]):
         raise DataError(f"{labels}: needs columns {frame_col!r} and {label_col!r}, has {list(rows[0])}")
-    from train.video import frame_count
+    if spec.get("video"):
+        video = Path(spec["video"])
+        if not video.is_file():
+            raise DataError(f"{video}: no such video")
+        from train.video import frame_count
 
-    n = frame_count(video)
-    name = spec.get("name", video.stem)
-    group = f"{name}/{spec.get('group', video.stem)}"
+        n, stem = frame_count(video), video.stem
+    else:
+        folder = Path(_need(spec, "frames", where))
+        if not folder.is_dir():
+            raise DataError(f"{folder}: no such frame folder")
+        pattern, stem = spec.get("frame_pattern", "frame_{frame}.png"), folder.name
+    name = spec.get("name", stem)
+    group = f"{name}/{spec.get('group', stem)}"
     out = []
     for row in rows:
         i = int(row[frame_col])
         if i % every:
             continue
-        if not 0 <= i < n:
-            raise DataError(f"{labels}: frame {i} is outside {video} ({n} frames)")
-        out.append(Sample(str(video), row[label_col], group, name, f"{video.stem}_{i}.jpg", frame=i))
+        if spec.get("video"):
+            if not 0 <= i < n:
+                raise DataError(f"{labels}: frame {i} is outside {video} ({n} frames)")
+            out.append(Sample(str(video), row[label_col], group, name, f"{stem}_{i}.jpg", frame=i))
+        else:
+            p = folder / pattern.format(frame=i)
+            if not p.is_file():
+                raise DataError(f"{labels}: frame {i} has no file {p}")
+            out.append(Sample(str(p), row[label_col], group, name, f"{stem}_{p.name}"))
     return out
 
 
