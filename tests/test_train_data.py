@@ -123,6 +123,12 @@ def test_recording_as_frame_folder(tmp_path: Path) -> None:
     samples = D.read_spec({"kind": "recording", "frames": str(res.path), "labels": str(res.labels_csv)}, "r")
     assert [Path(s.ref).name for s in samples] == [f"frame_{i}.png" for i in range(12)]
     assert len({s.name for s in samples}) == 12 and len({s.group for s in samples}) == 1
+    # a metadata file covering several videos (Kvasir-Capsule style, ';'-separated): rows selected by video
+    meta = tmp_path / "metadata.csv"
+    meta.write_text("video_id;frame_number;finding_class\nrec;0;Normal\nother;1;Polyp\nrec;5;Ulcer\n")
+    got = D.read_spec({"kind": "recording", "frames": str(res.path), "labels": str(meta), "select": {"video_id": "rec"},
+                       "frame_column": "frame_number", "label_column": "finding_class"}, "r")
+    assert [(Path(s.ref).name, s.label) for s in got] == [("frame_0.png", "Normal"), ("frame_5.png", "Ulcer")]
 
 
 def _source_images(root: Path, labels: dict[str, str], n: int) -> None:

@@ -58,6 +58,7 @@ def test_metrics_equal_sklearn(ties: bool) -> None:
     assert m["score"] == pytest.approx((m["mean_auc"] + m["balanced_accuracy"]) / 2)
 
 
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
 def test_class_without_samples_is_reported_not_averaged() -> None:
     y, p = _predictions(200, 5, False)
     y[y == 9] = 0  # no Worms in this set

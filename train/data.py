@@ -186,13 +186,19 @@ def read_seed_csv(spec: dict[str, Any], where: str) -> list[Sample]:
 @reader("recording")
 def read_recording(spec: dict[str, Any], where: str) -> list[Sample]:
     """Labelled frames of one recording: a video file (`video`, frames decoded by number) or a folder of
-    extracted frames (`frames` + `frame_pattern`, as Galar ships them), with a per-frame label CSV."""
+    extracted frames (`frames` + `frame_pattern`, as Galar ships them), with a per-frame label CSV (`select`
+    keeps the rows of one video from a metadata file covering many, as Kvasir-Capsule's does)."""
     labels = Path(_need(spec, "labels", where))
     frame_col, label_col = spec.get("frame_column", "frame"), spec.get("label_column", "label")
     every = int(spec.get("every", 1))
     rows = _read_csv(labels)
     if rows and (frame_col not in rows[0] or label_col not in rows[0]):
         raise DataError(f"{labels}: needs columns {frame_col!r} and {label_col!r}, has {list(rows[0])}")
+    select = spec.get("select") or {}  # one metadata file for many videos: keep this video's rows
+    unknown = [k for k in select if rows and k not in rows[0]]
+    if unknown:
+        raise DataError(f"{labels}: select on missing columns {unknown}")
+    rows = [r for r in rows if all(r[k] == str(v) for k, v in select.items())]
     if spec.get("video"):
         video = Path(spec["video"])
         if not video.is_file():
