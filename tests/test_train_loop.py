@@ -170,8 +170,8 @@ def test_pretrain_then_finetune_with_class_mapping(ce24: Path, tmp_path: Path,
 
 
 def test_resume_continues_from_saved_epoch(ce24: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    run_dir = tmp_path / "r"
-    args = ce24_args(ce24, run_dir, "train.epochs=3", "train.samples_per_epoch=32")
+    run_dir = tmp_path / "r"  # bf16 autocast on CPU: the mixed-precision path
+    args = ce24_args(ce24, run_dir, "train.epochs=3", "train.samples_per_epoch=32", "run.precision=bf16")
 
     def interrupt(epoch: int, record: dict[str, Any]) -> None:
         if epoch == 1:
