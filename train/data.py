@@ -399,7 +399,9 @@ def grouped_split(samples: list[Sample], val_fraction: float, seed: int) -> tupl
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     tr, va = next(folds.split(np.zeros(len(samples)), y, g))
     train, val = [samples[i] for i in tr], [samples[i] for i in va]
-    assert not check_groups(train, val)
+    problems = check_groups(train, val)
+    if problems:  # StratifiedGroupKFold guarantees this; a wrong group key would break it
+        raise DataError("grouped split: " + "; ".join(problems))
     return train, val
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import random
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -249,7 +250,7 @@ def predict_probs(model: Any, samples: list[D.Sample], classes: list[str], pre: 
             with _autocast(device, dtype):
                 logits = model(x.to(device, non_blocking=True))
             prob_out.append(torch.softmax(logits.float(), 1).cpu().numpy())
-            idx_out.append(share_index(idx))
+            idx_out.append(idx.numpy().astype(np.int64))
     idx = np.concatenate(idx_out) if idx_out else np.zeros(0, np.int64)
     probs = np.concatenate(prob_out) if prob_out else np.zeros((0, len(classes)), np.float32)
     if dist.active:
@@ -262,10 +263,6 @@ def predict_probs(model: Any, samples: list[D.Sample], classes: list[str], pre: 
     if not np.array_equal(idx, np.arange(len(samples))):
         raise TrainError(f"scored {len(idx)} of {len(samples)} samples (or some twice): refusing partial metrics")
     return probs, ds.labels()
-
-
-def share_index(idx: Any) -> np.ndarray:
-    return idx.numpy().astype(np.int64)
 
 
 def _history(run_dir: Path) -> list[dict[str, Any]]:
@@ -308,6 +305,7 @@ def _train(cfg: dict[str, Any], stage: str, dist: Dist, run_dir: Path,
     rc, tc = cfg["run"], cfg["train"]
     torch.manual_seed(int(rc["seed"]) + dist.rank)
     np.random.seed(int(rc["seed"]) + dist.rank)
+    random.seed(int(rc["seed"]) + dist.rank)  # augmentations in the main process (run.workers=0)
 
     prepared = _broadcast(dist, prepare_data(cfg) if dist.main else None)
     classes = prepared.classes
