@@ -199,3 +199,15 @@ def test_cli_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
     assert err[-1].startswith("error: ") and "missing class folders ['Worms']" in err[-1]
     rc = main(["finetune", "train.epochz=1"])
     assert rc == 1 and "unknown config key 'train.epochz'" in capsys.readouterr().err
+
+
+def test_image_breaking_during_training_is_skipped_and_counted(ce24: Path, tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    shutil.copytree(ce24, root)
+    next((root / "training" / "Erosion").rglob("*.jpg")).write_bytes(b"broken after the up-front check")
+    args = ce24_args(root, tmp_path / "run", "train.epochs=1", "data.check_images=false",
+                     "train.balanced_sampling=false")  # a permutation: every training image drawn once
+    summary = run_training(load_config(None, args), "finetune")
+    history = json.loads((tmp_path / "run" / "history.jsonl").read_text())
+    assert history["train_skipped"] == 1 and history["train_samples"] == 239
+    assert summary["val_count"] == 240

@@ -265,6 +265,16 @@ def predict_probs(model: Any, samples: list[D.Sample], classes: list[str], pre: 
     return probs, ds.labels()
 
 
+def _any_rank(dist: Dist, flag: bool) -> bool:
+    if not dist.active:
+        return flag
+    import torch
+
+    t = torch.tensor([int(flag)], device=dist.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def _history(run_dir: Path) -> list[dict[str, Any]]:
     p = run_dir / "history.jsonl"
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
@@ -358,7 +368,7 @@ def _train(cfg: dict[str, Any], stage: str, dist: Dist, run_dir: Path,
         stats = torch.zeros(3, dtype=torch.float64)  # loss sum, samples, skipped
         for step, (x, y, _, skipped) in enumerate(loader):
             stats[2] += skipped
-            if x is None:
+            if _any_rank(dist, x is None):  # a wholly unreadable batch: every rank skips the step together
                 continue
             x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
             with _autocast(dist.device, dtype):
