@@ -130,8 +130,13 @@ def _read_ce24_xlsx(xlsx: Path, root: Path, base: Path, classes: list[str]) -> l
     out, absent = [], []
     for r, row in enumerate(rows[1:], start=2):
         rec = dict(zip(header, row, strict=False))
+        if rec.get("image_path") in (None, ""):
+            continue  # spreadsheets often end in blank rows
         rel = str(rec["image_path"]).replace("\\", "/")
-        hot = [c for c in classes if float(rec[c] or 0) == 1.0]
+        try:
+            hot = [c for c in classes if float(rec[c] or 0) == 1.0]
+        except (TypeError, ValueError):
+            raise DataError(f"{xlsx}: row {r} ({rel}): class columns must hold 0 or 1") from None
         if len(hot) != 1:
             raise DataError(f"{xlsx}: row {r} ({rel}) has {len(hot)} classes set, expected exactly one")
         path = next((p for p in (base / rel, root / rel, xlsx.parent / rel) if p.is_file()), None)
