@@ -1,0 +1,225 @@
+"""Training data: config layering, dataset readers, class mapping, grouped splits, leakage, bad input."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from capsule_batch.classes import CE24_CLASSES
+from capsule_batch.synth import read_stamp, synthesize
+from train import data as D
+from train.config import ConfigError, load_config, save_resolved
+from train.synthetic import class_frames, make_ce24_folder
+from train.trainer import prepare_data
+
+CLASSES = list(CE24_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def ce24(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ce24")
+    make_ce24_folder(root, per_class=4, recordings=2, size=48)
+    return root
+
+
+def _cfg(root: Path, *extra: str) -> dict:
+    return load_config(None, [f"data.train=[{{kind: ce24, root: '{root}', split: training}}]",
+                              f"data.val=[{{kind: ce24, root: '{root}', split: validation}}]", "run.workers=1", *extra])
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_config_layers_and_overrides(tmp_path: Path) -> None:
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("train:\n  lr: 1.0e-4\n  batch_size: 64\n")
+    cfg = load_config(exp, ["train.epochs=3", "model.model_args={depth: 2}", "model.model_args.img_size=64"])
+    assert cfg["train"]["lr"] == 1e-4 and cfg["train"]["batch_size"] == 64 and cfg["train"]["epochs"] == 3
+    assert cfg["train"]["eps"] == 1e-16  # untouched defaults survive
+    assert cfg["model"]["model_args"] == {"depth": 2, "img_size": 64}
+    with pytest.raises(ConfigError, match="unknown config key 'train.lrr'"):
+        load_config(None, ["train.lrr=1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trian:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match="unknown config key 'trian'"):
+        load_config(bad)
+    save_resolved(cfg, tmp_path, "finetune")
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 3 and saved["meta"]["stage"] == "finetune"
+    assert saved["meta"]["git_revision"]
+
+
+def test_shipped_experiment_files_only_hold_known_keys() -> None:
+    configs = Path(__file__).parent.parent / "train" / "configs"
+    ft = load_config(configs / "ce24_finetune.yaml")
+    pt = load_config(configs / "ee24_pretrain.yaml")
+    assert ft["train"]["lr"] == 1e-6 and ft["train"]["batch_size"] == 128
+    assert pt["train"]["lr"] == 1e-4 and pt["train"]["batch_size"] == 64
+    assert ft["train"]["grad_clip"] == 0.5 and ft["train"]["optimizer"] == "adabelief"
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+
+def test_ce24_folder_and_xlsx_agree(ce24: Path) -> None:
+    folder = D.read_spec({"kind": "ce24", "root": str(ce24), "split": "validation"}, "v")
+    xlsx = D.read_spec({"kind": "ce24", "root": str(ce24), "split": "validation",
+                        "xlsx": str(ce24 / "validation_data.xlsx")}, "v")
+    assert sorted((s.ref, s.label) for s in folder) == sorted((s.ref, s.label) for s in xlsx)
+    assert {s.label for s in folder} == set(CLASSES)
+    assert {s.source for s in folder} == {"KID", "KVASIR"}
+
+
+def test_missing_class_folder_is_named(ce24: Path, tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    shutil.copytree(ce24 / "training", root / "training")
+    shutil.rmtree(root / "training" / "Worms")
+    with pytest.raises(D.DataError, match=r"missing class folders \['Worms'\]"):
+        D.read_spec({"kind": "ce24", "root": str(root)}, "data.train.0")
+    got = D.read_spec({"kind": "ce24", "root": str(root), "allow_missing_classes": True}, "data.train.0")
+    assert "Worms" not in {s.label for s in got}
+
+
+def test_seed_csv_reader_selects_folds(tmp_path: Path) -> None:
+    rows = []
+    for k, (cls, patient) in enumerate([("Polyp", "p1"), ("Normal", "p1"), ("Ulcer", "p2"), ("Normal", "p3")]):
+        (tmp_path / "img").mkdir(exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), k * 40, np.uint8)).save(tmp_path / "img" / f"{k}.png")
+        rows.append(["kvasir", patient, f"img/{k}.png", f"kv_{k}.png", cls, k % 2, cls.lower()])
+    path = tmp_path / "seed.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["dataset", "patient_id", "frame_path", "proposed_name", "class", "fold", "original_class"])
+        w.writerows(rows)
+    got = D.read_spec({"kind": "seed_csv", "path": str(path), "folds": [0]}, "d")
+    assert [(s.label, s.group) for s in got] == [("Polyp", "kvasir/p1"), ("Ulcer", "kvasir/p2")]
+    assert Path(got[0].ref).is_file()
+    orig = D.read_spec({"kind": "seed_csv", "path": str(path), "label_column": "original_class"}, "d")
+    assert orig[0].label == "polyp"
+
+
+def test_recording_frames_decode_exactly(tmp_path: Path) -> None:
+    res = synthesize(tmp_path / "rec.mp4", 40, size=64, stamp=True, findings_per_1000=60, seed=2)
+    samples = D.read_spec({"kind": "recording", "video": str(res.path), "labels": str(res.labels_csv),
+                           "every": 3}, "r")
+    assert [s.frame for s in samples] == list(range(0, 40, 3))
+    truth = {int(r["frame"]): r["label"] for r in csv.DictReader(open(res.labels_csv))}
+    for s in samples[::-1]:  # backwards: every read is a real seek
+        assert read_stamp(np.asarray(D.load_rgb(s))) == s.frame
+        assert s.label == truth[s.frame]
+    assert len({s.group for s in samples}) == 1  # one recording = one group
+
+
+def test_recording_as_frame_folder(tmp_path: Path) -> None:
+    res = synthesize(tmp_path / "rec", 12, codec="png", size=48, findings_per_1000=80, seed=4)
+    samples = D.read_spec({"kind": "recording", "frames": str(res.path), "labels": str(res.labels_csv)}, "r")
+    assert [Path(s.ref).name for s in samples] == [f"frame_{i}.png" for i in range(12)]
+    assert len({s.name for s in samples}) == 12 and len({s.group for s in samples}) == 1
+    # a metadata file covering several videos (Kvasir-Capsule style, ';'-separated): rows selected by video
+    meta = tmp_path / "metadata.csv"
+    meta.write_text("video_id;frame_number;finding_class\nrec;0;Normal\nother;1;Polyp\nrec;5;Ulcer\n")
+    got = D.read_spec({"kind": "recording", "frames": str(res.path), "labels": str(meta), "select": {"video_id": "rec"},
+                       "frame_column": "frame_number", "label_column": "finding_class"}, "r")
+    assert [(Path(s.ref).name, s.label) for s in got] == [("frame_0.png", "Normal"), ("frame_5.png", "Ulcer")]
+
+
+def _source_images(root: Path, labels: dict[str, str], n: int) -> None:
+    """A labelled folder whose labels are the source's own names; pixels from the CE24 class given."""
+    for k, (label, cls) in enumerate(labels.items()):
+        (root / label).mkdir(parents=True)
+        for i, img in class_frames(cls, n, 48, 1000 + k):
+            Image.fromarray(img).save(root / label / f"{root.name}{k}_{i}.png")
+
+
+def test_merged_sources_through_mapping_count_unmapped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _source_images(tmp_path / "a", {"blood": "Bleeding", "clean": "Normal", "tattoo": "Foreign Body"}, 3)
+    _source_images(tmp_path / "b", {"Hemorrhage": "Bleeding", "polyp": "Polyp", "bubbles": "Normal"}, 3)
+    mapping = tmp_path / "map.csv"
+    mapping.write_text("source,label,ce24,coarse\nA,blood,Bleeding,lesion\nA,clean,Normal,normal\n"
+                       "B,Hemorrhage,Bleeding,lesion\nB,polyp,Polyp,lesion\nB,bubbles,-,-\n")
+    spec = {"kind": "merged", "mapping": str(mapping), "granularity": "ce24",
+            "sources": [{"name": "A", "kind": "folder", "root": str(tmp_path / "a")},
+                        {"name": "B", "kind": "folder", "root": str(tmp_path / "b")}]}
+    with caplog.at_level(logging.INFO, logger="train.data"):
+        got = D.build_samples([spec], CLASSES, "data.train")
+    assert {(s.source, s.label) for s in got} == {("A", "Bleeding"), ("A", "Normal"), ("B", "Bleeding"),
+                                                  ("B", "Polyp")}
+    assert len(got) == 12
+    assert "3 images of A label 'tattoo' are not in the mapping: excluded" in caplog.text
+    assert "12 images mapped, 3 unmapped (excluded), 3 excluded by mapping" in caplog.text
+    coarse = D.build_samples([{**spec, "granularity": "coarse"}], ["lesion", "normal"], "data.train")
+    assert sorted({s.label for s in coarse}) == ["lesion", "normal"]
+
+
+def test_labels_outside_the_class_set_are_refused(tmp_path: Path) -> None:
+    _source_images(tmp_path / "a", {"blood": "Bleeding"}, 2)
+    with pytest.raises(D.DataError, match=r"labels not in the class set: 'blood' \(2\)"):
+        D.build_samples([{"kind": "folder", "root": str(tmp_path / "a")}], CLASSES, "data.train")
+    mapping = tmp_path / "map.csv"
+    mapping.write_text("source,label,ce24\nA,blood,Haemorrhage\n")
+    spec = {"kind": "merged", "mapping": str(mapping), "granularity": "ce24",
+            "sources": [{"name": "A", "kind": "folder", "root": str(tmp_path / "a")}]}
+    with pytest.raises(D.DataError, match="'Haemorrhage'"):
+        D.build_samples([spec], CLASSES, "data.train")
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def test_corrupt_images_are_counted_and_skipped(ce24: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "c"
+    shutil.copytree(ce24, root)
+    victims = sorted((root / "training" / "Polyp").rglob("*.jpg"))[:2]
+    victims[0].write_bytes(b"not a jpeg")
+    victims[1].write_bytes(victims[1].read_bytes()[:100])  # truncated
+    total = len(list((root / "training").rglob("*.jpg")))
+    with caplog.at_level(logging.WARNING):
+        prep = prepare_data(_cfg(root))
+    assert len(prep.train) == total - 2
+    assert f"2 of {total} images are corrupt or unreadable: skipped" in caplog.text
+    assert all(str(v) in caplog.text for v in victims)
+
+
+def test_empty_split_is_a_clear_error(ce24: Path) -> None:
+    cfg = _cfg(ce24)
+    cfg["data"]["val"] = []
+    with pytest.raises(D.DataError, match="validation set is empty: give data.val datasets or data.val_fraction"):
+        prepare_data(cfg)
+    cfg["data"]["train"] = []
+    with pytest.raises(D.DataError, match="training set is empty"):
+        prepare_data(cfg)
+
+
+def test_leakage_by_name_and_by_pixels(ce24: Path, tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    shutil.copytree(ce24, root)
+    src = sorted((root / "training" / "Ulcer").rglob("*.jpg"))[0]
+    dst = root / "validation" / "Ulcer" / "KID"
+    shutil.copy(src, dst / src.name)
+    with pytest.raises(D.DataError, match="1 file names in both train and val"):
+        prepare_data(_cfg(root))
+    (dst / src.name).unlink()
+    Image.open(src).save(dst / "renamed_copy.png")  # same pixels, other name and format
+    with pytest.raises(D.DataError, match="1 images with the same pixels in both train and val"):
+        prepare_data(_cfg(root))
+
+
+def test_grouped_split_is_stratified_and_keeps_groups_apart() -> None:
+    rng = np.random.default_rng(0)
+    samples = [D.Sample(f"/x/{g}_{i}.jpg", CLASSES[g % 4], f"p{g}", "s", f"{g}_{i}.jpg")
+               for g in range(40) for i in range(int(rng.integers(2, 9)))]
+    train, val = D.grouped_split(samples, 0.25, seed=1)
+    assert len(train) + len(val) == len(samples)
+    assert not {s.group for s in train} & {s.group for s in val}
+    for c in CLASSES[:4]:
+        assert any(s.label == c for s in val) and any(s.label == c for s in train)
+    with pytest.raises(D.DataError, match="cannot split 1 patients"):
+        D.grouped_split(samples[:3], 0.25, seed=1)

@@ -1,0 +1,146 @@
+"""evaluate / calibrate / predict: work on a finished bundle, with the bundle's own preprocessing."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from capsule_batch.bundle import ModelBundle, save_bundle
+from capsule_batch.devices import resolve_device
+from train import data as D
+from train.metrics import calibrate_thresholds, compute_metrics, save_plots
+from train.trainer import TrainError, _precision, predict_probs
+
+_logger = logging.getLogger(__name__)
+
+
+def _bundle(cfg: dict[str, Any], section: str) -> ModelBundle:
+    path = cfg[section].get("bundle")
+    if not path:
+        raise TrainError(f"{section}.bundle: give the bundle folder ({section}.bundle=PATH)")
+    p = Path(path)
+    if (p / "bundle" / "model.json").is_file():
+        p = p / "bundle"  # a run folder
+    return ModelBundle.load(p)
+
+
+def _score(cfg: dict[str, Any], bundle: ModelBundle, samples: list[D.Sample]) -> np.ndarray:
+    device = resolve_device(cfg["run"]["device"])
+    model = bundle.create_model().to(device)
+    probs, _ = predict_probs(model, samples, bundle.class_names, bundle.preprocess,
+                             batch_size=int(cfg["train"]["eval_batch_size"]), device=device,
+                             dtype=_precision(cfg["run"]["precision"], device), workers=int(cfg["run"]["workers"]))
+    return probs
+
+
+def _labelled_set(cfg: dict[str, Any], classes: list[str], section: str) -> list[D.Sample]:
+    samples = D.build_samples(cfg["data"].get("val") or [], classes, "data.val")
+    if cfg["data"].get("check_images", True):
+        samples, _ = D.check_images(samples, int(cfg["run"]["workers"]) or 1)
+    if not samples:
+        raise D.DataError(f"{section}: the evaluation set is empty (data.val lists no readable images)")
+    return samples
+
+
+def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Challenge metrics, per-class table, predictions and plots for the bundle on data.val."""
+    bundle = _bundle(cfg, "evaluate")
+    samples = _labelled_set(cfg, bundle.class_names, "evaluate")
+    probs = _score(cfg, bundle, samples)
+    idx = {c: i for i, c in enumerate(bundle.class_names)}
+    labels = np.asarray([idx[s.label] for s in samples])
+    m = compute_metrics(labels, probs, bundle.class_names)
+    out = Path(cfg["evaluate"].get("out") or bundle.path.parent / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(m, indent=2), encoding="utf-8")
+    with open(out / "per_class.csv", "w", newline="", encoding="utf-8") as fh:
+        cols = list(next(iter(m["per_class"].values())))
+        w = csv.writer(fh)
+        w.writerow(["class", *cols])
+        for name, row in m["per_class"].items():
+            w.writerow([name, *[row[c] for c in cols]])
+    with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "frame", "label", *bundle.class_names])
+        for s, p in zip(samples, probs, strict=True):
+            w.writerow([s.ref, "" if s.frame is None else s.frame, s.label, *[f"{v:.6f}" for v in p]])
+    save_plots(labels, probs, bundle.class_names, out)
+    _logger.info("evaluated %d images: balanced accuracy %.4f, mean AUC %s -> %s", m["count"],
+                 m["balanced_accuracy"], m["mean_auc"], out)
+    return m
+
+
+def calibrate(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Per-class thresholds reaching the target sensitivity on data.val, written into the bundle."""
+    bundle = _bundle(cfg, "calibrate")
+    samples = _labelled_set(cfg, bundle.class_names, "calibrate")
+    probs = _score(cfg, bundle, samples)
+    idx = {c: i for i, c in enumerate(bundle.class_names)}
+    labels = np.asarray([idx[s.label] for s in samples])
+    target = float(cfg["calibrate"]["target_sensitivity"])
+    skip = (bundle.normal_class,) if bundle.normal_class else ()
+    table = calibrate_thresholds(labels, probs, bundle.class_names, target, skip=skip)
+    if not table:
+        raise D.DataError("calibrate: no class other than the normal class has positives in data.val")
+    missing = [c for c in bundle.class_names if c not in table and c not in skip]
+    if missing:
+        _logger.warning("no validation positives for %s: no threshold (those classes flag on argmax)", missing)
+    thresholds = {c: table[c]["threshold"] for c in table}
+    flagged = np.zeros(len(samples), bool)
+    for c, t in thresholds.items():
+        flagged |= probs[:, idx[c]] >= t
+    report = {"target_sensitivity": target, "count": len(samples), "classes": table,
+              "overall_flag_rate": float(flagged.mean())}
+    from safetensors.torch import load_file
+
+    bundle.verify_weights()
+    sd = load_file(str(bundle.weights_path))
+    prov = dict(bundle.provenance)
+    prov["calibration"] = {"target_sensitivity": target, "count": len(samples),
+                           "overall_flag_rate": report["overall_flag_rate"]}
+    save_bundle(bundle.path, sd, arch=bundle.arch, class_names=bundle.class_names, preprocess=bundle.preprocess,
+                normal_class=bundle.normal_class, thresholds=thresholds, model_args=bundle.model_args,
+                provenance=prov, overwrite=True)
+    (bundle.path.parent / "calibration.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    for c, row in table.items():
+        _logger.info("%-18s threshold %.4f sensitivity %.3f flag rate %.4f", c, row["threshold"],
+                     row["sensitivity"], row["flag_rate"])
+    _logger.info("all classes together flag %.2f%% of %d frames", 100 * report["overall_flag_rate"], len(samples))
+    return report
+
+
+def predict(cfg: dict[str, Any]) -> Path:
+    """A CE24 submission xlsx: image_path (file name), one probability column per class, predicted_class."""
+    import openpyxl
+
+    bundle = _bundle(cfg, "predict")
+    images = cfg["predict"].get("images")
+    if not images:
+        raise TrainError("predict.images: give a folder of images (e.g. CE24 testing/Images)")
+    folder = Path(images)
+    if not folder.is_dir():
+        raise D.DataError(f"{folder}: no such folder")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in D.IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise D.DataError(f"{folder}: no images")
+    label = bundle.class_names[0]  # unlabelled: any valid class name serves the dataset
+    samples = [D.Sample(str(p), label, "", "", p.name) for p in paths]
+    unreadable = len(samples) - len(D.check_images(samples, int(cfg["run"]["workers"]) or 1)[0])
+    if unreadable:
+        raise D.DataError(f"{folder}: {unreadable} images cannot be read; a submission must score every image")
+    probs = _score(cfg, bundle, samples)
+    out = Path(cfg["predict"]["out"])
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    ws.append(["image_path", *bundle.class_names, "predicted_class"])
+    for s, p in zip(samples, probs, strict=True):
+        ws.append([s.name, *[float(v) for v in p], bundle.class_names[int(p.argmax())]])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    wb.save(out)
+    _logger.info("wrote %s (%d images)", out, len(samples))
+    return out

@@ -1,0 +1,457 @@
+"""Datasets for training: readers for each input format, class mapping, grouped splits, leakage checks.
+
+Every reader turns a dataset spec (a mapping from the config, `kind` picks the reader) into `Sample`s
+with the dataset's own labels; `build_samples` then maps them onto the target class set. Formats:
+- `ce24`: the Capsule Vision 2024 layout `<root>/<split>/<Class>/<Source>/*.jpg`, optionally with the
+  official ground-truth xlsx (`image_path, Dataset, <10 one-hot class columns>`);
+- `seed_csv`: the seed's CSV (`dataset, patient_id, frame_path, proposed_name, class, fold, original_class`);
+- `folder`: `<root>/<label>/**/*.jpg` for any labelled image collection;
+- `recording`: frames inside a video, by frame number, with a per-frame label CSV (Kvasir-Capsule's
+  metadata, Galar's per-frame CSVs, capsule_batch.synth's `<stem>.labels.csv`);
+- `merged`: several of the above plus a class-mapping CSV (EE24-style corpora).
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import hashlib
+import logging
+import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from capsule_batch.classes import CE24_CLASSES, resolve_classes, validate_class_names
+from capsule_batch.errors import CapsuleError
+
+_logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+EXCLUDE_TARGETS = ("", "-", "exclude")
+
+
+class DataError(CapsuleError):
+    """A dataset, split or class mapping that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image: a file, or frame `frame` of the video `ref`."""
+
+    ref: str
+    label: str  # the dataset's own label until mapped, then a target class name
+    group: str  # patient or recording: never on both sides of a split
+    source: str
+    name: str  # file name, as in the CE24 xlsx and submissions
+    frame: int | None = None
+
+
+def load_rgb(sample: Sample) -> Any:
+    """The sample's pixels as an RGB PIL image (raises on an unreadable file)."""
+    from PIL import Image
+
+    if sample.frame is not None:
+        from train.video import read_frame
+
+        return Image.fromarray(read_frame(sample.ref, sample.frame))
+    with Image.open(sample.ref) as im:
+        return im.convert("RGB")
+
+
+# ----------------------------------------------------------------------------------------------
+# Readers
+
+Reader = Callable[[dict[str, Any], str], list[Sample]]
+READERS: dict[str, Reader] = {}
+
+
+def reader(kind: str) -> Callable[[Reader], Reader]:
+    def deco(fn: Reader) -> Reader:
+        READERS[kind] = fn
+        return fn
+
+    return deco
+
+
+def _need(spec: dict[str, Any], key: str, where: str) -> Any:
+    if spec.get(key) in (None, ""):
+        raise DataError(f"{where}: dataset spec needs '{key}'")
+    return spec[key]
+
+
+def _group_of(stem: str) -> str:
+    """A recording id from a frame file name: Kvasir-Capsule's `<video>_<frame>` loses its frame number."""
+    return re.sub(r"[_-]?\d+$", "", stem) or stem
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+@reader("ce24")
+def read_ce24(spec: dict[str, Any], where: str) -> list[Sample]:
+    root = Path(_need(spec, "root", where))
+    split = spec.get("split", "training")
+    base = root / split
+    if not base.is_dir():
+        raise DataError(f"{base}: no such folder (CE24 layout: <root>/{split}/<Class>/<Source>/*.jpg)")
+    classes = list(spec.get("classes") or CE24_CLASSES)
+    present = sorted(p.name for p in base.iterdir() if p.is_dir())
+    missing = [c for c in classes if c not in present]
+    extra = [c for c in present if c not in classes]
+    if extra:
+        raise DataError(f"{base}: unexpected class folders {extra} (expected {classes})")
+    if missing and not spec.get("allow_missing_classes", False):
+        raise DataError(f"{base}: missing class folders {missing} (set allow_missing_classes: true to accept)")
+    if spec.get("xlsx"):
+        return _read_ce24_xlsx(Path(spec["xlsx"]), root, base, classes)
+    out = []
+    for cls in classes:
+        for p in _images_under(base / cls):
+            rel = p.relative_to(base / cls)
+            source = rel.parts[0] if len(rel.parts) > 1 else "unknown"
+            out.append(Sample(str(p), cls, f"{source}/{_group_of(p.stem)}", source, p.name))
+    return out
+
+
+def _read_ce24_xlsx(xlsx: Path, root: Path, base: Path, classes: list[str]) -> list[Sample]:
+    rows = read_xlsx(xlsx)
+    if not rows:
+        raise DataError(f"{xlsx}: no rows")
+    header = list(rows[0])
+    missing = [c for c in ["image_path", *classes] if c not in header]
+    if missing:
+        raise DataError(f"{xlsx}: missing columns {missing}")
+    out, absent = [], []
+    for r, row in enumerate(rows[1:], start=2):
+        rec = dict(zip(header, row, strict=False))
+        if rec.get("image_path") in (None, ""):
+            continue  # spreadsheets often end in blank rows
+        rel = str(rec["image_path"]).replace("\\", "/")
+        try:
+            hot = [c for c in classes if float(rec[c] or 0) == 1.0]
+        except (TypeError, ValueError):
+            raise DataError(f"{xlsx}: row {r} ({rel}): class columns must hold 0 or 1") from None
+        if len(hot) != 1:
+            raise DataError(f"{xlsx}: row {r} ({rel}) has {len(hot)} classes set, expected exactly one")
+        path = next((p for p in (base / rel, root / rel, xlsx.parent / rel) if p.is_file()), None)
+        if path is None:
+            absent.append(rel)
+            continue
+        source = str(rec.get("Dataset") or (Path(rel).parts[-2] if len(Path(rel).parts) > 1 else "unknown"))
+        out.append(Sample(str(path), hot[0], f"{source}/{_group_of(path.stem)}", source, path.name))
+    if absent:
+        raise DataError(f"{xlsx}: {len(absent)} listed images not found under {base} (first: {absent[0]})")
+    return out
+
+
+@reader("folder")
+def read_folder(spec: dict[str, Any], where: str) -> list[Sample]:
+    root = Path(_need(spec, "root", where))
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder")
+    name = spec.get("name", root.name)
+    out = []
+    for p in _images_under(root):
+        rel = p.relative_to(root)
+        if len(rel.parts) < 2:
+            raise DataError(f"{p}: images must lie in <root>/<label>/ folders")
+        out.append(Sample(str(p), rel.parts[0], f"{name}/{_group_of(p.stem)}", name, p.name))
+    return out
+
+
+@reader("seed_csv")
+def read_seed_csv(spec: dict[str, Any], where: str) -> list[Sample]:
+    path = Path(_need(spec, "path", where))
+    root = Path(spec.get("root") or path.parent)
+    label_col = spec.get("label_column", "class")
+    folds = spec.get("folds")
+    folds = None if folds is None else {str(f) for f in (folds if isinstance(folds, list) else [folds])}
+    rows = _read_csv(path)
+    need = ["dataset", "patient_id", "frame_path", label_col] + (["fold"] if folds else [])
+    missing = [c for c in need if rows and c not in rows[0]]
+    if missing:
+        raise DataError(f"{path}: missing columns {missing}")
+    out = []
+    for row in rows:
+        if folds is not None and str(row["fold"]).strip() not in folds:
+            continue
+        p = Path(row["frame_path"])
+        p = p if p.is_absolute() else root / p
+        ds = row["dataset"]
+        out.append(Sample(str(p), row[label_col], f"{ds}/{row['patient_id']}", spec.get("name", ds), p.name))
+    return out
+
+
+@reader("recording")
+def read_recording(spec: dict[str, Any], where: str) -> list[Sample]:
+    """Labelled frames of one recording: a video file (`video`, frames decoded by number) or a folder of
+    extracted frames (`frames` + `frame_pattern`, as Galar ships them), with a per-frame label CSV (`select`
+    keeps the rows of one video from a metadata file covering many, as Kvasir-Capsule's does)."""
+    labels = Path(_need(spec, "labels", where))
+    frame_col, label_col = spec.get("frame_column", "frame"), spec.get("label_column", "label")
+    every = int(spec.get("every", 1))
+    rows = _read_csv(labels)
+    if rows and (frame_col not in rows[0] or label_col not in rows[0]):
+        raise DataError(f"{labels}: needs columns {frame_col!r} and {label_col!r}, has {list(rows[0])}")
+    select = spec.get("select") or {}  # one metadata file for many videos: keep this video's rows
+    unknown = [k for k in select if rows and k not in rows[0]]
+    if unknown:
+        raise DataError(f"{labels}: select on missing columns {unknown}")
+    rows = [r for r in rows if all(r[k] == str(v) for k, v in select.items())]
+    if spec.get("video"):
+        video = Path(spec["video"])
+        if not video.is_file():
+            raise DataError(f"{video}: no such video")
+        from train.video import frame_count
+
+        n, stem = frame_count(video), video.stem
+    else:
+        folder = Path(_need(spec, "frames", where))
+        if not folder.is_dir():
+            raise DataError(f"{folder}: no such frame folder")
+        pattern, stem = spec.get("frame_pattern", "frame_{frame}.png"), folder.name
+    name = spec.get("name", stem)
+    group = f"{name}/{spec.get('group', stem)}"
+    out = []
+    for row in rows:
+        i = int(row[frame_col])
+        if i % every:
+            continue
+        if spec.get("video"):
+            if not 0 <= i < n:
+                raise DataError(f"{labels}: frame {i} is outside {video} ({n} frames)")
+            out.append(Sample(str(video), row[label_col], group, name, f"{stem}_{i}.jpg", frame=i))
+        else:
+            p = folder / pattern.format(frame=i)
+            if not p.is_file():
+                raise DataError(f"{labels}: frame {i} has no file {p}")
+            out.append(Sample(str(p), row[label_col], group, name, f"{stem}_{p.name}"))
+    return out
+
+
+@reader("merged")
+def read_merged(spec: dict[str, Any], where: str) -> list[Sample]:
+    """Several sources relabelled through a mapping CSV (`source, label, <one column per granularity>`).
+
+    Labels without a row are excluded and counted (never relabelled); a row whose target is empty or `-`
+    excludes that label on purpose.
+    """
+    mapping_path = Path(_need(spec, "mapping", where))
+    granularity = _need(spec, "granularity", where)
+    rows = _read_csv(mapping_path)
+    if not rows or not {"source", "label", granularity} <= set(rows[0]):
+        have = list(rows[0]) if rows else []
+        raise DataError(f"{mapping_path}: needs columns source, label, {granularity} (has {have})")
+    table: dict[tuple[str, str], str] = {}
+    for row in rows:
+        key = (row["source"].strip(), row["label"].strip())
+        if key in table and table[key] != row[granularity].strip():
+            raise DataError(f"{mapping_path}: {key} is mapped twice")
+        table[key] = row[granularity].strip()
+    sources = spec.get("sources") or []
+    if not sources:
+        raise DataError(f"{where}: a merged dataset needs 'sources'")
+    out: list[Sample] = []
+    unmapped: collections.Counter[tuple[str, str]] = collections.Counter()
+    excluded: collections.Counter[tuple[str, str]] = collections.Counter()
+    for k, sub in enumerate(sources):
+        name = _need(sub, "name", f"{where}.sources.{k}")
+        for s in read_spec({**sub}, f"{where}.sources.{k}"):
+            target = table.get((name, s.label))
+            if target is None:
+                unmapped[(name, s.label)] += 1
+            elif target.lower() in EXCLUDE_TARGETS:
+                excluded[(name, s.label)] += 1
+            else:
+                out.append(replace(s, label=target, source=name, group=f"{name}/{s.group}"))
+    for (src, lab), n in sorted(unmapped.items()):
+        _logger.warning("%s: %d images of %s label %r are not in the mapping: excluded", mapping_path, n, src, lab)
+    if excluded:
+        _logger.info("%s: %d images excluded by the mapping", mapping_path, sum(excluded.values()))
+    _logger.info("%s: %d images mapped, %d unmapped (excluded), %d excluded by mapping", mapping_path, len(out),
+                 sum(unmapped.values()), sum(excluded.values()))
+    return out
+
+
+def read_spec(spec: dict[str, Any], where: str) -> list[Sample]:
+    if not isinstance(spec, dict) or "kind" not in spec:
+        raise DataError(f"{where}: a dataset spec is a mapping with 'kind' ({', '.join(READERS)})")
+    fn = READERS.get(spec["kind"])
+    if fn is None:
+        raise DataError(f"{where}: unknown dataset kind {spec['kind']!r} (choose from {', '.join(READERS)})")
+    return fn(spec, where)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from e
+    try:
+        dialect = csv.Sniffer().sniff(text.splitlines()[0] if text else ",", delimiters=",;\t")
+    except csv.Error:
+        dialect = csv.excel
+    return [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in csv.DictReader(text.splitlines(),
+                                                                                             dialect=dialect)]
+
+
+def read_xlsx(path: Path) -> list[tuple[Any, ...]]:
+    """All rows of the first sheet (header first)."""
+    try:
+        import openpyxl
+    except ImportError:
+        from capsule_batch.errors import MissingPackageError
+
+        raise MissingPackageError("openpyxl", "train", "reading CE24 xlsx files") from None
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    except Exception as e:  # openpyxl raises many types for a broken file
+        raise DataError(f"{path}: not a readable xlsx file ({e})") from e
+    try:
+        return [tuple(r) for r in wb.worksheets[0].iter_rows(values_only=True)]
+    finally:
+        wb.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Class sets, mapping onto them, checks
+
+
+def class_list(spec: Any) -> list[str]:
+    if isinstance(spec, list):
+        return validate_class_names(spec, "data.classes")
+    return resolve_classes(str(spec))
+
+
+def build_samples(specs: list[dict[str, Any]], classes: list[str], where: str) -> list[Sample]:
+    """Read every spec of one set; a label outside the class set is an error naming it (map it instead)."""
+    out: list[Sample] = []
+    for k, spec in enumerate(specs or []):
+        samples = read_spec(spec, f"{where}.{k}")
+        bad = collections.Counter(s.label for s in samples if s.label not in classes)
+        if bad:
+            shown = ", ".join(f"{lab!r} ({n})" for lab, n in bad.most_common(5))
+            raise DataError(f"{where}.{k}: labels not in the class set: {shown} -- use a 'merged' dataset with a "
+                            "mapping file to relabel or exclude them")
+        out.extend(samples)
+    return out
+
+
+def check_images(samples: list[Sample], workers: int = 4) -> tuple[list[Sample], list[str]]:
+    """Decode every sample once; return the readable ones and their pixel hashes. Corrupt ones are
+    counted and skipped (logged), so every later count refers to images that can be scored."""
+
+    def one(s: Sample) -> str | None:
+        try:
+            arr = np.asarray(load_rgb(s))
+        except Exception as e:  # any decoder error means the same thing: this image cannot be used
+            _logger.warning("skipping unreadable image %s%s: %s", s.ref, "" if s.frame is None else f"#{s.frame}", e)
+            return None
+        return hashlib.sha1(arr.tobytes() + str(arr.shape).encode()).hexdigest()
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        hashes = list(pool.map(one, samples))
+    good = [(s, h) for s, h in zip(samples, hashes, strict=True) if h is not None]
+    bad = len(samples) - len(good)
+    if bad:
+        _logger.warning("%d of %d images are corrupt or unreadable: skipped", bad, len(samples))
+    return [s for s, _ in good], [h for _, h in good]
+
+
+def check_leakage(a: list[Sample], b: list[Sample], a_hash: list[str] | None = None,
+                  b_hash: list[str] | None = None, names: tuple[str, str] = ("train", "val")) -> list[str]:
+    """Problems (empty when clean): a file name, a group, or pixel content present in both sets."""
+    problems = []
+    same_names = sorted({s.name for s in a} & {s.name for s in b})
+    if same_names:
+        problems.append(f"{len(same_names)} file names in both {names[0]} and {names[1]} (e.g. {same_names[0]})")
+    if a_hash is not None and b_hash is not None:
+        same_px = set(a_hash) & set(b_hash)
+        if same_px:
+            ex = next(s.ref for s, h in zip(b, b_hash, strict=True) if h in same_px)
+            problems.append(f"{len(same_px)} images with the same pixels in both {names[0]} and {names[1]} (e.g. {ex})")
+    return problems
+
+
+def check_groups(a: list[Sample], b: list[Sample]) -> list[str]:
+    both = sorted({s.group for s in a} & {s.group for s in b})
+    return [f"{len(both)} patients/recordings on both sides of the split (e.g. {both[0]})"] if both else []
+
+
+def grouped_split(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """A stratified split that keeps every patient/recording on one side (sklearn StratifiedGroupKFold)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if not 0 < val_fraction < 1:
+        raise DataError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+    groups = sorted({s.group for s in samples})
+    n_splits = max(2, round(1 / val_fraction))
+    if len(groups) < n_splits:
+        raise DataError(f"cannot split {len(groups)} patients/recordings into a {val_fraction:.0%} validation part "
+                        f"(needs at least {n_splits})")
+    y = [s.label for s in samples]
+    g = [s.group for s in samples]
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    tr, va = next(folds.split(np.zeros(len(samples)), y, g))
+    train, val = [samples[i] for i in tr], [samples[i] for i in va]
+    problems = check_groups(train, val)
+    if problems:  # StratifiedGroupKFold guarantees this; a wrong group key would break it
+        raise DataError("grouped split: " + "; ".join(problems))
+    return train, val
+
+
+def class_counts(samples: list[Sample], classes: list[str]) -> dict[str, int]:
+    c = collections.Counter(s.label for s in samples)
+    return {k: c.get(k, 0) for k in classes}
+
+
+# ----------------------------------------------------------------------------------------------
+# torch datasets
+
+
+class ImageDataset:
+    """Samples -> (tensor, label index, sample index). A sample that fails to load yields None (counted by
+    the collate function), so a file that breaks during training is skipped, not fatal."""
+
+    def __init__(self, samples: list[Sample], classes: list[str], transform: Callable[[Any], Any]):
+        self.samples = samples
+        self.index = {c: i for i, c in enumerate(classes)}
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def labels(self) -> np.ndarray:
+        return np.asarray([self.index[s.label] for s in self.samples], np.int64)
+
+    def __getitem__(self, i: int) -> tuple[Any, int, int]:
+        s = self.samples[i]
+        try:
+            x = self.transform(load_rgb(s))
+        except Exception as e:  # a decoder error on one file must not end a long run
+            _logger.warning("skipping %s: %s", s.ref, e)
+            x = None
+        return x, self.index[s.label], i
+
+
+def collate(batch: list[tuple[Any, int, int]]) -> tuple[Any, Any, Any, int]:
+    """Stack the loadable items; the 4th element counts the skipped ones."""
+    import torch
+
+    ok = [b for b in batch if b[0] is not None]
+    if not ok:
+        return None, None, None, len(batch)
+    x = torch.stack([b[0] for b in ok])
+    y = torch.tensor([b[1] for b in ok], dtype=torch.long)
+    idx = torch.tensor([b[2] for b in ok], dtype=torch.long)
+    return x, y, idx, len(batch) - len(ok)
