@@ -79,6 +79,31 @@ def test_bundle_reproduces_validation_predictions(trained: dict[str, Any]) -> No
     np.testing.assert_allclose(probs, saved["probs"], atol=1e-5)
 
 
+def test_trained_bundle_runs_through_capsule_batch_run(trained: dict[str, Any], tmp_path: Path) -> None:
+    """The bundle a training run ends in is what `capsule-batch run` consumes: run it over the validation
+    images as a frame folder and get the trainer's own validation probabilities back from the study file."""
+    from click.testing import CliRunner
+
+    from capsule_batch.cli import cli
+    from capsule_batch.store import StudyReader
+
+    saved = np.load(Path(trained["run_dir"]) / "val_predictions.npz")
+    frames = tmp_path / "val frames"
+    frames.mkdir()
+    picked = list(range(0, len(saved["refs"]), 4))
+    for i, k in enumerate(picked):
+        shutil.copy(saved["refs"][k], frames / f"frame_{i}.jpg")
+    res = CliRunner().invoke(cli, ["run", str(frames), "-m", str(trained["bundle"]), "-o", str(tmp_path / "out"),
+                                   "--engine", "torch", "--source", "images", "--probs-dtype", "float32", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    (rec,) = summary["recordings"]
+    assert rec["status"] == "done" and rec["frames"] == len(picked)
+    with StudyReader(rec["output"]) as study:
+        assert study.attrs["bundle_sha256"] == ModelBundle.load(trained["bundle"]).sha256
+        np.testing.assert_allclose(study.probs(), saved["probs"][picked], atol=1e-5)
+
+
 def test_evaluate_calibrate_predict(trained: dict[str, Any], ce24: Path, tmp_path: Path,
                                     capsys: pytest.CaptureFixture) -> None:
     bundle_dir = trained["bundle"]
