@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     from capsule_batch.backends.base import create_engine
+    from capsule_batch.bench import TimedEngine
     from capsule_batch.bundle import create_model, default_preprocess, save_bundle
     from capsule_batch.classes import CE24_CLASSES
     from capsule_batch.pipeline import Pipeline, RunOptions
@@ -94,24 +95,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 n += len(x)
         return n / (time.perf_counter() - t)
 
-    class Timed:
-        """The engine with its calls timed during the e2e run."""
-
-        seconds = 0.0
-
-        def __getattr__(self, k: str) -> Any:
-            return getattr(eng, k)
-
-        def infer(self, x: Any) -> Any:
-            t = time.perf_counter()
-            y = eng.infer(x)
-            Timed.seconds += time.perf_counter() - t
-            return y
-
     engine_before = engine_only()
     opts = RunOptions(source=args.source, batch_size=args.batch_size, overwrite=True, progress=False)
     t = time.perf_counter()
-    res = Pipeline(bundle, Timed(), opts).run(rec, work / "out")
+    timed = TimedEngine(eng)
+    res = Pipeline(bundle, timed, opts).run(rec, work / "out")
     e2e_s = time.perf_counter() - t
     if res.status != "done":
         raise SystemExit(f"run failed: {res.error}")
@@ -122,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "pipeline_overlap", "frames": res.frames, "decode_only_fps": round(decode_fps, 1),
         "engine_only_fps": round(engine_fps, 1), "engine_only_fps_before_after": [round(engine_before, 1),
                                                                                   round(engine_after, 1)],
-        "engine_fps_in_e2e": round(res.frames / Timed.seconds, 1), "e2e_fps": round(res.frames / e2e_s, 1),
+        "engine_fps_in_e2e": round(res.frames / timed.seconds, 1), "e2e_fps": round(res.frames / e2e_s, 1),
         "e2e_over_engine": round(res.frames / e2e_s / engine_fps, 3), "e2e_s": round(e2e_s, 2),
         "config": {"arch": args.arch, "model_args": margs, "input_size": bundle.preprocess.input_size,
                    "engine": args.engine, "source": args.source, "codec": args.codec, "frame_size": args.size,

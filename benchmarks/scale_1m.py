@@ -64,22 +64,6 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class TimedEngine:
-    """The engine, timing its calls: time outside the engine = wall time - this."""
-
-    def __init__(self, inner: Any):
-        self.inner, self.seconds = inner, 0.0
-
-    def __getattr__(self, k: str) -> Any:
-        return getattr(self.inner, k)
-
-    def infer(self, x: Any) -> Any:
-        t = time.perf_counter()
-        out = self.inner.infer(x)
-        self.seconds += time.perf_counter() - t
-        return out
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frames", type=int, default=1_000_000)
@@ -129,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         source = "bench-synthetic"
         recording = work / "synthetic.json"
         recording.write_text(json.dumps({"frames": args.frames, "seed": 0}))
+    from capsule_batch.bench import TimedEngine
+
     eng = TimedEngine(create_engine(bundle, backend=args.engine, device=torch.device("cpu"), precision="fp32",
                                     max_batch=args.batch_size))
 

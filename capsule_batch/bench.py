@@ -1,0 +1,246 @@
+"""Stage benchmarks — decode only, engine only, end to end — each returning one JSON-able dict.
+
+The method follows timm's benchmark.py: warm-up before the clock starts, device synchronisation
+before the clock is read, the median of several repeats for the engine, real frames as input (never
+zeros), and the whole configuration (model, source, backend, precision, batch, frame size, device,
+package versions) in every result, so a number never travels without what produced it.
+`capsule-batch bench` and the scripts in benchmarks/ are thin layers over these functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from capsule_batch import __version__
+
+_logger = logging.getLogger(__name__)
+
+STAGES = ("decode", "engine", "e2e")
+_FLOPS_CACHE: dict[str, float] = {}
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: Any) -> str:
+    import torch
+
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: Any) -> dict[str, Any]:
+    """Machine and package versions that a benchmark line carries."""
+    import torch
+
+    from capsule_batch.envinfo import PACKAGES, _version
+
+    versions = {mod: _version(dists) for mod, dists, _ in PACKAGES}
+    return {
+        "device": str(device),
+        "device_name": device_name(device),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "capsule_batch": __version__,
+        "versions": {k: v for k, v in versions.items() if v},
+    }
+
+
+def flops_per_frame(bundle: Any) -> float | None:
+    """Forward FLOPs of one frame (2 x multiply-accumulates), counted by torch's FlopCounterMode on CPU."""
+    if bundle.sha256 in _FLOPS_CACHE:
+        return _FLOPS_CACHE[bundle.sha256]
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        model = bundle.create_model(verify=False)
+        s = bundle.preprocess.input_size
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, 3, s, s))
+        flops = float(counter.get_total_flops())
+    except Exception as e:  # a model the counter cannot trace still gets benchmarked, without TFLOP/s
+        _logger.warning("could not count FLOPs of %s: %s", bundle.arch, e)
+        return None
+    _FLOPS_CACHE[bundle.sha256] = flops
+    return flops
+
+
+class TimedEngine:
+    """An engine whose `infer` calls are timed (synchronised), so e2e time splits into engine and the rest."""
+
+    def __init__(self, inner: Any):
+        self.inner, self.seconds, self.frames = inner, 0.0, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def infer(self, pixels: Any) -> Any:
+        t = time.perf_counter()
+        out = self.inner.infer(pixels)
+        _sync(self.inner.device)
+        self.seconds += time.perf_counter() - t
+        self.frames += len(pixels)
+        return out
+
+
+def bench_decode(recording: str | Path, bundle: Any, *, source: str, batch_size: int, device: Any, dtype: Any,
+                 frames: int | None = None) -> tuple[dict[str, Any], Any]:
+    """Decode + preprocess only. Returns (result, first batch's pixels for the engine stage).
+
+    The first batch is the warm-up (opening, first keyframe) and is not timed.
+    """
+    from capsule_batch.sources.base import open_source
+
+    with open_source(recording, bundle.preprocess, source=source, batch_size=batch_size, device=device,
+                     dtype=dtype) as src:
+        it = iter(src)
+        first = next(it, None)
+        if first is None or len(first) == 0:
+            raise RuntimeError(f"{recording}: no frames decoded")
+        sample = first.pixels
+        _sync(device)
+        t0 = time.perf_counter()
+        n = 0
+        for b in it:
+            n += len(b)
+            if frames is not None and n + len(first) >= frames:
+                break
+        _sync(device)
+        dt = time.perf_counter() - t0
+        name = src.name
+    if n == 0:
+        raise RuntimeError(f"{recording}: too few frames to time decoding beyond the warm-up batch")
+    return {"stage": "decode", "frames": n, "seconds": round(dt, 4), "frames_per_s": n / dt, "source": name}, sample
+
+
+def bench_engine(engine: Any, pixels: Any, *, batch_size: int, warmup: int = 3, repeats: int = 10,
+                 flops: float | None = None) -> dict[str, Any]:
+    """Engine only on one batch of real frames (tiled to `batch_size`): median of `repeats` timed calls."""
+    import torch
+
+    x = pixels
+    if len(x) < batch_size:
+        x = x.repeat((batch_size + len(x) - 1) // len(x), 1, 1, 1)
+    x = x[:batch_size].to(engine.device, engine.dtype).contiguous()
+    for _ in range(warmup):
+        engine.infer(x)
+    _sync(engine.device)
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            engine.infer(x)
+            _sync(engine.device)
+            times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    fps = batch_size / med
+    out: dict[str, Any] = {"stage": "engine", "frames": batch_size * repeats, "seconds": round(sum(times), 4),
+                           "frames_per_s": fps, "median_batch_s": med, "repeats": repeats, "warmup": warmup}
+    if flops:
+        out["gflop_per_frame"] = round(flops / 1e9, 3)
+        out["tflop_per_s"] = round(flops * fps / 1e12, 4)
+    return out
+
+
+def bench_e2e(recording: str | Path, bundle: Any, engine: Any, *, source: str, batch_size: int,
+              workdir: str | Path) -> dict[str, Any]:
+    """The whole `run` pipeline (decode thread, engine, writer thread, triage, thumbnails) into a study file."""
+    from capsule_batch.pipeline import Pipeline, RunOptions
+
+    timed = TimedEngine(engine)
+    opts = RunOptions(source=source, batch_size=batch_size, overwrite=True, progress=False)
+    t0 = time.perf_counter()
+    res = Pipeline(bundle, timed, opts).run(recording, Path(workdir) / "e2e")
+    dt = time.perf_counter() - t0
+    if res.status != "done":
+        raise RuntimeError(f"{recording}: end-to-end run failed: {res.error}")
+    return {"stage": "e2e", "frames": res.frames, "seconds": round(dt, 4), "frames_per_s": res.frames / dt,
+            "engine_s": round(timed.seconds, 4), "outside_engine_s": round(dt - timed.seconds, 4),
+            "engine_frames_per_s_in_run": res.frames / timed.seconds if timed.seconds else None}
+
+
+def synthetic_recording(workdir: str | Path, frames: int, size: int = 336, seed: int = 0) -> Path:
+    """A 336x336 H.264 synthetic recording, reused when it already exists."""
+    from capsule_batch.synth import synthesize
+
+    path = Path(workdir) / f"bench_h264_{frames}_{size}_{seed}.mp4"
+    if not path.exists():
+        _logger.info("writing the synthetic recording %s (%d frames)", path, frames)
+        synthesize(path, frames, size=size, seed=seed)
+    return path
+
+
+def run_benchmarks(bundle: Any, recording: str | Path | None = None, *, stages: tuple[str, ...] = STAGES,
+                   backend: str = "auto", source: str = "auto", device: Any = "cpu", precision: str = "auto",
+                   batch_size: int = 64, frames: int = 512, warmup: int = 3, repeats: int = 10,
+                   workdir: str | Path | None = None,
+                   engine_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Run the requested stages on one configuration; one result dict per stage, each with the full config."""
+    from capsule_batch.backends.base import create_engine
+
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="capsule-bench-")
+        workdir = tmp.name
+    try:
+        rec = Path(recording) if recording else synthetic_recording(workdir, frames)
+        engine = create_engine(bundle, backend=backend, device=device, precision=precision, max_batch=batch_size,
+                               **(engine_kwargs or {}))
+        decode, pixels = bench_decode(rec, bundle, source=source, batch_size=batch_size, device=engine.device,
+                                      dtype=engine.dtype, frames=frames)
+        results = []
+        if "decode" in stages:
+            results.append(decode)
+        if "engine" in stages:
+            results.append(bench_engine(engine, pixels, batch_size=batch_size, warmup=warmup, repeats=repeats,
+                                        flops=flops_per_frame(bundle)))
+        if "e2e" in stages:
+            results.append(bench_e2e(rec, bundle, engine, source=source, batch_size=batch_size, workdir=workdir))
+        config = {
+            "model": bundle.arch, "model_args": bundle.model_args, "bundle_sha256": bundle.sha256[:16],
+            "input_size": bundle.preprocess.input_size, "recording": str(rec), "source": decode["source"],
+            **{k: v for k, v in engine.describe().items() if k in ("backend", "precision", "compile", "cuda_graphs")},
+            "batch_size": batch_size, **_frame_size(rec), **environment(engine.device),
+        }
+        engine.close()
+        for r in results:
+            r["frames_per_s"] = round(r["frames_per_s"], 3)
+            r["config"] = config
+        return results
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _frame_size(recording: Path) -> dict[str, Any]:
+    from capsule_batch.errors import SourceError
+    from capsule_batch.preprocess import Preprocess
+    from capsule_batch.sources.base import open_source
+
+    try:
+        with open_source(recording, Preprocess(), batch_size=1) as src:
+            info = src.info()
+        return {"frame_width": info.width, "frame_height": info.height, "codec": info.codec}
+    except SourceError:
+        return {}
