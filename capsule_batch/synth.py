@@ -14,6 +14,7 @@ relative to the frame so it survives resizing; `read_stamp` reads it back.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
@@ -345,8 +346,13 @@ def synthesize(
     quality: int = 18,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    workers: int = 1,
 ) -> SynthResult:
-    """Write a synthetic recording and its ground truth; returns where everything went."""
+    """Write a synthetic recording and its ground truth; returns where everything went.
+
+    `workers` > 1 renders frames in that many processes (each builds the same seeded scene, so the
+    output is identical); encoding stays in this process, in frame order.
+    """
     out = Path(out)
     codec = codec_for(out, codec)
     if frames < 1:
@@ -368,14 +374,16 @@ def synthesize(
     if out.exists() and not overwrite:
         raise CapsuleError(f"{out}: already exists (use --overwrite)")
 
-    scene = Scene(size, frames, seed, fps, findings_per_1000, tuple(classes), stamp)
+    scene_args = (size, frames, seed, fps, findings_per_1000, tuple(classes), stamp)
+    scene = Scene(*scene_args)
     rng = np.random.default_rng(seed + 1)
     pts = _vfr_pts(frames, fps, rng) if vfr else [Fraction(i) / Fraction(fps).limit_denominator(1000)
                                                    for i in range(frames)]
-    if codec in ("png", "jpg"):
-        _write_folder(out, scene, codec, overwrite, progress)
-    else:
-        _write_video(out, scene, codec, fps, pts, vfr, quality, progress)
+    with _rendered(scene, scene_args, workers) as images:
+        if codec in ("png", "jpg"):
+            _write_folder(out, images, frames, codec, overwrite, progress)
+        else:
+            _write_video(out, images, frames, size, codec, fps, pts, vfr, quality, progress)
 
     stem = out.name if codec in ("png", "jpg") else out.stem
     labels_csv = out.with_name(stem + ".labels.csv")
@@ -394,7 +402,32 @@ def synthesize(
     return SynthResult(out, labels_csv, findings_csv, frames, fps, scene.findings)
 
 
-def _write_folder(out: Path, scene: Scene, codec: str, overwrite: bool,
+_WORKER_SCENE: Scene | None = None
+
+
+def _init_worker(scene_args: tuple) -> None:
+    global _WORKER_SCENE
+    _WORKER_SCENE = Scene(*scene_args)
+
+
+def _render_in_worker(i: int) -> np.ndarray:
+    assert _WORKER_SCENE is not None
+    return _WORKER_SCENE.render(i)
+
+
+@contextlib.contextmanager
+def _rendered(scene: Scene, scene_args: tuple, workers: int) -> Iterator[Iterator[np.ndarray]]:
+    """Frames 0..N-1 in order, rendered here or by a pool of spawned processes."""
+    if workers <= 1 or scene.frames < 256:
+        yield (scene.render(i) for i in range(scene.frames))
+        return
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(scene_args,)) as pool:
+        yield pool.imap(_render_in_worker, range(scene.frames), chunksize=32)
+
+
+def _write_folder(out: Path, images: Iterator[np.ndarray], frames: int, codec: str, overwrite: bool,
                   progress: Callable[[int, int], None] | None) -> None:
     from PIL import Image
 
@@ -403,18 +436,18 @@ def _write_folder(out: Path, scene: Scene, codec: str, overwrite: bool,
             p.unlink()
     out.mkdir(exist_ok=True)
     # un-padded numbers, like Kvasir-Capsule's `<video>_<frame>.jpg`: readers must sort naturally
-    for i in range(scene.frames):
-        img = Image.fromarray(scene.render(i))
+    for i, frame in enumerate(images):
+        img = Image.fromarray(frame)
         if codec == "png":
             img.save(out / f"frame_{i}.png", compress_level=1)
         else:
             img.save(out / f"frame_{i}.jpg", quality=95)
         if progress:
-            progress(i + 1, scene.frames)
+            progress(i + 1, frames)
 
 
-def _write_video(out: Path, scene: Scene, codec: str, fps: float, pts: list[Fraction], vfr: bool,
-                 quality: int, progress: Callable[[int, int], None] | None) -> None:
+def _write_video(out: Path, images: Iterator[np.ndarray], frames: int, size: int, codec: str, fps: float,
+                 pts: list[Fraction], vfr: bool, quality: int, progress: Callable[[int, int], None] | None) -> None:
     import av
 
     _, encoder, pix_fmt = CODECS[codec]
@@ -423,7 +456,7 @@ def _write_video(out: Path, scene: Scene, codec: str, fps: float, pts: list[Frac
     try:
         with av.open(str(tmp), "w") as container:
             stream = container.add_stream(encoder, rate=rate)
-            stream.width = stream.height = scene.size
+            stream.width = stream.height = size
             stream.pix_fmt = pix_fmt
             if codec == "h264":
                 stream.options = {"crf": str(quality), "preset": "veryfast", "g": str(max(1, int(fps * 10)))}
@@ -436,13 +469,13 @@ def _write_video(out: Path, scene: Scene, codec: str, fps: float, pts: list[Frac
             tb = Fraction(1, 1000) if vfr else 1 / rate
             stream.codec_context.time_base = tb
             stream.time_base = tb
-            for i in range(scene.frames):
-                frame = av.VideoFrame.from_ndarray(scene.render(i), format="rgb24")
+            for i, image in enumerate(images):
+                frame = av.VideoFrame.from_ndarray(image, format="rgb24")
                 frame.pts = int(pts[i] / tb)
                 frame.time_base = tb
                 container.mux(stream.encode(frame))
                 if progress:
-                    progress(i + 1, scene.frames)
+                    progress(i + 1, frames)
             container.mux(stream.encode())
         os.replace(tmp, out)
     except BaseException:

@@ -23,10 +23,13 @@ from capsule_batch.cli.options import check_writable_parent, emit_json, json_opt
               help="Injected findings per 1000 frames.")
 @click.option("--classes", default=None, help="Comma-separated finding classes to inject (default: all nine).")
 @click.option("--vfr", is_flag=True, help="Variable frame rate (h264/vp9): irregular timestamps.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes rendering frames (output is identical for any number).")
 @overwrite_option
 @json_option
 def command(out: Path, frames: int, codec: str | None, size: int, fps: float, seed: int, stamp: bool,
-            findings_per_1000: float, classes: str | None, vfr: bool, overwrite: bool, as_json: bool) -> None:
+            findings_per_1000: float, classes: str | None, vfr: bool, workers: int, overwrite: bool,
+            as_json: bool) -> None:
     """Write a synthetic recording, `<stem>.labels.csv` (frame -> class) and `<stem>.findings.csv`."""
     from capsule_batch.progress import Progress
     from capsule_batch.synth import FINDING_CLASSES, synthesize
@@ -35,7 +38,7 @@ def command(out: Path, frames: int, codec: str | None, size: int, fps: float, se
     cls = tuple(c.strip() for c in classes.split(",")) if classes else FINDING_CLASSES
     bar = Progress(frames, "synth")
     res = synthesize(out, frames, codec=codec, size=size, fps=fps, seed=seed, stamp=stamp,
-                     findings_per_1000=findings_per_1000, classes=cls, vfr=vfr, overwrite=overwrite,
+                     findings_per_1000=findings_per_1000, classes=cls, vfr=vfr, overwrite=overwrite, workers=workers,
                      progress=lambda i, n: bar.set(i))
     bar.close()
     summary = {"recording": str(res.path), "labels": str(res.labels_csv), "findings_csv": str(res.findings_csv),
