@@ -29,14 +29,14 @@ from capsule_batch.sources.base import (
     empty_pixels,
     to_pixels,
 )
-from capsule_batch.sources.prefetch import Prefetcher
+from capsule_batch.sources.prefetch import PrefetchedSource, Prefetcher
 from capsule_batch.sources.video import check_video_path, probe_video, pyav_frames
 
 _logger = logging.getLogger(__name__)
 
 
 @SOURCES.register("decord")
-class DecordSource(FrameSource):
+class DecordSource(PrefetchedSource, FrameSource):
     """CPU video source; `num_threads` is decord's decoder threads (0 = FFmpeg's choice), `prefetch` the
     number of ready batches the worker may hold."""
 
@@ -121,22 +121,6 @@ class DecordSource(FrameSource):
             else:
                 pixels = empty_pixels(self.preprocess, self.device, self.dtype)
             yield FrameBatch(pixels, idx, pts, failures)
-
-    def __iter__(self) -> Iterator[FrameBatch]:
-        self.close_prefetcher()
-        self.frames_decoded = 0
-        self._prefetcher = Prefetcher(self._produce, depth=self.prefetch, name=f"decord:{self.path.name}")
-        try:
-            for batch in self._prefetcher:
-                self.frames_decoded += len(batch)
-                yield batch
-        finally:
-            self.close_prefetcher()
-
-    def close_prefetcher(self) -> None:
-        if self._prefetcher is not None:
-            self._prefetcher.close()
-            self._prefetcher = None
 
     def close(self) -> None:
         self.close_prefetcher()

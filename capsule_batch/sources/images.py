@@ -27,7 +27,7 @@ from capsule_batch.sources.base import (
     list_frames,
     to_pixels,
 )
-from capsule_batch.sources.prefetch import Prefetcher
+from capsule_batch.sources.prefetch import PrefetchedSource, Prefetcher
 
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
@@ -48,7 +48,7 @@ def load_rgb(path: Path) -> np.ndarray:
 
 
 @SOURCES.register("images")
-class ImageFolderSource(FrameSource):
+class ImageFolderSource(PrefetchedSource, FrameSource):
     """`workers` decode threads (PIL releases the GIL while decoding); `prefetch` ready batches ahead;
     `fps` the capture rate, if known, for timestamps."""
 
@@ -114,18 +114,5 @@ class ImageFolderSource(FrameSource):
             return to_pixels(np.stack(imgs), self.preprocess, self.device, self.dtype)
         return torch.cat([to_pixels(im[None], self.preprocess, self.device, self.dtype) for im in imgs])
 
-    def __iter__(self) -> Iterator[FrameBatch]:
-        self.close()
-        self.frames_decoded = 0
-        self._prefetcher = Prefetcher(self._produce, depth=self.prefetch, name=f"images:{self.path.name}")
-        try:
-            for batch in self._prefetcher:
-                self.frames_decoded += len(batch)
-                yield batch
-        finally:
-            self.close()
-
     def close(self) -> None:
-        if self._prefetcher is not None:
-            self._prefetcher.close()
-            self._prefetcher = None
+        self.close_prefetcher()

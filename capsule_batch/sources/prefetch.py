@@ -72,3 +72,34 @@ class Prefetcher:
                 break
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
+
+
+class PrefetchedSource:
+    """Mixin for sources whose `_produce()` generator of FrameBatches runs in a prefetch thread.
+
+    The host class sets `prefetch` (queue depth) and `_prefetcher = None` in its constructor; iterating
+    counts `frames_decoded`, and stopping early or closing ends the thread.
+    """
+
+    prefetch: int
+    _prefetcher: Prefetcher | None
+
+    def _produce(self) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Any]:
+        self.close_prefetcher()
+        self.frames_decoded = 0
+        name = f"{getattr(self, 'name', 'source')}:{getattr(getattr(self, 'path', None), 'name', '')}"
+        self._prefetcher = Prefetcher(self._produce, depth=self.prefetch, name=name)
+        try:
+            for batch in self._prefetcher:
+                self.frames_decoded += len(batch)
+                yield batch
+        finally:
+            self.close_prefetcher()
+
+    def close_prefetcher(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
