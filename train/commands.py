@@ -47,13 +47,18 @@ def _labelled_set(cfg: dict[str, Any], classes: list[str], section: str) -> list
     return samples
 
 
-def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Challenge metrics, per-class table, predictions and plots for the bundle on data.val."""
-    bundle = _bundle(cfg, "evaluate")
-    samples = _labelled_set(cfg, bundle.class_names, "evaluate")
+def _scored_set(cfg: dict[str, Any], section: str) -> tuple[Any, list[Any], np.ndarray, np.ndarray]:
+    """The section's bundle, its labelled data.val samples, their probabilities and label indices."""
+    bundle = _bundle(cfg, section)
+    samples = _labelled_set(cfg, bundle.class_names, section)
     probs = _score(cfg, bundle, samples)
     idx = {c: i for i, c in enumerate(bundle.class_names)}
-    labels = np.asarray([idx[s.label] for s in samples])
+    return bundle, samples, probs, np.asarray([idx[s.label] for s in samples])
+
+
+def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Challenge metrics, per-class table, predictions and plots for the bundle on data.val."""
+    bundle, samples, probs, labels = _scored_set(cfg, "evaluate")
     m = compute_metrics(labels, probs, bundle.class_names)
     out = Path(cfg["evaluate"].get("out") or bundle.path.parent / "eval")
     out.mkdir(parents=True, exist_ok=True)
@@ -77,11 +82,7 @@ def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def calibrate(cfg: dict[str, Any]) -> dict[str, Any]:
     """Per-class thresholds reaching the target sensitivity on data.val, written into the bundle."""
-    bundle = _bundle(cfg, "calibrate")
-    samples = _labelled_set(cfg, bundle.class_names, "calibrate")
-    probs = _score(cfg, bundle, samples)
-    idx = {c: i for i, c in enumerate(bundle.class_names)}
-    labels = np.asarray([idx[s.label] for s in samples])
+    bundle, samples, probs, labels = _scored_set(cfg, "calibrate")
     target = float(cfg["calibrate"]["target_sensitivity"])
     skip = (bundle.normal_class,) if bundle.normal_class else ()
     table = calibrate_thresholds(labels, probs, bundle.class_names, target, skip=skip)
@@ -93,7 +94,7 @@ def calibrate(cfg: dict[str, Any]) -> dict[str, Any]:
     thresholds = {c: table[c]["threshold"] for c in table}
     flagged = np.zeros(len(samples), bool)
     for c, t in thresholds.items():
-        flagged |= probs[:, idx[c]] >= t
+        flagged |= probs[:, bundle.class_names.index(c)] >= t
     report = {"target_sensitivity": target, "count": len(samples), "classes": table,
               "overall_flag_rate": float(flagged.mean())}
     from safetensors.torch import load_file
