@@ -42,7 +42,15 @@ MAX_META_BYTES = 1 << 20
 
 
 def default_root() -> Path:
-    return Path(os.environ.get(ENV_VAR) or "engines")
+    """`$CAPSULE_BATCH_ENGINES`, else the checkout's `engines/` (beside the package), else a user cache folder
+    (an installed package has no checkout) — never a folder relative to wherever the command was started."""
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR])
+    checkout = Path(__file__).resolve().parent.parent / "engines"
+    if (checkout / "README.md").is_file():
+        return checkout
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "capsule-batch" / "engines"
 
 
 def slug(text: str) -> str:

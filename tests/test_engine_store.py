@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,7 +116,9 @@ def test_store_root_and_mismatch_reasons(monkeypatch, tmp_path):
     monkeypatch.setenv("CAPSULE_BATCH_ENGINES", str(tmp_path / "elsewhere"))
     assert default_root() == tmp_path / "elsewhere"
     monkeypatch.delenv("CAPSULE_BATCH_ENGINES")
-    assert str(default_root()) == "engines"
+    # from a checkout: its engines/ folder, wherever the command is started
+    monkeypatch.chdir(tmp_path)
+    assert default_root() == Path(__file__).resolve().parents[1] / "engines"
     reasons = mismatches({"gpu": GPU, "precision": "fp16"}, {"gpu": {**GPU, "capability": "8.0"}, "precision": "fp16"})
     assert len(reasons) == 1 and reasons[0].startswith("gpu is") and '"8.0"' in reasons[0]
 
