@@ -31,17 +31,38 @@ mkdir -p wheels
 python3 -m pip download -q "${PLAT[@]}" -d wheels av==18.1.0 decord==0.6.0
 if [ "${1:-}" = "--dali" ]; then
   tmp=$(mktemp -d)
-  python3 -m pip download -q "${PLAT[@]}" -d "$tmp" nvidia-dali-cuda130==2.4.0 nvidia-nvimgcodec-cu13 nvidia-libnvcomp-cu13
+  # DALI and what its metadata requires that the GPU image lacks (its nvimgcodec[all] extra included)
+  python3 -m pip download -q "${PLAT[@]}" -d "$tmp" nvidia-dali-cuda130==2.4.0 'nvidia-nvimgcodec-cu13>=0.9,<0.10' \
+    nvidia-libnvcomp-cu13==5.3.0.16 nvidia-nvjpeg nvidia-nvjpeg2k-cu13 'nvidia-nvtiff-cu13>=0.8' \
+    astunparse==1.6.3 'gast<=0.7.0' optree nvtx makefun 'libcst~=1.8'
+
   (cd "$tmp" && sha256sum *.whl > SHA256SUMS)
-  i=0
   for w in "$tmp"/*.whl; do
     split -b 50M -d -a 2 "$w" "$tmp/$(basename "$w").part-"
   done
-  # pack the parts into folders of at most 50 MiB each
-  for p in "$tmp"/*.part-*; do
-    i=$((i + 1)); d="wheels-dali-$i"; mkdir -p "$d"
-    mv "$p" "$d/"; (cd "$tmp" && ls *.whl | xargs -n1 basename) > "$d/MANIFEST"; cp "$tmp/SHA256SUMS" "$d/"
-  done
+  # first-fit decreasing: pack the parts into as few folders of at most 50 MiB as possible
+  python3 - "$tmp" <<'PY'
+import os, shutil, sys
+tmp = sys.argv[1]
+parts = sorted((p for p in os.listdir(tmp) if ".part-" in p), key=lambda p: -os.path.getsize(os.path.join(tmp, p)))
+bins: list[list[str]] = []
+sizes: list[int] = []
+for p in parts:
+    n = os.path.getsize(os.path.join(tmp, p))
+    k = next((i for i, s in enumerate(sizes) if s + n <= 50 * 2**20), None)
+    if k is None:
+        bins.append([]); sizes.append(0); k = len(bins) - 1
+    bins[k].append(p); sizes[k] += n
+wheels = sorted(p for p in os.listdir(tmp) if p.endswith(".whl"))
+for i, names in enumerate(bins, 1):
+    d = f"wheels-dali-{i}"
+    os.makedirs(d)
+    for p in names:
+        shutil.move(os.path.join(tmp, p), d)
+    shutil.copy(os.path.join(tmp, "SHA256SUMS"), d)
+    with open(os.path.join(d, "MANIFEST"), "w") as f:
+        f.write("\n".join(wheels) + "\n")
+PY
   rm -rf "$tmp"
 fi
 du -sh wheels wheels-dali-* 2>/dev/null || true
