@@ -96,6 +96,13 @@ def partial_path(final: Path) -> Path:
     return final.with_name(final.name + PARTIAL_SUFFIX)
 
 
+def _write_error(path: Path, e: OSError) -> StudyError:
+    """A failed write (disk full, file size limit, I/O error) as one line: what is kept, how to go on."""
+    why = e.strerror or str(e).splitlines()[0] or type(e).__name__
+    return StudyError(f"{path}: cannot write the study file ({why}; disk full?); the frames flushed before stay "
+                      "in the partial file: free space and run the same command again to resume")
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -151,11 +158,16 @@ class StudyWriter:
                 f.close()
         if part.exists():
             part.unlink()
-        f = h5py.File(part, "w")  # default (oldest) file format: reopens after a crash without h5clear
+        try:
+            f = h5py.File(part, "w")  # default (oldest) file format: reopens after a crash without h5clear
+        except OSError as e:
+            raise _write_error(part, e) from e
         try:
             cls._create(f, attrs)
-        except BaseException:
+        except BaseException as e:
             f.close()
+            if isinstance(e, OSError):
+                raise _write_error(part, e) from e
             raise
         return cls(final, f, 0, False)
 
@@ -221,13 +233,16 @@ class StudyWriter:
                              f"got {int(index[0])}..{int(index[-1])} ({n} rows)")
         g = self._f["frames"]
         lo, hi = self.frames_done, self.frames_done + n
-        for name, data in (("index", index), ("pts", pts), ("probs", probs), ("status", status)):
-            ds = g[name]
-            ds.resize(hi, axis=0)
-            ds[lo:hi] = np.asarray(data, dtype=ds.dtype)
-        self._f.flush()
-        self._f.attrs["frames_done"] = hi
-        self._f.flush()
+        try:
+            for name, data in (("index", index), ("pts", pts), ("probs", probs), ("status", status)):
+                ds = g[name]
+                ds.resize(hi, axis=0)
+                ds[lo:hi] = np.asarray(data, dtype=ds.dtype)
+            self._f.flush()
+            self._f.attrs["frames_done"] = hi
+            self._f.flush()
+        except OSError as e:
+            raise _write_error(self.partial, e) from e
         self.frames_done = hi
 
     def probs_blocks(self, block: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -240,6 +255,13 @@ class StudyWriter:
     def finish(self, events: np.ndarray | list[Event], n_flagged: int, triage: TriageConfig,
                thumbs: list[tuple[int, int, bytes]], attrs: dict[str, Any] | None = None) -> Path:
         """Write events, thumbnails (frame, event, JPEG bytes) and final attributes; rename to NAME.h5."""
+        try:
+            return self._finish(events, n_flagged, triage, thumbs, attrs)
+        except OSError as e:
+            raise _write_error(self.partial, e) from e
+
+    def _finish(self, events: np.ndarray | list[Event], n_flagged: int, triage: TriageConfig,
+                thumbs: list[tuple[int, int, bytes]], attrs: dict[str, Any] | None) -> Path:
         h5py = _h5py()
         f = self._f
         for name in ("events", "thumbs", "review"):
@@ -271,9 +293,13 @@ class StudyWriter:
         return self.final
 
     def close(self) -> None:
-        """Close without finishing: the partial file stays, resumable."""
+        """Close without finishing: the partial file stays, resumable (its `frames_done` rows are intact even
+        when closing fails after a failed write)."""
         if self._f.id.valid:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError as e:
+                _logger.warning("%s: closing after a failed write: %s", self.partial, e)
 
 
 @dataclass
