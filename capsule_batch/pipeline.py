@@ -364,6 +364,7 @@ class Pipeline:
         expected = writer.frames_done
         tail: str | None = None
         last_batch = time.monotonic()
+        hung = False
         interrupted = False
         dt.start()
         wt.start()
@@ -380,6 +381,7 @@ class Pipeline:
                     if not dt.is_alive() and decode_q.empty():
                         raise StudyError(f"{src.path}: the decode thread ended without a result") from None
                     if opts.decode_timeout and time.monotonic() - last_batch > opts.decode_timeout:
+                        hung = True
                         raise SourceError(f"{src.path}: the decoder produced no frames for {opts.decode_timeout:g} s "
                                           f"after frame {expected - 1} (hung?); giving up on this recording "
                                           "(--decode-timeout)") from None
@@ -408,7 +410,7 @@ class Pipeline:
             except _StageDied:
                 pass
             wt.join()
-            dt.join(timeout=10)
+            dt.join(timeout=0 if hung else 10)  # a hung decoder is left behind (a daemon thread)
             bar.close()
         if writer_error:
             raise writer_error[0]

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ STATUS_OK, STATUS_DECODE_FAILED = 0, 1
 STATUS_NAMES = {STATUS_OK: "ok", STATUS_DECODE_FAILED: "decode-failed"}
 PROBS_DTYPES = ("float16", "float32")
 HASH_BYTES = 1 << 20
+#: partial files whose close failed (disk full): HDF5's exit-time cleanup crashes on them, see `exit_process`
+UNCLOSED: list[Path] = []
 CHUNK_ROWS = 8192
 #: attributes a resumed run must agree with, and what they mean in a refusal
 _IDENTITY = {"source_size": "recording size", "source_hash": "recording content hash",
@@ -96,11 +99,14 @@ def partial_path(final: Path) -> Path:
     return final.with_name(final.name + PARTIAL_SUFFIX)
 
 
-def _write_error(path: Path, e: OSError) -> StudyError:
+def _write_error(path: Path, e: Exception) -> StudyError:
     """A failed write (disk full, file size limit, I/O error) as one line: what is kept, how to go on."""
-    why = e.strerror or str(e).splitlines()[0] or type(e).__name__
-    return StudyError(f"{path}: cannot write the study file ({why}; disk full?); the frames flushed before stay "
-                      "in the partial file: free space and run the same command again to resume")
+    import re
+
+    m = re.search(r"error message = '([^']+)'", str(e))  # HDF5's own message names the OS error
+    why = m.group(1) if m else (getattr(e, "strerror", None) or str(e).splitlines()[0] or type(e).__name__)
+    return StudyError(f"{path}: cannot write the study file ({why}); the frames flushed before stay in the partial "
+                      "file: fix that (e.g. free space) and run the same command again to resume")
 
 
 def _now() -> str:
@@ -231,6 +237,7 @@ class StudyWriter:
         if int(index[0]) != self.frames_done or (n > 1 and not np.array_equal(np.diff(index), np.ones(n - 1))):
             raise StudyError(f"{self.partial}: frames must be appended in order: expected frame {self.frames_done}, "
                              f"got {int(index[0])}..{int(index[-1])} ({n} rows)")
+        self._check_space()
         g = self._f["frames"]
         lo, hi = self.frames_done, self.frames_done + n
         try:
@@ -241,9 +248,33 @@ class StudyWriter:
             self._f.flush()
             self._f.attrs["frames_done"] = hi
             self._f.flush()
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # h5py reports failed writes as either
             raise _write_error(self.partial, e) from e
         self.frames_done = hi
+
+    def headroom(self) -> int:
+        """Bytes a block may need at most: HDF5 rewrites a grown chunk at the end of the file, so one raw chunk per
+        dataset, plus room for metadata."""
+        g = self._f["frames"]
+        return sum(int(np.prod(g[k].chunks)) * g[k].dtype.itemsize for k in ("index", "pts", "probs", "status")) \
+            + (64 << 10)
+
+    def _check_space(self) -> None:
+        """Stop before a write that may not fit: HDF5 that runs out of space mid-write can leave its own state broken
+        and crash the process (SIGSEGV in a later flush, seen with a file size limit), so it never gets there."""
+        import resource
+
+        st = os.statvfs(self.partial.parent)
+        free = st.f_bavail * st.f_frsize
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY:
+            free = min(free, limit - self.partial.stat().st_size)
+        if free < self.headroom():
+            why = "file size limit" if limit != resource.RLIM_INFINITY and free < st.f_bavail * st.f_frsize \
+                else "disk full"
+            raise StudyError(f"{self.partial}: cannot write the study file ({why}: {max(0, free) >> 10} KiB left, "
+                             f"a block may need {self.headroom() >> 10} KiB); the {self.frames_done} frames flushed "
+                             "before stay in the partial file: free space and run the same command again to resume")
 
     def probs_blocks(self, block: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(frame numbers, probs as float32) of everything written, in blocks: memory bounded by `block`."""
@@ -257,7 +288,7 @@ class StudyWriter:
         """Write events, thumbnails (frame, event, JPEG bytes) and final attributes; rename to NAME.h5."""
         try:
             return self._finish(events, n_flagged, triage, thumbs, attrs)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # h5py reports failed writes as either
             raise _write_error(self.partial, e) from e
 
     def _finish(self, events: np.ndarray | list[Event], n_flagged: int, triage: TriageConfig,
@@ -298,8 +329,20 @@ class StudyWriter:
         if self._f.id.valid:
             try:
                 self._f.close()
-            except OSError as e:
-                _logger.warning("%s: closing after a failed write: %s", self.partial, e)
+            except (OSError, RuntimeError) as e:
+                _logger.debug("%s: closing after a failed write: %s", self.partial, e)
+                UNCLOSED.append(self.partial)
+
+
+def exit_process(code: int) -> None:
+    """sys.exit, unless a study file could not be closed: then HDF5's own clean-up at exit would try to flush it
+    again and crash the process (SIGSEGV, seen with a full disk), so the process ends without it. Everything
+    of the study that matters is on disk already (rows up to `frames_done`, flushed before)."""
+    if UNCLOSED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 @dataclass

@@ -64,13 +64,11 @@ def command(recordings: tuple[Path, ...], bundle_path: Path, out_dir: Path, engi
     worker = worker_report()
     if worker is None and (isolate if isolate is not None else len(mine) > 1):
         results, rc = Supervisor(mine, worker_argv(), out_dir).run()
-        if rc is not None:
-            sys.exit(rc)
-        _summarise(results, rank, world, as_json)
-        return
+        sys.exit(rc if rc is not None else _summarise(results, rank, world, as_json))
     from capsule_batch.backends.base import create_engine
     from capsule_batch.bundle import ModelBundle
     from capsule_batch.pipeline import Pipeline, RunOptions
+    from capsule_batch.store import exit_process
     from capsule_batch.triage import TriageConfig
 
     bundle = ModelBundle.load(bundle_path)
@@ -89,13 +87,12 @@ def command(recordings: tuple[Path, ...], bundle_path: Path, out_dir: Path, engi
         results = pipe.run_many(mine[skip:], out_dir, report=report)
     eng.close()
     if worker is None:
-        _summarise(results, rank, world, as_json)
-    elif any(r.status == "interrupted" for r in results):
-        sys.exit(130)
+        exit_process(_summarise(results, rank, world, as_json))
+    exit_process(130 if any(r.status == "interrupted" for r in results) else 0)
 
 
-def _summarise(results: list[Any], rank: int, world: int, as_json: bool) -> None:
-    """The command's output and exit code (1 when any recording failed, 130 when interrupted)."""
+def _summarise(results: list[Any], rank: int, world: int, as_json: bool) -> int:
+    """Print the outcome; the exit code: 1 when any recording failed, 130 when interrupted."""
     failed = [r for r in results if r.status == "failed"]
     interrupted = [r for r in results if r.status == "interrupted"]
     if as_json:
@@ -108,9 +105,8 @@ def _summarise(results: list[Any], rank: int, world: int, as_json: bool) -> None
             click.echo(f"{r.status:11s} {r.recording} -> {r.output}: {what}")
     if interrupted:
         click.echo("interrupted: run the same command again to resume from the last flushed block", err=True)
-        sys.exit(130)
-    if failed:
-        sys.exit(1)
+        return 130
+    return 1 if failed else 0
 
 
 class _stop_on_signals:
