@@ -17,6 +17,7 @@ reopens without `h5clear`; when it still cannot be reopened, the run starts over
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -54,6 +55,10 @@ def _h5py() -> Any:
     import h5py
 
     return h5py
+
+
+def h5py_group() -> type:
+    return _h5py().Group
 
 
 def recording_identity(path: str | os.PathLike) -> dict[str, Any]:
@@ -364,13 +369,83 @@ class StudyReader:
             self._f = h5py.File(self.path, "r")
         except OSError as e:
             raise StudyError(f"{self.path}: not a readable HDF5 file ({e})") from e
-        schema = self._f.attrs.get("schema")
-        if schema != SCHEMA:
+        try:
+            with self.guard():
+                schema = self._f.attrs.get("schema")
+                if schema != SCHEMA:
+                    raise StudyError(f"{self.path}: not a study file of schema {SCHEMA} (schema {str(schema)[:40]!r})")
+                if not self.complete and not allow_partial:
+                    raise StudyError(f"{self.path}: incomplete study (an interrupted run; rerun it to resume)")
+                self._validate()
+        except BaseException:
             self._f.close()
-            raise StudyError(f"{self.path}: not a study file of schema {SCHEMA} (schema {schema!r})")
-        if not self.complete and not allow_partial:
-            self._f.close()
-            raise StudyError(f"{self.path}: incomplete study (an interrupted run; rerun it to resume)")
+            raise
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Low-level failures of a damaged file (unreadable chunks, wrong types) as one StudyError line."""
+        try:
+            yield
+        except StudyError:
+            raise
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise StudyError(f"{self.path}: damaged study file ({msg[:200]})") from e
+
+    def _validate(self) -> None:
+        """The structure everything downstream relies on: reject what does not match instead of failing later."""
+        f = self._f
+
+        def bad(what: str) -> StudyError:
+            return StudyError(f"{self.path}: damaged study file ({what})")
+
+        names = json.loads(f.attrs["class_names"]) if isinstance(f.attrs.get("class_names"), str) else None
+        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)
+                and len(set(names)) == len(names)):
+            raise bad("class_names is not a list of distinct names")
+        done = f.attrs.get("frames_done", 0)
+        if not isinstance(done, (int, np.integer)) or isinstance(done, (bool, np.bool_)) or done < 0:
+            raise bad(f"frames_done {str(done)[:20]!r}")
+        g = f.get("frames")
+        if not isinstance(g, h5py_group()):
+            raise bad("no frames group")
+        for k, ndim, kinds in (("index", 1, "iu"), ("pts", 1, "f"), ("probs", 2, "f"), ("status", 1, "iu")):
+            ds = g.get(k)
+            if not hasattr(ds, "shape") or len(ds.shape) != ndim or ds.dtype.kind not in kinds:
+                raise bad(f"frames/{k} missing or of the wrong type")
+            if ds.shape[0] < done:
+                raise bad(f"frames/{k} has {ds.shape[0]} rows, frames_done says {int(done)}")
+        if g["probs"].shape[1] != len(names):
+            raise bad(f"frames/probs has {g['probs'].shape[1]} columns for {len(names)} classes")
+        if "triage" in f.attrs:
+            try:
+                cfg = TriageConfig.from_json(f.attrs["triage"])
+            except Exception as e:  # any malformed JSON or value: the triage settings are unusable
+                raise bad(f"triage settings ({type(e).__name__})") from e
+            if list(cfg.class_names) != names:
+                raise bad("triage class names differ from class_names")
+        n_events = 0
+        if "events" in f:
+            ev = f["events"]
+            if not hasattr(ev, "dtype") or ev.dtype.names is None or not set(EVENT_DTYPE.names) <= set(ev.dtype.names) \
+                    or len(ev.shape) != 1:
+                raise bad("events table of the wrong type")
+            t = ev[:]
+            if len(t) and (t["start"].min() < 0 or (t["end"] < t["start"]).any() or t["end"].max() >= done
+                           or t["class"].min() < 0 or t["class"].max() >= len(names)
+                           or (t["peak_frame"] < t["start"]).any() or (t["peak_frame"] > t["end"]).any()):
+                raise bad("events outside the recording or its classes")
+            n_events = len(t)
+        if "thumbs" in f:
+            tg = f["thumbs"]
+            parts = [tg.get(k) for k in ("frame", "event", "jpeg")]
+            if not all(hasattr(p, "shape") and len(p.shape) == 1 for p in parts) \
+                    or len({p.shape[0] for p in parts}) != 1 or parts[2].dtype.kind != "O" \
+                    or parts[0].dtype.kind not in "iu" or parts[1].dtype.kind not in "iu":
+                raise bad("thumbnails of the wrong type")
+            fr, evs = parts[0][:], parts[1][:]
+            if len(fr) and (fr.min() < 0 or fr.max() >= done or evs.min() < -1 or evs.max() >= n_events):
+                raise bad("thumbnails of frames or events that do not exist")
 
     def __enter__(self) -> StudyReader:
         return self
@@ -415,7 +490,8 @@ class StudyReader:
 
     def _rows(self, name: str, start: int, stop: int | None) -> np.ndarray:
         stop = len(self) if stop is None else min(stop, len(self))
-        return self._f["frames"][name][start:stop]
+        with self.guard():
+            return self._f["frames"][name][start:stop]
 
     def index(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         return self._rows("index", start, stop).astype(np.int64)
@@ -451,14 +527,16 @@ class StudyReader:
         """Rows of the events table (EVENT_DTYPE), sorted by start frame."""
         if "events" not in self._f:
             return np.zeros(0, dtype=EVENT_DTYPE)
-        return self._f["events"][start:stop]
+        with self.guard():
+            return self._f["events"][start:stop]
 
     def thumbs(self) -> list[Thumb]:
         if "thumbs" not in self._f:
             return []
         g = self._f["thumbs"]
-        return [Thumb(int(f), int(e), bytes(j.tobytes())) for f, e, j in zip(g["frame"][:], g["event"][:],
-                                                                           g["jpeg"][:], strict=True)]
+        with self.guard():
+            return [Thumb(int(f), int(e), bytes(j.tobytes()))
+                    for f, e, j in zip(g["frame"][:], g["event"][:], g["jpeg"][:], strict=True)]
 
     def summary(self) -> dict[str, Any]:
         a = self.attrs
