@@ -25,7 +25,7 @@ FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=list(Healt
 ATTRS = ["schema", "complete", "frames_done", "class_names", "normal_class", "triage", "thresholds", "fps",
          "flagged_frames", "event_count", "source_path", "probs_dtype", "argv", "engine"]
 DATASETS = ["frames/index", "frames/pts", "frames/probs", "frames/status", "events", "thumbs/frame", "thumbs/event",
-            "thumbs/jpeg", "frames", "thumbs"]
+            "thumbs/jpeg", "frames", "thumbs", "review"]
 
 values = st.one_of(
     st.none(), st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=True), st.text(max_size=30),

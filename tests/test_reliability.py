@@ -273,3 +273,29 @@ def test_paths_with_spaces_and_non_ascii(tmp_path: Path, tiny_bundle: Any) -> No
     exp = run(cli_cmd("export", str(study), "-o", str(out / "Export ß"), "--json"))
     assert exp.returncode == 0, exp.stderr
     assert (out / "Export ß" / "frames.csv").read_text().count("\n") == 41
+
+
+def test_full_tmpfs_stops_before_hdf5_runs_out(tmp_path: Path) -> None:
+    """A real full file system (a 2 MiB tmpfs, filled up): the writer stops with `disk full` and the rows kept read."""
+    d = tmp_path / "small"
+    d.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(d)],
+                                           capture_output=True).returncode:
+        pytest.skip("needs root and permission to mount a tmpfs")
+    try:
+        classes = [f"c{k}" for k in range(10)]
+        w = StudyWriter.open(d / "s.h5", {"class_names": classes, "probs_dtype": "float32"}, resume=False)
+        st = os.statvfs(d)
+        (d / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - w.headroom() - (24 << 10)))
+        rng = np.random.default_rng(0)
+        with pytest.raises(StudyError, match=r"s\.h5\.partial: cannot write the study file \(disk full: "):
+            for _ in range(100):
+                i = np.arange(w.frames_done, w.frames_done + 16)
+                w.append(i, i / 4.0, rng.dirichlet(np.ones(10), 16).astype(np.float32), np.zeros(16, np.uint8))
+        kept = w.frames_done
+        w.close()
+        assert kept > 0
+        with StudyReader(partial_path(d / "s.h5"), allow_partial=True) as rd:
+            assert rd.index().tolist() == list(range(kept))
+    finally:
+        subprocess.run(["umount", str(d)], check=False)
