@@ -382,9 +382,9 @@ class Pipeline:
                         raise StudyError(f"{src.path}: the decode thread ended without a result") from None
                     if opts.decode_timeout and time.monotonic() - last_batch > opts.decode_timeout:
                         hung = True
+                        where = f"after frame {expected - 1}" if expected else "from the start"
                         raise SourceError(f"{src.path}: the decoder produced no frames for {opts.decode_timeout:g} s "
-                                          f"after frame {expected - 1} (hung?); giving up on this recording "
-                                          "(--decode-timeout)") from None
+                                          f"{where} (hung?); giving up on this recording (--decode-timeout)") from None
                     continue
                 last_batch = time.monotonic()
                 if item is _END:
