@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from capsule_batch.errors import CapsuleError, StudyError
+from capsule_batch.errors import CapsuleError, SourceError, StudyError
+from capsule_batch.locks import check_not_in_review, run_lock
 from capsule_batch.progress import Progress
 from capsule_batch.sources.base import FrameBatch, FrameSource, open_source
 from capsule_batch.store import (
@@ -64,6 +65,7 @@ class RunOptions:
     progress: bool | None = None
     argv: list[str] = field(default_factory=list)
     shard: str | None = None
+    decode_timeout: float | None = 300.0
 
 
 @dataclass
@@ -123,6 +125,23 @@ def study_path(recording: str | os.PathLike, out_dir: str | os.PathLike) -> Path
     return Path(out_dir) / f"{stem}.h5"
 
 
+def check_writable(out_dir: str | os.PathLike) -> None:
+    """Create `out_dir` and prove a file can be written there, before any work (a real write: os.access says
+    yes to root on a read-only mount)."""
+    import tempfile
+
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".capsule-write-probe-") as f:
+            f.write(b"probe")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise StudyError(f"{out}: cannot write study files here ({e.strerror or e}); choose another -o folder") \
+            from None
+
+
 def select_shard(recordings: Iterable[str | os.PathLike], rank: int, world_size: int) -> list[str]:
     """Recordings sorted, then every `world_size`-th from `rank`: each goes to exactly one process."""
     if not 0 <= rank < world_size:
@@ -178,8 +197,12 @@ class Pipeline:
         self.triage = self.options.triage or TriageConfig.from_bundle(bundle)
 
     # ------------------------------------------------------------------------------------------
-    def run_many(self, recordings: list[str | os.PathLike], out_dir: str | os.PathLike) -> list[StudyResult]:
-        """Each recording to its own study; a failing one is reported and the rest go on."""
+    def run_many(self, recordings: list[str | os.PathLike], out_dir: str | os.PathLike,
+                 report: Any = None) -> list[StudyResult]:
+        """Each recording to its own study; a failing one is reported and the rest go on.
+
+        `report(recording, None)` is called before and `report(recording, result)` after each one (the
+        worker of capsule_batch.isolation tells its supervisor where it is)."""
         outs: dict[Path, str] = {}
         for r in recordings:
             o = study_path(r, out_dir)
@@ -191,7 +214,11 @@ class Pipeline:
             if self.stop.is_set():
                 results.append(StudyResult(str(r), "interrupted", error="not started: interrupted"))
                 continue
+            if report is not None:
+                report(str(r), None)
             results.append(self.run(r, out_dir))
+            if report is not None:
+                report(str(r), results[-1])
         return results
 
     def run(self, recording: str | os.PathLike, out_dir: str | os.PathLike) -> StudyResult:
@@ -200,14 +227,16 @@ class Pipeline:
         final = study_path(recording, out_dir)
         res = StudyResult(str(recording), "failed", output=str(final))
         try:
-            if final.exists() and not self.options.overwrite:
-                with StudyReader(final) as rd:
-                    s = rd.summary()
-                res.status, res.frames = "skipped", s["frames"]
-                res.flagged_frames, res.events = int(s["flagged_frames"] or 0), int(s["events"] or 0)
-                _logger.info("%s: already done (%s); --overwrite to redo it", recording, final)
-                return res
-            self._run(Path(recording), final, res)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            with run_lock(final):
+                if final.exists() and not self.options.overwrite:
+                    with StudyReader(final) as rd:
+                        s = rd.summary()
+                    res.status, res.frames = "skipped", s["frames"]
+                    res.flagged_frames, res.events = int(s["flagged_frames"] or 0), int(s["events"] or 0)
+                    _logger.info("%s: already done (%s); --overwrite to redo it", recording, final)
+                    return res
+                self._run(Path(recording), final, res)
             res.status = "done"
         except RunInterrupted as e:
             res.status, res.output = "interrupted", str(e.partial)
@@ -244,8 +273,8 @@ class Pipeline:
         opts = self.options
         if not path.exists() and ":" not in str(path):
             raise CapsuleError(f"{path}: no such file or folder")
-        final.parent.mkdir(parents=True, exist_ok=True)
         if opts.overwrite:
+            check_not_in_review(final)
             for p in (final, partial_path(final)):
                 p.unlink(missing_ok=True)
         writer = StudyWriter.open(final, self._identity(path), resume=opts.resume and not opts.overwrite)
@@ -334,6 +363,8 @@ class Pipeline:
         bar.set(writer.frames_done)
         expected = writer.frames_done
         tail: str | None = None
+        last_batch = time.monotonic()
+        hung = False
         interrupted = False
         dt.start()
         wt.start()
@@ -349,7 +380,13 @@ class Pipeline:
                 except queue.Empty:
                     if not dt.is_alive() and decode_q.empty():
                         raise StudyError(f"{src.path}: the decode thread ended without a result") from None
+                    if opts.decode_timeout and time.monotonic() - last_batch > opts.decode_timeout:
+                        hung = True
+                        where = f"after frame {expected - 1}" if expected else "from the start"
+                        raise SourceError(f"{src.path}: the decoder produced no frames for {opts.decode_timeout:g} s "
+                                          f"{where} (hung?); giving up on this recording (--decode-timeout)") from None
                     continue
+                last_batch = time.monotonic()
                 if item is _END:
                     break
                 if isinstance(item, _Failed):
@@ -373,7 +410,7 @@ class Pipeline:
             except _StageDied:
                 pass
             wt.join()
-            dt.join(timeout=10)
+            dt.join(timeout=0 if hung else 10)  # a hung decoder is left behind (a daemon thread)
             bar.close()
         if writer_error:
             raise writer_error[0]

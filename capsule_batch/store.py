@@ -17,11 +17,13 @@ reopens without `h5clear`; when it still cannot be reopened, the run starts over
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,8 @@ STATUS_OK, STATUS_DECODE_FAILED = 0, 1
 STATUS_NAMES = {STATUS_OK: "ok", STATUS_DECODE_FAILED: "decode-failed"}
 PROBS_DTYPES = ("float16", "float32")
 HASH_BYTES = 1 << 20
+#: partial files whose close failed (disk full): HDF5's exit-time cleanup crashes on them, see `exit_process`
+UNCLOSED: list[Path] = []
 CHUNK_ROWS = 8192
 #: attributes a resumed run must agree with, and what they mean in a refusal
 _IDENTITY = {"source_size": "recording size", "source_hash": "recording content hash",
@@ -51,6 +55,10 @@ def _h5py() -> Any:
     import h5py
 
     return h5py
+
+
+def h5py_group() -> type:
+    return _h5py().Group
 
 
 def recording_identity(path: str | os.PathLike) -> dict[str, Any]:
@@ -94,6 +102,16 @@ def _hash_ends(path: Path, h: Any) -> None:
 
 def partial_path(final: Path) -> Path:
     return final.with_name(final.name + PARTIAL_SUFFIX)
+
+
+def _write_error(path: Path, e: Exception) -> StudyError:
+    """A failed write (disk full, file size limit, I/O error) as one line: what is kept, how to go on."""
+    import re
+
+    m = re.search(r"error message = '([^']+)'", str(e))  # HDF5's own message names the OS error
+    why = m.group(1) if m else (getattr(e, "strerror", None) or str(e).splitlines()[0] or type(e).__name__)
+    return StudyError(f"{path}: cannot write the study file ({why}); the frames flushed before stay in the partial "
+                      "file: fix that (e.g. free space) and run the same command again to resume")
 
 
 def _now() -> str:
@@ -151,11 +169,16 @@ class StudyWriter:
                 f.close()
         if part.exists():
             part.unlink()
-        f = h5py.File(part, "w")  # default (oldest) file format: reopens after a crash without h5clear
+        try:
+            f = h5py.File(part, "w")  # default (oldest) file format: reopens after a crash without h5clear
+        except OSError as e:
+            raise _write_error(part, e) from e
         try:
             cls._create(f, attrs)
-        except BaseException:
+        except BaseException as e:
             f.close()
+            if isinstance(e, OSError):
+                raise _write_error(part, e) from e
             raise
         return cls(final, f, 0, False)
 
@@ -219,16 +242,44 @@ class StudyWriter:
         if int(index[0]) != self.frames_done or (n > 1 and not np.array_equal(np.diff(index), np.ones(n - 1))):
             raise StudyError(f"{self.partial}: frames must be appended in order: expected frame {self.frames_done}, "
                              f"got {int(index[0])}..{int(index[-1])} ({n} rows)")
+        self._check_space()
         g = self._f["frames"]
         lo, hi = self.frames_done, self.frames_done + n
-        for name, data in (("index", index), ("pts", pts), ("probs", probs), ("status", status)):
-            ds = g[name]
-            ds.resize(hi, axis=0)
-            ds[lo:hi] = np.asarray(data, dtype=ds.dtype)
-        self._f.flush()
-        self._f.attrs["frames_done"] = hi
-        self._f.flush()
+        try:
+            for name, data in (("index", index), ("pts", pts), ("probs", probs), ("status", status)):
+                ds = g[name]
+                ds.resize(hi, axis=0)
+                ds[lo:hi] = np.asarray(data, dtype=ds.dtype)
+            self._f.flush()
+            self._f.attrs["frames_done"] = hi
+            self._f.flush()
+        except (OSError, RuntimeError) as e:  # h5py reports failed writes as either
+            raise _write_error(self.partial, e) from e
         self.frames_done = hi
+
+    def headroom(self) -> int:
+        """Bytes a block may need at most: HDF5 rewrites a grown chunk at the end of the file, so one raw chunk per
+        dataset, plus room for metadata."""
+        g = self._f["frames"]
+        return sum(int(np.prod(g[k].chunks)) * g[k].dtype.itemsize for k in ("index", "pts", "probs", "status")) \
+            + (64 << 10)
+
+    def _check_space(self) -> None:
+        """Stop before a write that may not fit: HDF5 that runs out of space mid-write can leave its own state broken
+        and crash the process (SIGSEGV in a later flush, seen with a file size limit), so it never gets there."""
+        import resource
+
+        st = os.statvfs(self.partial.parent)
+        free = st.f_bavail * st.f_frsize
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY:
+            free = min(free, limit - self.partial.stat().st_size)
+        if free < self.headroom():
+            why = "file size limit" if limit != resource.RLIM_INFINITY and free < st.f_bavail * st.f_frsize \
+                else "disk full"
+            raise StudyError(f"{self.partial}: cannot write the study file ({why}: {max(0, free) >> 10} KiB left, "
+                             f"a block may need {self.headroom() >> 10} KiB); the {self.frames_done} frames flushed "
+                             "before stay in the partial file: free space and run the same command again to resume")
 
     def probs_blocks(self, block: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(frame numbers, probs as float32) of everything written, in blocks: memory bounded by `block`."""
@@ -240,6 +291,13 @@ class StudyWriter:
     def finish(self, events: np.ndarray | list[Event], n_flagged: int, triage: TriageConfig,
                thumbs: list[tuple[int, int, bytes]], attrs: dict[str, Any] | None = None) -> Path:
         """Write events, thumbnails (frame, event, JPEG bytes) and final attributes; rename to NAME.h5."""
+        try:
+            return self._finish(events, n_flagged, triage, thumbs, attrs)
+        except (OSError, RuntimeError) as e:  # h5py reports failed writes as either
+            raise _write_error(self.partial, e) from e
+
+    def _finish(self, events: np.ndarray | list[Event], n_flagged: int, triage: TriageConfig,
+                thumbs: list[tuple[int, int, bytes]], attrs: dict[str, Any] | None) -> Path:
         h5py = _h5py()
         f = self._f
         for name in ("events", "thumbs", "review"):
@@ -271,9 +329,25 @@ class StudyWriter:
         return self.final
 
     def close(self) -> None:
-        """Close without finishing: the partial file stays, resumable."""
+        """Close without finishing: the partial file stays, resumable (its `frames_done` rows are intact even
+        when closing fails after a failed write)."""
         if self._f.id.valid:
-            self._f.close()
+            try:
+                self._f.close()
+            except (OSError, RuntimeError) as e:
+                _logger.debug("%s: closing after a failed write: %s", self.partial, e)
+                UNCLOSED.append(self.partial)
+
+
+def exit_process(code: int) -> None:
+    """sys.exit, unless a study file could not be closed: then HDF5's own clean-up at exit would try to flush it
+    again and crash the process (SIGSEGV, seen with a full disk), so the process ends without it. Everything
+    of the study that matters is on disk already (rows up to `frames_done`, flushed before)."""
+    if UNCLOSED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 @dataclass
@@ -295,13 +369,83 @@ class StudyReader:
             self._f = h5py.File(self.path, "r")
         except OSError as e:
             raise StudyError(f"{self.path}: not a readable HDF5 file ({e})") from e
-        schema = self._f.attrs.get("schema")
-        if schema != SCHEMA:
+        try:
+            with self.guard():
+                schema = self._f.attrs.get("schema")
+                if schema != SCHEMA:
+                    raise StudyError(f"{self.path}: not a study file of schema {SCHEMA} (schema {str(schema)[:40]!r})")
+                if not self.complete and not allow_partial:
+                    raise StudyError(f"{self.path}: incomplete study (an interrupted run; rerun it to resume)")
+                self._validate()
+        except BaseException:
             self._f.close()
-            raise StudyError(f"{self.path}: not a study file of schema {SCHEMA} (schema {schema!r})")
-        if not self.complete and not allow_partial:
-            self._f.close()
-            raise StudyError(f"{self.path}: incomplete study (an interrupted run; rerun it to resume)")
+            raise
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Low-level failures of a damaged file (unreadable chunks, wrong types) as one StudyError line."""
+        try:
+            yield
+        except StudyError:
+            raise
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise StudyError(f"{self.path}: damaged study file ({msg[:200]})") from e
+
+    def _validate(self) -> None:
+        """The structure everything downstream relies on: reject what does not match instead of failing later."""
+        f = self._f
+
+        def bad(what: str) -> StudyError:
+            return StudyError(f"{self.path}: damaged study file ({what})")
+
+        names = json.loads(f.attrs["class_names"]) if isinstance(f.attrs.get("class_names"), str) else None
+        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)
+                and len(set(names)) == len(names)):
+            raise bad("class_names is not a list of distinct names")
+        done = f.attrs.get("frames_done", 0)
+        if not isinstance(done, (int, np.integer)) or isinstance(done, (bool, np.bool_)) or done < 0:
+            raise bad(f"frames_done {str(done)[:20]!r}")
+        g = f.get("frames")
+        if not isinstance(g, h5py_group()):
+            raise bad("no frames group")
+        for k, ndim, kinds in (("index", 1, "iu"), ("pts", 1, "f"), ("probs", 2, "f"), ("status", 1, "iu")):
+            ds = g.get(k)
+            if not hasattr(ds, "shape") or len(ds.shape) != ndim or ds.dtype.kind not in kinds:
+                raise bad(f"frames/{k} missing or of the wrong type")
+            if ds.shape[0] < done:
+                raise bad(f"frames/{k} has {ds.shape[0]} rows, frames_done says {int(done)}")
+        if g["probs"].shape[1] != len(names):
+            raise bad(f"frames/probs has {g['probs'].shape[1]} columns for {len(names)} classes")
+        if "triage" in f.attrs:
+            try:
+                cfg = TriageConfig.from_json(f.attrs["triage"])
+            except Exception as e:  # any malformed JSON or value: the triage settings are unusable
+                raise bad(f"triage settings ({type(e).__name__})") from e
+            if list(cfg.class_names) != names:
+                raise bad("triage class names differ from class_names")
+        n_events = 0
+        if "events" in f:
+            ev = f["events"]
+            if not hasattr(ev, "dtype") or ev.dtype.names is None or not set(EVENT_DTYPE.names) <= set(ev.dtype.names) \
+                    or len(ev.shape) != 1:
+                raise bad("events table of the wrong type")
+            t = ev[:]
+            if len(t) and (t["start"].min() < 0 or (t["end"] < t["start"]).any() or t["end"].max() >= done
+                           or t["class"].min() < 0 or t["class"].max() >= len(names)
+                           or (t["peak_frame"] < t["start"]).any() or (t["peak_frame"] > t["end"]).any()):
+                raise bad("events outside the recording or its classes")
+            n_events = len(t)
+        if "thumbs" in f:
+            tg = f["thumbs"]
+            parts = [tg.get(k) for k in ("frame", "event", "jpeg")]
+            if not all(hasattr(p, "shape") and len(p.shape) == 1 for p in parts) \
+                    or len({p.shape[0] for p in parts}) != 1 or parts[2].dtype.kind != "O" \
+                    or parts[0].dtype.kind not in "iu" or parts[1].dtype.kind not in "iu":
+                raise bad("thumbnails of the wrong type")
+            fr, evs = parts[0][:], parts[1][:]
+            if len(fr) and (fr.min() < 0 or fr.max() >= done or evs.min() < -1 or evs.max() >= n_events):
+                raise bad("thumbnails of frames or events that do not exist")
 
     def __enter__(self) -> StudyReader:
         return self
@@ -346,7 +490,8 @@ class StudyReader:
 
     def _rows(self, name: str, start: int, stop: int | None) -> np.ndarray:
         stop = len(self) if stop is None else min(stop, len(self))
-        return self._f["frames"][name][start:stop]
+        with self.guard():
+            return self._f["frames"][name][start:stop]
 
     def index(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         return self._rows("index", start, stop).astype(np.int64)
@@ -382,14 +527,16 @@ class StudyReader:
         """Rows of the events table (EVENT_DTYPE), sorted by start frame."""
         if "events" not in self._f:
             return np.zeros(0, dtype=EVENT_DTYPE)
-        return self._f["events"][start:stop]
+        with self.guard():
+            return self._f["events"][start:stop]
 
     def thumbs(self) -> list[Thumb]:
         if "thumbs" not in self._f:
             return []
         g = self._f["thumbs"]
-        return [Thumb(int(f), int(e), bytes(j.tobytes())) for f, e, j in zip(g["frame"][:], g["event"][:],
-                                                                           g["jpeg"][:], strict=True)]
+        with self.guard():
+            return [Thumb(int(f), int(e), bytes(j.tobytes()))
+                    for f, e, j in zip(g["frame"][:], g["event"][:], g["jpeg"][:], strict=True)]
 
     def summary(self) -> dict[str, Any]:
         a = self.attrs

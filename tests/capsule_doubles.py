@@ -2,7 +2,8 @@
 
 `test-av` decodes with PyAV and preprocesses with `preprocess_batch`; `start=` is frame-exact because
 it decodes forward from the beginning and drops frames before `start`. `test-torch` runs the bundle's
-model eagerly in fp32 with softmax. `test-raise` is `test-av` that raises after two batches.
+model eagerly in fp32 with softmax. `test-raise` is `test-av` that raises after two batches;
+`test-crash` segfaults and `test-hang` hangs on recordings named so.
 Importing this module registers them; tests name them through conftest's SOURCE/ENGINE constants.
 """
 
@@ -76,6 +77,29 @@ class RaisingSource(AVSource):
             yield b
 
 
+class CrashingSource(AVSource):
+    """`test-av` that really crashes the process (a segfault in the decode thread) on recordings named *crash*,
+    like a native decoder meeting a hostile file; other recordings decode normally."""
+
+    def __iter__(self) -> Iterator[FrameBatch]:
+        for k, b in enumerate(super().__iter__()):
+            if k == 1 and "crash" in self.path.name:
+                import ctypes
+
+                ctypes.string_at(0)  # SIGSEGV: no Python exception, the process dies
+            yield b
+
+
+class HangingSource(AVSource):
+    """`test-av` whose decoder hangs (CAPSULE_TEST_HANG seconds) after the first batch on recordings named *hang*."""
+
+    def __iter__(self) -> Iterator[FrameBatch]:
+        for k, b in enumerate(super().__iter__()):
+            if k == 1 and "hang" in self.path.name:
+                time.sleep(float(os.environ.get("CAPSULE_TEST_HANG", "30")))
+            yield b
+
+
 class TorchEngine(Engine):
     def __init__(self, bundle: Any, *, device: Any, precision: str, max_batch: int):
         super().__init__(bundle, device=device, precision="fp32", max_batch=max_batch)
@@ -98,4 +122,6 @@ class TorchEngine(Engine):
 
 _register(SOURCES, "test-av", AVSource)
 _register(SOURCES, "test-raise", RaisingSource)
+_register(SOURCES, "test-crash", CrashingSource)
+_register(SOURCES, "test-hang", HangingSource)
 _register(BACKENDS, "test-torch", TorchEngine)

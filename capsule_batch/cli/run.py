@@ -41,38 +41,58 @@ _logger = logging.getLogger(__name__)
 @click.option("--max-thumbs", type=click.IntRange(min=0), default=200, show_default=True,
               help="Thumbnails per study at most (events with the highest peaks first).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a terminal).")
+@click.option("--decode-timeout", type=click.FloatRange(min=0), default=300.0, show_default=True,
+              help="Fail a recording whose decoder yields no frames for this many seconds (0: wait forever).")
+@click.option("--isolate/--no-isolate", default=None,
+              help="Run in a worker process, so that a native decoder crash fails one recording, not the batch "
+                   "(default: when there is more than one recording).")
 @json_option
 def command(recordings: tuple[Path, ...], bundle_path: Path, out_dir: Path, engine: str, source: str, device: str,
             precision: str, batch_size: int, resume: bool, shard: str | None, top_k: int | None, merge_gap: int,
             min_run: int, smooth: int, probs_dtype: str, block_frames: int, thumbs_per_event: int, max_thumbs: int,
-            progress: bool | None, as_json: bool) -> None:
+            progress: bool | None, decode_timeout: float, isolate: bool | None, as_json: bool) -> None:
     """Decode and classify every frame of each RECORDING (video file or frame folder) into OUTDIR/<stem>.h5.
 
     Exit 0 when all succeed, 1 when any failed, 130 when interrupted (rerun the command to resume).
     """
-    from capsule_batch.backends.base import create_engine
-    from capsule_batch.bundle import ModelBundle
-    from capsule_batch.pipeline import Pipeline, RunOptions, resolve_shard, select_shard
-    from capsule_batch.triage import TriageConfig
+    from capsule_batch.isolation import Supervisor, worker_argv, worker_report
+    from capsule_batch.pipeline import check_writable, resolve_shard, select_shard
 
     rank, world = resolve_shard(shard)
     mine = select_shard(recordings, rank, world)
+    check_writable(out_dir)
+    worker = worker_report()
+    if worker is None and (isolate if isolate is not None else len(mine) > 1):
+        results, rc = Supervisor(mine, worker_argv(), out_dir).run()
+        sys.exit(rc if rc is not None else _summarise(results, rank, world, as_json))
+    from capsule_batch.backends.base import create_engine
+    from capsule_batch.bundle import ModelBundle
+    from capsule_batch.pipeline import Pipeline, RunOptions
+    from capsule_batch.store import exit_process
+    from capsule_batch.triage import TriageConfig
+
     bundle = ModelBundle.load(bundle_path)
-    out_dir.mkdir(parents=True, exist_ok=True)
     dev = resolve_run_device(device)
     eng = create_engine(bundle, backend=engine, device=dev, precision=precision, max_batch=batch_size)
     triage = TriageConfig.from_bundle(bundle, merge_gap=merge_gap, min_run=min_run, smooth=smooth, top_k=top_k)
     opts = RunOptions(source=source, batch_size=batch_size, resume=resume, overwrite=not resume,
                       probs_dtype=probs_dtype, block_frames=block_frames, triage=triage,
                       thumbs_per_event=thumbs_per_event, max_thumbs=max_thumbs, progress=progress,
-                      argv=sys.argv[:], shard=f"{rank}/{world}")
+                      argv=sys.argv[:], shard=f"{rank}/{world}", decode_timeout=decode_timeout or None)
     stop = threading.Event()
     pipe = Pipeline(bundle, eng, opts, stop)
     _logger.info("rank %d/%d: %d of %d recordings", rank, world, len(mine), len(recordings))
+    report, skip = worker if worker is not None else (None, 0)
     with _stop_on_signals(stop):
-        results = pipe.run_many(mine, out_dir)
+        results = pipe.run_many(mine[skip:], out_dir, report=report)
     eng.close()
+    if worker is None:
+        exit_process(_summarise(results, rank, world, as_json))
+    exit_process(130 if any(r.status == "interrupted" for r in results) else 0)
 
+
+def _summarise(results: list[Any], rank: int, world: int, as_json: bool) -> int:
+    """Print the outcome; the exit code: 1 when any recording failed, 130 when interrupted."""
     failed = [r for r in results if r.status == "failed"]
     interrupted = [r for r in results if r.status == "interrupted"]
     if as_json:
@@ -85,9 +105,8 @@ def command(recordings: tuple[Path, ...], bundle_path: Path, out_dir: Path, engi
             click.echo(f"{r.status:11s} {r.recording} -> {r.output}: {what}")
     if interrupted:
         click.echo("interrupted: run the same command again to resume from the last flushed block", err=True)
-        sys.exit(130)
-    if failed:
-        sys.exit(1)
+        return 130
+    return 1 if failed else 0
 
 
 class _stop_on_signals:

@@ -231,26 +231,25 @@ class ReviewApp:
 
 
 def _lock_study(study: Path) -> int:
-    """One review app per study at a time: two would interleave their journals and overwrite each other's folds."""
-    import fcntl
+    """One review app per study at a time: two would interleave their journals and overwrite each other's folds.
 
-    lock = study.with_name(study.name + ".review.lock")
+    The same lock tells `run --overwrite` that the study is open here (capsule_batch.locks)."""
+    from capsule_batch.locks import REVIEW_LOCK_SUFFIX, acquire, lock_path
+
+    lock = lock_path(study, REVIEW_LOCK_SUFFIX)
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise StudyError(f"{study.parent}: cannot save decisions here ({e.strerror}); copy the study to a "
-                         "writable folder") from e
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise StudyError(f"{study}: already open in another review app (lock {lock.name})") from None
-    return fd
+        return acquire(lock, f"{study}: already open in another review app")
+    except StudyError as e:
+        if "cannot create" in str(e):
+            raise StudyError(f"{study.parent}: cannot save decisions here ({e}); copy the study to a writable "
+                             "folder") from e
+        raise
 
 
 def _unlock_study(study: Path, fd: int) -> None:
-    study.with_name(study.name + ".review.lock").unlink(missing_ok=True)
-    os.close(fd)
+    from capsule_batch.locks import REVIEW_LOCK_SUFFIX, lock_path, release
+
+    release(lock_path(study, REVIEW_LOCK_SUFFIX), fd)
 
 
 class Server:

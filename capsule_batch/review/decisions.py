@@ -95,11 +95,15 @@ def _read_h5(study: Path) -> tuple[list[Decision], int]:
     """(the log in order, journal_seq) from the study's `review` group; empty when none was written."""
     import h5py
 
-    with h5py.File(study, "r") as f:
-        g = f.get("review")
-        if g is None or "log" not in g:
-            return [], 0
-        return [_from_row(r) for r in g["log"][:]], int(g.attrs.get("journal_seq", 0))
+    try:
+        with h5py.File(study, "r") as f:
+            g = f.get("review")
+            if g is None or "log" not in g:
+                return [], 0
+            return [_from_row(r) for r in g["log"][:]], int(g.attrs.get("journal_seq", 0))
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StudyError(f"{study}: damaged review decisions ({msg[:200]})") from e
 
 
 def _read_journal(path: Path) -> list[Decision]:

@@ -70,31 +70,36 @@ class StudyView:
         self.path = Path(path)
         self.reader = StudyReader(self.path)
         r = self.reader
-        self.attrs = r.attrs
-        self.class_names = r.class_names
-        self.n_frames = len(r)
-        table = r.events_table()
-        self.events = events_from_table(table)
-        self.ev_start = table["start"].astype(np.int64)
-        self.ev_end = table["end"].astype(np.int64)
-        self.ev_cls = table["class"].astype(np.int64)
-        self.ev_score = table["peak_score"].astype(np.float64)
-        self._orders = {"time": np.lexsort((np.arange(len(table)), self.ev_start)),
-                        "score": np.lexsort((self.ev_start, -self.ev_score)),
-                        "class": np.lexsort((self.ev_start, self.ev_cls))}
-        self.thumbs: dict[int, bytes] = {}
-        self.thumbs_of_event: dict[int, list[int]] = {}
-        for t in r.thumbs():
-            self.thumbs[t.frame] = t.jpeg
-            if t.event >= 0:
-                self.thumbs_of_event.setdefault(t.event, []).append(t.frame)
-        for frames in self.thumbs_of_event.values():
-            frames.sort()
-        fps = self.attrs.get("fps")
-        self.fps = float(fps) if isinstance(fps, (int, float)) and fps > 0 else None
-        pts = r.pts()  # one read of the whole column (8 MB for 1M frames) instead of one per listed event
-        self.ev_time = pts[self.ev_start].astype(np.float64) if len(table) else np.zeros(0)
-        self.ev_time = np.where(np.isfinite(self.ev_time), self.ev_time, self.ev_start / (self.fps or 1.0))
+        try:
+            with r.guard():
+                self.attrs = r.attrs
+                self.class_names = r.class_names
+                self.n_frames = len(r)
+                table = r.events_table()
+                self.events = events_from_table(table)
+                self.ev_start = table["start"].astype(np.int64)
+                self.ev_end = table["end"].astype(np.int64)
+                self.ev_cls = table["class"].astype(np.int64)
+                self.ev_score = table["peak_score"].astype(np.float64)
+                self._orders = {"time": np.lexsort((np.arange(len(table)), self.ev_start)),
+                                "score": np.lexsort((self.ev_start, -self.ev_score)),
+                                "class": np.lexsort((self.ev_start, self.ev_cls))}
+                self.thumbs: dict[int, bytes] = {}
+                self.thumbs_of_event: dict[int, list[int]] = {}
+                for t in r.thumbs():
+                    self.thumbs[t.frame] = t.jpeg
+                    if t.event >= 0:
+                        self.thumbs_of_event.setdefault(t.event, []).append(t.frame)
+                for frames in self.thumbs_of_event.values():
+                    frames.sort()
+                fps = self.attrs.get("fps")
+                self.fps = float(fps) if isinstance(fps, (int, float)) and fps > 0 else None
+                pts = r.pts()  # one read of the whole column (8 MB for 1M frames) instead of one per listed event
+                self.ev_time = pts[self.ev_start].astype(np.float64) if len(table) else np.zeros(0)
+                self.ev_time = np.where(np.isfinite(self.ev_time), self.ev_time, self.ev_start / (self.fps or 1.0))
+        except BaseException:
+            r.close()
+            raise
         self._timeline: Timeline | None = None
 
     def close(self) -> None:
