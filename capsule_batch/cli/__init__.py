@@ -19,6 +19,7 @@ from capsule_batch.errors import CapsuleError
 
 #: command name -> module under capsule_batch.cli that defines `command`
 COMMANDS: dict[str, str] = {
+    "compare": "compare",
     "engine": "engine",
     "env": "env",
     "export": "export",
