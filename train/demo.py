@@ -82,9 +82,10 @@ def triage_study(bundle_dir: Path, out: Path, frames: int, size: int, seed: int,
     rec = _synth(out / "study.mp4", frames, size, seed, 15.0, "h264")
     _logger.info("study recording: %s (%d frames, %d injected findings)", rec.path, frames, len(rec.findings))
     bundle = ModelBundle.load(bundle_dir)
-    engine = create_engine(bundle, backend="torch", device=resolve_device("auto"), max_batch=batch_size)
+    engine = create_engine(bundle, backend="auto", device=resolve_device("auto"), max_batch=batch_size)
     opts = RunOptions(batch_size=batch_size, overwrite=True, resume=False, triage=TriageConfig.from_bundle(bundle),
                       progress=True, argv=sys.argv[:])
+    desc = engine.describe()
     try:
         result = Pipeline(bundle, engine, opts, threading.Event()).run(rec.path, out)
     finally:
@@ -97,7 +98,8 @@ def triage_study(bundle_dir: Path, out: Path, frames: int, size: int, seed: int,
             "flag_rate": cmp.flag_rate, "events": cmp.events, "false_events": cmp.false_events,
             "findings": cmp.findings, "caught": cmp.caught, "caught_class": cmp.caught_class,
             "study": result.output, "report": str(report), "recording": str(rec.path),
-            "findings_csv": str(rec.findings_csv), "bundle": str(bundle_dir)}
+            "findings_csv": str(rec.findings_csv), "bundle": str(bundle_dir),
+            "engine": f"{desc.get('backend')} on {desc.get('device')}"}
 
 
 def run_demo(out: str | Path, frames: int = 3000, train_frames: int = 400, recordings: int = 3, epochs: int = 16,
@@ -116,7 +118,7 @@ def run_demo(out: str | Path, frames: int = 3000, train_frames: int = 400, recor
 
 def format_summary(s: dict[str, Any]) -> str:
     return "\n".join([
-        f"frames            {s['frames']} at {s['fps']:.1f} frames/s",
+        f"frames            {s['frames']} at {s['fps']:.1f} frames/s ({s['engine']})",
         f"flagged frames    {s['flagged_frames']} ({100 * s['flag_rate']:.1f}%)",
         f"events            {s['events']} ({s['false_events']} on no injected finding)",
         f"findings caught   {s['caught']} of {s['findings']} ({s['caught_class']} with the right class)",
