@@ -35,4 +35,4 @@ lint: venv
 	$(BIN)/ruff check capsule_batch train tests benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache demo
