@@ -9,10 +9,13 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 EXTRAS ?= onnx,review,train,test,dali
 PYTEST_ARGS ?=
+# e.g. `make demo DEMO_ARGS="--frames 10000"` (python -m train.demo --help)
+DEMO_ARGS ?=
 
 .PHONY: venv test lint demo clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
+	@echo "== creating $(VENV) and installing torch, then the package with [$(EXTRAS)] (1-3 minutes)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
@@ -23,8 +26,13 @@ venv: $(VENV)/.installed
 test: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
+# Train a tiny model on synthetic recordings, triage a synthetic study with it, compare with the truth: ./demo/
+demo: venv
+	@echo "== demo: synthetic training data -> tiny EVA-02 -> capsule-batch run on a synthetic study -> ./demo/"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m train.demo -o demo $(DEMO_ARGS)
+
 lint: venv
 	$(BIN)/ruff check capsule_batch train tests benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache demo

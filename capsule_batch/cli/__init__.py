@@ -20,6 +20,7 @@ from capsule_batch.errors import CapsuleError
 #: command name -> module under capsule_batch.cli that defines `command`
 COMMANDS: dict[str, str] = {
     "bench": "bench",
+    "compare": "compare",
     "engine": "engine",
     "env": "env",
     "export": "export",
