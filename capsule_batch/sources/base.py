@@ -25,6 +25,7 @@ index `start`.
 from __future__ import annotations
 
 import abc
+import importlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -102,9 +103,18 @@ class FrameSource(abc.ABC):
         if self.start < 0:
             raise SourceError(f"start frame must be >= 0, got {start}")
 
+    #: (module to import, how to install it) for sources built on an optional package
+    requires: ClassVar[tuple[str, str] | None] = None
+
     @classmethod
     def available(cls) -> tuple[bool, str]:
         """(usable on this machine, why not) — checks packages and hardware, not a particular file."""
+        if cls.requires is not None:
+            module, install = cls.requires
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                return False, f"the {module} package is not installed ({install})"
         return True, ""
 
     @classmethod

@@ -141,6 +141,8 @@ class DaliSource(FrameSource):
     `chunk`: minimum frames per keyframe-aligned range; `sequence_length`: frames per DALI sample;
     `num_threads`: DALI CPU threads."""
 
+    requires = ("nvidia.dali", "pip install 'capsule-batch[dali]'")
+
     def __init__(self, path: str | Path, preprocess: Preprocess, *, readers: int | None = None, chunk: int = 2048,
                  sequence_length: int = 16, num_threads: int = 2, **kw: Any):
         super().__init__(path, preprocess, **kw)
@@ -189,14 +191,6 @@ class DaliSource(FrameSource):
         else:  # resuming at the end: nothing left to read
             self._readers_plan = []
         self._info.extra["dali_readers"] = len(self._readers_plan)
-
-    @classmethod
-    def available(cls) -> tuple[bool, str]:
-        try:
-            import nvidia.dali  # noqa: F401
-        except ImportError:
-            return False, "nvidia-dali is not installed (pip install 'capsule-batch[dali]')"
-        return True, ""
 
     @classmethod
     def accepts(cls, path: Path) -> tuple[bool, str]:

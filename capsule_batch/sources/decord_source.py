@@ -40,6 +40,8 @@ class DecordSource(PrefetchedSource, FrameSource):
     """CPU video source; `num_threads` is decord's decoder threads (0 = FFmpeg's choice), `prefetch` the
     number of ready batches the worker may hold."""
 
+    requires = ("decord", "pip install decord")
+
     def __init__(self, path: str | Path, preprocess: Preprocess, *, num_threads: int = 0, prefetch: int = 2,
                  **kw: Any):
         super().__init__(path, preprocess, **kw)
@@ -58,14 +60,6 @@ class DecordSource(PrefetchedSource, FrameSource):
             self._reader = None
         self._salvage = self._reader is None
         self._info.extra["salvage"] = self._salvage
-
-    @classmethod
-    def available(cls) -> tuple[bool, str]:
-        try:
-            import decord  # noqa: F401
-        except ImportError:
-            return False, "the decord package is not installed (pip install decord)"
-        return True, ""
 
     @classmethod
     def accepts(cls, path: Path) -> tuple[bool, str]:
