@@ -17,8 +17,6 @@ import logging
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from typing import Any
 from capsule_batch import __version__
 from capsule_batch.classes import CE24_CLASSES, validate_class_names
 from capsule_batch.errors import BundleError
+from capsule_batch.files import publish_dir
 from capsule_batch.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 _logger = logging.getLogger(__name__)
@@ -437,8 +436,7 @@ def save_bundle(
         raise BundleError(f"{parent}: output folder does not exist")
     if not os.access(parent, os.W_OK):
         raise BundleError(f"{parent}: not writable")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
-    try:
+    with publish_dir(out) as tmp:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
         save_file(tensors, str(tmp / WEIGHTS_FILE))
         prov = {
@@ -460,12 +458,6 @@ def save_bundle(
             provenance=prov,
         )
         (tmp / META_FILE).write_text(json.dumps(bundle.to_json(), indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ModelBundle.load(out)
 
 

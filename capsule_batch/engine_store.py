@@ -22,8 +22,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from typing import Any
 from capsule_batch import __version__
 from capsule_batch.bundle import ModelBundle, sha256_file
 from capsule_batch.errors import EngineError
+from capsule_batch.files import publish_dir
 
 _logger = logging.getLogger(__name__)
 
@@ -182,8 +181,7 @@ class EngineStore:
         import torch
 
         d.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
-        try:
+        with publish_dir(d) as tmp:
             name, extra = build(tmp)
             art = tmp / name
             meta = {"format": STORE_FORMAT, **expected, **extra, "file": name, "bytes": art.stat().st_size,
@@ -191,12 +189,6 @@ class EngineStore:
                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "software": f"capsule-batch {__version__}", "torch": torch.__version__}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            if d.exists():
-                shutil.rmtree(d)
-            os.replace(tmp, d)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         _logger.info("built %s (%.1f MB)", d / name, meta["bytes"] / 1e6)
         return d / name, meta
 

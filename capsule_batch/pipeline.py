@@ -318,25 +318,21 @@ class Pipeline:
         writer_error: list[BaseException] = []
 
         def decode() -> None:
+            wanted = lambda: not quit_decode.is_set()  # noqa: E731
             try:
-                for batch in src:
-                    while not quit_decode.is_set():
-                        try:
-                            decode_q.put(batch, timeout=_POLL)
-                            break
-                        except queue.Full:
-                            pass
-                    if quit_decode.is_set():
-                        return
-                item: Any = _END
-            except BaseException as e:  # handed to the caller, which re-raises it
-                item = _Failed(e)
-            while not quit_decode.is_set():
                 try:
-                    decode_q.put(item, timeout=_POLL)
+                    for batch in src:
+                        if not wanted():
+                            return
+                        _put(decode_q, batch, wanted)
+                    item: Any = _END
+                except _StageDied:
                     return
-                except queue.Full:
-                    pass
+                except BaseException as e:  # handed to the caller, which re-raises it
+                    item = _Failed(e)
+                _put(decode_q, item, wanted)
+            except _StageDied:  # the consumer stopped first: nobody waits for the end marker
+                pass
 
         def write() -> None:
             pending: list[_Rows] = []
