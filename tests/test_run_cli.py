@@ -158,5 +158,6 @@ def test_shard_option_and_usage_errors(tmp_path: Path, tiny_bundle: Any) -> None
     cp = run(run_args(tiny_bundle, tmp_path / "o", *recs, extra=("--shard", "1/2")))
     assert cp.returncode == 0, cp.stderr[-2000:]
     assert [Path(r["recording"]).name for r in summary(cp)["recordings"]] == ["s1.mp4"]
-    bad = run(run_args(tiny_bundle, tmp_path / "o", *recs, extra=("--shard", "2/2")))
-    assert bad.returncode == 1 and "--shard" in bad.stderr
+    for spec in ("2/2", "a/b", "0/0"):
+        bad = run(run_args(tiny_bundle, tmp_path / "o", *recs, extra=("--shard", spec)))
+        assert bad.returncode == 2 and "--shard" in bad.stderr and spec in bad.stderr, bad.stderr

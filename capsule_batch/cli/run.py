@@ -24,7 +24,7 @@ _logger = logging.getLogger(__name__)
 @engine_options
 @click.option("--resume/--overwrite", default=True, show_default=True,
               help="Continue a partial study file (default), or start every study over, finished ones included.")
-@click.option("--shard", default=None, metavar="I/N",
+@click.option("--shard", default=None, metavar="I/N", callback=lambda ctx, param, value: _check_shard(value),
               help="Process only recordings i with i % N == I (sorted); default: torchrun's RANK/WORLD_SIZE.")
 @click.option("--top-k", type=click.IntRange(min=1), default=None, help="Keep only the K highest-scoring events.")
 @click.option("--merge-gap", type=click.IntRange(min=0), default=2, show_default=True,
@@ -89,6 +89,19 @@ def command(recordings: tuple[Path, ...], bundle_path: Path, out_dir: Path, engi
     if worker is None:
         exit_process(_summarise(results, rank, world, as_json))
     exit_process(130 if any(r.status == "interrupted" for r in results) else 0)
+
+
+def _check_shard(value: str | None) -> str | None:
+    """A malformed --shard is a usage error (exit 2), found before any recording is opened."""
+    from capsule_batch.errors import CapsuleError
+    from capsule_batch.pipeline import resolve_shard
+
+    if value is not None:
+        try:
+            resolve_shard(value)
+        except CapsuleError as e:
+            raise click.BadParameter(str(e).replace(f"--shard {value!r}: ", f"{value!r}: ")) from None
+    return value
 
 
 def _summarise(results: list[Any], rank: int, world: int, as_json: bool) -> int:
