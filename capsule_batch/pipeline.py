@@ -19,9 +19,11 @@ import logging
 import os
 import queue
 import re
+import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,7 @@ class RunOptions:
     argv: list[str] = field(default_factory=list)
     shard: str | None = None
     decode_timeout: float | None = 300.0
+    engine_timeout: float | None = 300.0
 
 
 @dataclass
@@ -186,6 +189,45 @@ class _StageDied(Exception):
     pass
 
 
+class EngineWatch:
+    """Calls `on_hang(seconds)` from a watch thread when one engine call has run longer than `timeout` seconds.
+
+    A call into TensorRT, CUDA or torch that hangs (a stuck GPU, driver or engine) cannot be interrupted from
+    Python, and the engine that made it cannot be used again: the only way on is a new process. So the
+    pipeline's `on_hang` reports the recording as failed and ends the process; with a worker process
+    (capsule_batch.isolation) the supervisor then goes on with the next recording in a new worker, and the
+    partial study resumes from its last flushed block on the next run. `timeout` None or 0: no watch."""
+
+    def __init__(self, timeout: float | None, on_hang: Callable[[float], None]):
+        self.timeout = timeout or None
+        self.on_hang = on_hang
+        self._since: float | None = None
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def call(self) -> Iterator[None]:
+        if self.timeout is None:
+            yield
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="capsule-engine-watch", daemon=True)
+            self._thread.start()
+        self._since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._since = None
+
+    def _watch(self) -> None:
+        assert self.timeout is not None
+        while True:
+            since = self._since
+            if since is not None and time.monotonic() - since > self.timeout:
+                self.on_hang(time.monotonic() - since)
+                return
+            time.sleep(min(1.0, self.timeout / 4))
+
+
 class Pipeline:
     """One bundle + engine, many recordings. `stop` (a threading.Event) ends a run cleanly at the next batch."""
 
@@ -195,6 +237,27 @@ class Pipeline:
         self.options = options or RunOptions()
         self.stop = stop or threading.Event()
         self.triage = self.options.triage or TriageConfig.from_bundle(bundle)
+        self._watch = EngineWatch(self.options.engine_timeout, self._engine_hung)
+        self._report: Callable[[str, StudyResult | None], None] | None = None
+        self._active: StudyResult | None = None  # the recording being run, for _engine_hung
+        self._batch_start = 0
+
+    def _engine_hung(self, seconds: float) -> None:
+        """EngineWatch's verdict: report the recording as failed, then end the process (see EngineWatch)."""
+        res = self._active
+        what = res.recording if res is not None else "(no recording)"
+        msg = (f"{what}: the engine returned no result for {seconds:.0f} s on the batch from frame "
+               f"{self._batch_start} (a hung GPU, driver or engine?); ending this process (--engine-timeout). "
+               "The partial study resumes from its last flushed block when the command is run again.")
+        _logger.error("%s", msg)
+        if res is not None:
+            res.status, res.error = "failed", msg
+            if self._report is not None:
+                self._report(res.recording, res)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
     # ------------------------------------------------------------------------------------------
     def run_many(self, recordings: list[str | os.PathLike], out_dir: str | os.PathLike,
@@ -210,15 +273,19 @@ class Pipeline:
                 raise StudyError(f"{r} and {outs[o]} would both write {o}: rename one of them")
             outs[o] = str(r)
         results = []
-        for r in recordings:
-            if self.stop.is_set():
-                results.append(StudyResult(str(r), "interrupted", error="not started: interrupted"))
-                continue
-            if report is not None:
-                report(str(r), None)
-            results.append(self.run(r, out_dir))
-            if report is not None:
-                report(str(r), results[-1])
+        self._report = report
+        try:
+            for r in recordings:
+                if self.stop.is_set():
+                    results.append(StudyResult(str(r), "interrupted", error="not started: interrupted"))
+                    continue
+                if report is not None:
+                    report(str(r), None)
+                results.append(self.run(r, out_dir))
+                if report is not None:
+                    report(str(r), results[-1])
+        finally:
+            self._report = None
         return results
 
     def run(self, recording: str | os.PathLike, out_dir: str | os.PathLike) -> StudyResult:
@@ -226,6 +293,7 @@ class Pipeline:
         t0 = time.perf_counter()
         final = study_path(recording, out_dir)
         res = StudyResult(str(recording), "failed", output=str(final))
+        self._active = res
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             with run_lock(final):
@@ -248,6 +316,8 @@ class Pipeline:
         except Exception as e:  # a decoder or engine crash on one recording must not stop the others
             res.error = f"{type(e).__name__}: {e}"
             _logger.error("%s: failed: %s", recording, res.error, exc_info=_logger.isEnabledFor(logging.DEBUG))
+        finally:
+            self._active = None
         res.seconds = round(time.perf_counter() - t0, 3)
         if res.status != "skipped" and res.seconds > 0:
             res.fps = round((res.frames - res.resumed_from) / res.seconds, 2)
@@ -421,8 +491,10 @@ class Pipeline:
         n = len(batch)
         probs = np.empty((n, c), np.float32)
         mb = max(1, int(self.engine.max_batch))
+        self._batch_start = expected
         for lo in range(0, n, mb):
-            probs[lo:lo + mb] = _to_numpy(self.engine.infer(batch.pixels[lo:lo + mb]))
+            with self._watch.call():  # _to_numpy waits for the device: a hang shows there
+                probs[lo:lo + mb] = _to_numpy(self.engine.infer(batch.pixels[lo:lo + mb]))
         failed = sorted({f.index: f.reason for f in batch.failures if f.index >= 0}.items())
         tail = next((f.reason for f in batch.failures if f.index < 0), None)
         if failed:

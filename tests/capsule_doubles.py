@@ -3,7 +3,9 @@
 `test-av` decodes with PyAV and preprocesses with `preprocess_batch`; `start=` is frame-exact because
 it decodes forward from the beginning and drops frames before `start`. `test-torch` runs the bundle's
 model eagerly in fp32 with softmax. `test-raise` is `test-av` that raises after two batches;
-`test-crash` segfaults and `test-hang` hangs on recordings named so.
+`test-crash` segfaults and `test-hang` hangs on recordings named so. `test-torch` hangs in one `infer`
+call when CAPSULE_TEST_ENGINE_HANG names a file holding K: the file counts down per call, across
+processes, and the call that finds 0 deletes it and hangs (a stuck GPU).
 Importing this module registers them; tests name them through conftest's SOURCE/ENGINE constants.
 """
 
@@ -100,6 +102,20 @@ class HangingSource(AVSource):
             yield b
 
 
+def _hang_when_counted_down() -> None:
+    countdown = os.environ.get("CAPSULE_TEST_ENGINE_HANG")
+    if not countdown or not os.path.exists(countdown):
+        return
+    with open(countdown) as f:
+        left = int(f.read())
+    if left > 0:
+        with open(countdown, "w") as f:
+            f.write(str(left - 1))
+        return
+    os.unlink(countdown)
+    time.sleep(120)
+
+
 class TorchEngine(Engine):
     def __init__(self, bundle: Any, *, device: Any, precision: str, max_batch: int):
         super().__init__(bundle, device=device, precision="fp32", max_batch=max_batch)
@@ -116,6 +132,7 @@ class TorchEngine(Engine):
 
         if _DELAY:
             time.sleep(_DELAY)  # lets subprocess tests interrupt a run in the middle
+        _hang_when_counted_down()
         with torch.inference_mode():
             return torch.softmax(self.model(pixels.to(self.device, torch.float32)).float(), dim=1)
 

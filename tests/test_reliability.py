@@ -204,6 +204,49 @@ def test_a_decoder_hang_times_out_and_the_next_recording_runs(tmp_path: Path, ti
         assert len(rd) == 8  # the frames before the hang are kept
 
 
+def test_an_engine_hang_fails_its_recording_and_the_next_ones_run_in_a_new_worker(tmp_path: Path,
+                                                                                    tiny_bundle: Any) -> None:
+    """The engine's 5th call never returns (a stuck GPU): a.mp4 took 3 calls, so b.mp4 hangs after its first batch.
+    Its recording fails naming the timeout, c.mp4 runs in a new worker, and a rerun resumes b.mp4 from frame 8."""
+    d = tmp_path / "in"
+    d.mkdir()
+    rs = [make_recording(d / n, 24, seed=k) for k, n in enumerate(["a.mp4", "b.mp4", "c.mp4"])]
+    countdown = tmp_path / "hang-after"
+    countdown.write_text("4")
+    e = env()
+    e["CAPSULE_TEST_ENGINE_HANG"] = str(countdown)
+    a = args(tiny_bundle, tmp_path / "out", *rs, extra=("--block-frames", "8", "--engine-timeout", "2"))
+    t0 = time.perf_counter()
+    cp = subprocess.run(a, capture_output=True, text=True, env=e, timeout=300)
+    assert time.perf_counter() - t0 < 100  # the hung call sleeps 120 s: the watch ended it
+    assert cp.returncode == 1, cp.stderr[-3000:]
+    by = {Path(r["recording"]).name: r for r in summary(cp)["recordings"]}
+    assert by["a.mp4"]["status"] == by["c.mp4"]["status"] == "done" and by["c.mp4"]["frames"] == 24
+    err = by["b.mp4"]["error"]
+    assert by["b.mp4"]["status"] == "failed" and err.startswith(str(rs[1]))
+    assert "the engine returned no result for 2 s on the batch from frame 8" in err and "--engine-timeout" in err
+    assert not countdown.exists()
+    with StudyReader(partial_path(tmp_path / "out" / "b.h5"), allow_partial=True) as rd:
+        assert len(rd) == 8  # the block before the hang is kept
+    again = run(a)
+    assert again.returncode == 0, again.stderr[-3000:]
+    by = {Path(r["recording"]).name: r for r in summary(again)["recordings"]}
+    assert by["b.mp4"]["status"] == "done" and by["b.mp4"]["resumed_from"] == 8 and by["b.mp4"]["frames"] == 24
+    assert by["a.mp4"]["status"] == by["c.mp4"]["status"] == "skipped"
+
+
+def test_an_engine_hang_without_a_worker_ends_the_process_with_the_reason(tmp_path: Path, tiny_bundle: Any) -> None:
+    rec = make_recording(tmp_path / "one.mp4", 24, seed=3)
+    countdown = tmp_path / "hang-after"
+    countdown.write_text("0")
+    e = env()
+    e["CAPSULE_TEST_ENGINE_HANG"] = str(countdown)
+    cp = subprocess.run(args(tiny_bundle, tmp_path / "out", rec, extra=("--engine-timeout", "1")),
+                        capture_output=True, text=True, env=e, timeout=100)
+    assert cp.returncode == 1
+    assert f"{rec}: the engine returned no result for 1 s on the batch from frame 0" in cp.stderr
+
+
 # --------------------------------------------------------------------------------------------------
 def test_a_second_run_on_the_same_study_is_refused(tmp_path: Path, recs: list[Path], tiny_bundle: Any) -> None:
     """Two `run` processes on one output: the second is refused naming the file and the first process; the lock

@@ -43,6 +43,9 @@ _logger = logging.getLogger(__name__)
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a terminal).")
 @click.option("--decode-timeout", type=click.FloatRange(min=0), default=300.0, show_default=True,
               help="Fail a recording whose decoder yields no frames for this many seconds (0: wait forever).")
+@click.option("--engine-timeout", type=click.FloatRange(min=0), default=300.0, show_default=True,
+              help="Fail the recording and end the process when one engine call takes this many seconds (a hung "
+                   "GPU or driver; with a worker the next recordings go on in a new one; 0: wait forever).")
 @click.option("--isolate/--no-isolate", default=None,
               help="Run in a worker process, so that a native decoder crash fails one recording, not the batch "
                    "(default: when there is more than one recording).")
@@ -50,7 +53,8 @@ _logger = logging.getLogger(__name__)
 def command(recordings: tuple[Path, ...], bundle_path: Path, out_dir: Path, engine: str, source: str, device: str,
             precision: str, batch_size: int, resume: bool, shard: str | None, top_k: int | None, merge_gap: int,
             min_run: int, smooth: int, probs_dtype: str, block_frames: int, thumbs_per_event: int, max_thumbs: int,
-            progress: bool | None, decode_timeout: float, isolate: bool | None, as_json: bool) -> None:
+            progress: bool | None, decode_timeout: float, engine_timeout: float, isolate: bool | None,
+            as_json: bool) -> None:
     """Decode and classify every frame of each RECORDING (video file or frame folder) into OUTDIR/<stem>.h5.
 
     Exit 0 when all succeed, 1 when any failed, 130 when interrupted (rerun the command to resume).
@@ -78,7 +82,8 @@ def command(recordings: tuple[Path, ...], bundle_path: Path, out_dir: Path, engi
     opts = RunOptions(source=source, batch_size=batch_size, resume=resume, overwrite=not resume,
                       probs_dtype=probs_dtype, block_frames=block_frames, triage=triage,
                       thumbs_per_event=thumbs_per_event, max_thumbs=max_thumbs, progress=progress,
-                      argv=sys.argv[:], shard=f"{rank}/{world}", decode_timeout=decode_timeout or None)
+                      argv=sys.argv[:], shard=f"{rank}/{world}", decode_timeout=decode_timeout or None,
+                      engine_timeout=engine_timeout or None)
     stop = threading.Event()
     pipe = Pipeline(bundle, eng, opts, stop)
     _logger.info("rank %d/%d: %d of %d recordings", rank, world, len(mine), len(recordings))
