@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from capsule_batch.classes import CE24_CLASSES
-from capsule_batch.store import StudyWriter
+from capsule_batch.store import StudyWriter, recording_identity
 from capsule_batch.synth import Scene
 from capsule_batch.triage import TriageConfig, compute_events, thumbnail_frames
 
@@ -45,10 +45,11 @@ def jpeg(img: np.ndarray, quality: int = 85) -> bytes:
 
 def make_study(path: Path, n: int = 400, runs: list[tuple[int, int, int, float]] | None = None,
                source: str = "/data/rec.mp4", thumb_size: int = 96, per_event: int = 4, max_thumbs: int = 10_000,
-               block: int = 100_000, pts: np.ndarray | None = None, seed: int = 0, failed: tuple[int, ...] = ()
-               ) -> Path:
+               block: int = 100_000, pts: np.ndarray | None = None, seed: int = 0, failed: tuple[int, ...] = (),
+               recording: Path | None = None) -> Path:
     """Write a complete study; events come from the real triage on the synthetic probabilities. Frames in
-    `failed` are stored as the pipeline stores decode failures: status 1, NaN probabilities and timestamp."""
+    `failed` are stored as the pipeline stores decode failures: status 1, NaN probabilities and timestamp.
+    `recording`: a real file or folder whose identity (path, size, content hash) the study records."""
     runs = runs if runs is not None else [(40, 52, 1, 0.9), (120, 126, 8, 0.8), (200, 230, 7, 0.7),
                                           (300, 305, 0, 0.95), (350, 360, 3, 0.75)]
     probs = run_probs(n, runs, seed)
@@ -57,7 +58,8 @@ def make_study(path: Path, n: int = 400, runs: list[tuple[int, int, int, float]]
     idx = list(failed)
     stored[idx], pts[idx], status[idx] = np.nan, np.nan, 1
     probs[idx] = np.eye(len(CE24_CLASSES))[NORMAL]  # never flagged
-    w = StudyWriter.open(path, study_attrs(source))
+    identity = recording_identity(recording) if recording is not None else {}
+    w = StudyWriter.open(path, study_attrs(source, **identity))
     for lo in range(0, n, block):
         hi = min(n, lo + block)
         w.append(np.arange(lo, hi), pts[lo:hi], stored[lo:hi], status[lo:hi])

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 from review_studies import make_study
 
+from capsule_batch.errors import SourceError
 from capsule_batch.review.app import ReviewApp, Server
 from capsule_batch.review.decisions import read_decisions
 from capsule_batch.review.video import VideoFrames
@@ -53,7 +54,7 @@ def test_frames_are_exact(tmp_path: Path, codec: str, vfr: bool) -> None:
 def test_app_serves_recording_frames(tmp_path: Path) -> None:
     rec = synthesize(tmp_path / "rec.mp4", 120, codec="h264", size=128, stamp=True, findings_per_1000=0).path
     pts = video_pts(rec)
-    study = make_study(tmp_path / "s.h5", n=120, runs=[(30, 40, 1, 0.9)], pts=pts, failed=(7,))
+    study = make_study(tmp_path / "s.h5", n=120, runs=[(30, 40, 1, 0.9)], pts=pts, failed=(7,), recording=rec)
     with Server(ReviewApp(study, rec)) as srv:
         req = urllib.request.Request(f"http://127.0.0.1:{srv.port}/frame/7", headers={"X-Token": srv.review.token})
         with pytest.raises(urllib.error.HTTPError) as e:  # failed during the run: no stand-in from its neighbours
@@ -64,6 +65,51 @@ def test_app_serves_recording_frames(tmp_path: Path) -> None:
                                          headers={"X-Token": srv.review.token})
             img = np.asarray(Image.open(io.BytesIO(urllib.request.urlopen(req, timeout=20).read())).convert("RGB"))
             assert img.shape == (128, 128, 3) and read_stamp(img) == i
+
+
+def test_a_recording_other_than_the_studys_is_refused(tmp_path: Path) -> None:
+    """Frames of a re-encoded or different recording are not what the model saw: refused, naming both files."""
+    rec = synthesize(tmp_path / "rec.mp4", 30, size=64, stamp=True, findings_per_1000=0).path
+    other = synthesize(tmp_path / "other.mp4", 30, size=64, stamp=True, seed=1, findings_per_1000=0).path
+    study = make_study(tmp_path / "s.h5", n=30, runs=[(10, 15, 1, 0.9)], pts=video_pts(rec), recording=rec)
+    with pytest.raises(SourceError, match=f"{other}: not the recording this study was made from \\({rec}\\)"):
+        ReviewApp(study, other)
+    ReviewApp(study, rec).close()  # the lock of the refused attempt was released
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "capsule_batch", "review", str(study), "--video", str(other),
+                        "--no-browser"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 1 and "not the recording this study was made from" in r.stderr, r.stderr
+
+
+def test_a_frame_folder_study_shows_its_frames(tmp_path: Path, tiny_bundle: object) -> None:
+    """A study `run` made from a frame folder: `--video FOLDER` serves frame i from the i-th file (natural order:
+    f_2 before f_10), full resolution; a file that went missing since gives 404, not another frame."""
+    from conftest import ENGINE, cli_cmd, cli_env
+
+    rec = synthesize(tmp_path / "rec.mp4", 24, size=80, stamp=True, findings_per_1000=0).path
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    with av.open(str(rec)) as c:
+        for i, f in enumerate(c.decode(video=0)):
+            f.to_image().save(folder / f"f_{i}.png")
+    r = subprocess.run(cli_cmd("run", str(folder), "-m", str(tiny_bundle.path), "-o", str(tmp_path / "out"),
+                               "--engine", ENGINE, "--source", "images", "--device", "cpu", "--batch-size", "8"),
+                       capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    study = tmp_path / "out" / "frames.h5"
+    with Server(ReviewApp(study, folder)) as srv:
+        def get(i: int) -> bytes:
+            url = f"http://127.0.0.1:{srv.port}/frame/{i}"
+            req = urllib.request.Request(url, headers={"X-Token": srv.review.token})
+            return urllib.request.urlopen(req, timeout=20).read()
+
+        for i in (0, 2, 10, 23, 11):
+            img = np.asarray(Image.open(io.BytesIO(get(i))).convert("RGB"))
+            assert img.shape == (80, 80, 3) and read_stamp(img) == i
+        (folder / "f_5.png").unlink()
+        with pytest.raises(urllib.error.HTTPError) as e:
+            get(5)
+        assert e.value.code == 404
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

@@ -16,7 +16,8 @@ from capsule_batch.cli.options import existing_path
 @click.command("review")
 @click.argument("study", type=existing_path())
 @click.option("--video", type=existing_path(), default=None,
-              help="The recording, to show full-resolution frames (frame-exact) instead of stored thumbnails.")
+              help="The recording (video file or frame folder) the study was made from, to show full-resolution "
+                   "frames (frame-exact) instead of stored thumbnails.")
 @click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="Port (0: any free port).")
 @click.option("--reviewer", default="", help="Name recorded with each decision (editable in the page).")
 @click.option("--no-browser", is_flag=True, help="Only print the URL; do not open a browser.")

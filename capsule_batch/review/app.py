@@ -65,9 +65,9 @@ class ReviewApp:
         self.reviewer = reviewer
         self.video = None
         if video is not None:
-            from capsule_batch.review.video import VideoFrames
+            from capsule_batch.review.video import open_recording
 
-            self.video = VideoFrames(video)
+            self.video = open_recording(video, self.view.attrs)
         self.flask = self._build()
 
     def close(self) -> None:
@@ -217,8 +217,12 @@ class ReviewApp:
                 return thumb(frame)
             if not view.decoded(frame):  # out of range, or it failed to decode during the run
                 flask.abort(404)
-            pts = view.frame_time(frame)
-            return flask.Response(self.video.frame_jpeg(pts), mimetype="image/jpeg",
+            try:
+                jpeg = self.video.jpeg(frame, view.frame_time(frame))
+            except CapsuleError as e:  # e.g. a frame file that went missing or unreadable since the run
+                _logger.warning("%s", e)
+                flask.abort(404)
+            return flask.Response(jpeg, mimetype="image/jpeg",
                                   headers={"Cache-Control": "private, max-age=3600"})
 
         return app

@@ -1,8 +1,10 @@
-"""Full-resolution frames from the recording for the review app, frame-exact (PyAV).
+"""Full-resolution frames from the recording for the review app, frame-exact: a video file (PyAV) or a frame folder.
 
-One small function behind a class, so the app can later switch to the sources package's frame-exact
-`start=` reading. A seek lands on the keyframe before the target; frames are then decoded forward until
-one whose timestamp reaches the target's (REFERENCE.md: the first frame after a seek is usually not it).
+`open_recording` first checks that the recording is the one the study was made from (its content hash,
+`capsule_batch.store.recording_identity`): a re-encoded or different recording would show a reviewer other
+frames than the model saw. Video: a seek lands on the keyframe before the target; frames are then decoded
+forward until one whose timestamp reaches the target's (REFERENCE.md: the first frame after a seek is
+usually not it). Frame folder: frame i is the i-th file in natural order, as the `images` source reads it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from capsule_batch.errors import SourceError
+from capsule_batch.store import recording_identity
 
 _logger = logging.getLogger(__name__)
 
@@ -52,6 +55,10 @@ class VideoFrames:
         with self._lock:
             return _jpeg(self._decode_at(pts))
 
+    def jpeg(self, frame: int, pts: float) -> bytes:
+        """JPEG of study frame `frame`, whose stored timestamp is `pts` (a video finds it by timestamp)."""
+        return self.frame_jpeg(pts)
+
     def _decode_at(self, pts: float) -> Any:
         tb = self._s.time_base or Fraction(1, 90000)
         rate = self._s.average_rate or self._s.guessed_rate or 30
@@ -72,3 +79,45 @@ class VideoFrames:
         if last is None:
             raise SourceError(f"{self.path}: no frame at {pts:.3f} s")
         return last.to_image()
+
+
+class FolderFrames:
+    """Frames of a frame folder by number: frame i is the i-th JPEG/PNG file in natural order."""
+
+    def __init__(self, path: str | os.PathLike):
+        from capsule_batch.sources.base import list_frames
+
+        self.path = Path(path)
+        self.files = list_frames(self.path)
+
+    def close(self) -> None:
+        pass
+
+    def jpeg(self, frame: int, pts: float) -> bytes:
+        """JPEG of study frame `frame` (files carry no timestamps; `pts` is not needed)."""
+        from PIL import Image
+
+        from capsule_batch.sources.images import load_rgb
+
+        if not 0 <= frame < len(self.files):
+            raise SourceError(f"{self.path}: no frame {frame} (the folder has {len(self.files)})")
+        try:
+            return _jpeg(Image.fromarray(load_rgb(self.files[frame])))
+        except OSError as e:
+            raise SourceError(f"{self.files[frame]}: cannot read frame {frame} ({e})") from e
+
+
+def open_recording(path: str | os.PathLike, study_attrs: dict[str, Any]) -> VideoFrames | FolderFrames:
+    """The recording behind a study, for full-resolution frames; refused when it is not the one the study
+    was made from (a different content hash than the study stores)."""
+    p = Path(path)
+    if not p.exists():
+        raise SourceError(f"{p}: no such recording")
+    want = study_attrs.get("source_hash")
+    if want:
+        got = recording_identity(p)["source_hash"]
+        if got != want:
+            made_from = study_attrs.get("source_path", "?")
+            raise SourceError(f"{p}: not the recording this study was made from ({made_from}): its content hash "
+                              "differs, so its frames may not be the frames that were classified")
+    return FolderFrames(p) if p.is_dir() else VideoFrames(p)
