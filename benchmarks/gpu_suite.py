@@ -6,7 +6,8 @@ Parts (run in order; later parts reuse what earlier ones left in --workdir while
   check    correctness: GPU configurations vs the CPU fp32 reference (PyAV decode + PIL preprocessing + eager fp32
            on the CPU) on a sample of frames: top-1 agreement and max |dp|
   engine   engine only: torch fp16/bf16, eager / torch.compile / CUDA graphs, at each --batch-sizes
-  decode   decode only: every available source (decord on the CPU cores, DALI on NVDEC when installed)
+  decode   decode only: every available source (decord on the CPU cores, DALI on NVDEC when installed), and
+           PyNvVideoCodec on NVDEC when installed (measured only, not a `run` source yet: pixels vs PyAV, frames/s)
   e2e      end to end `run` pipeline for the best engine configuration with each available source
 Each part appends JSON lines to --out (default $OUT/gpu_suite.jsonl) and prints a short table last.
 
@@ -21,6 +22,7 @@ A dry run on a CPU machine (tiny model, few frames) proves the script itself:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -159,7 +161,50 @@ def part_decode(args: argparse.Namespace, ctx: dict[str, Any]) -> list[dict[str,
         except Exception as e:
             r = {"error": f"{type(e).__name__}: {e}"[:300]}
         lines.append({"part": "decode", "source": source, **r})
+    if ctx["device"].type == "cuda":
+        try:
+            import PyNvVideoCodec  # noqa: F401
+        except ImportError as e:
+            lines.append({"part": "decode", "source": "pynvvideocodec", "error": f"not installed ({e})"[:300]})
+        else:
+            try:
+                r = nvc_decode(ctx["recording"], ctx["bundle"], args.e2e_batch, ctx["device"])
+            except Exception as e:
+                r = {"error": f"{type(e).__name__}: {e}"[:300]}
+            lines.append({"part": "decode", "source": "pynvvideocodec", **r})
     return lines
+
+
+def nvc_decode(rec: Path, bundle: Any, batch: int, device: Any) -> dict[str, Any]:
+    """PyNvVideoCodec (NVDEC, RGB out, on the GPU) + the bundle's preprocessing in fp16: the fallback the issue names
+    should DALI not install. Also how its RGB differs from PyAV's on the first batch (colour conversion)."""
+    import av
+    import PyNvVideoCodec as nvc
+    import torch
+
+    from capsule_batch.preprocess import preprocess_batch
+
+    dec = nvc.SimpleDecoder(str(rec), gpu_id=device.index or 0, use_device_memory=True,
+                            output_color_type=nvc.OutputColorType.RGB)
+    first = None
+    n, t0 = 0, time.perf_counter()
+    while True:
+        frames = dec.get_batch_frames(batch)
+        if not frames:
+            break
+        x = torch.stack([torch.from_dlpack(f) for f in frames])  # (B, H, W, 3) uint8 on the GPU
+        if first is None:
+            first = x[:16].cpu().numpy()
+        preprocess_batch(x, bundle.preprocess, torch.float16, device)
+        n += len(frames)
+    torch.cuda.synchronize(device)
+    dt = time.perf_counter() - t0
+    with av.open(str(rec)) as c:
+        ref = [f.to_ndarray(format="rgb24") for f in itertools.islice(c.decode(video=0), len(first))]
+    diff = np.abs(first.astype(np.int16) - np.stack(ref).astype(np.int16))
+    return {"frames": n, "seconds": round(dt, 2), "frames_per_s": round(n / dt, 1), "batch_size": batch,
+            "rgb_vs_pyav_mean_abs": round(float(diff.mean()), 3), "rgb_vs_pyav_max_abs": int(diff.max()),
+            "version": getattr(nvc, "__version__", "?"), "note": "measured only; not a run source"}
 
 
 def part_e2e(args: argparse.Namespace, ctx: dict[str, Any]) -> list[dict[str, Any]]:

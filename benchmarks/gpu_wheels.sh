@@ -3,6 +3,7 @@
 #   wheels/        av + decord (~46 MiB): carried in every call           -> folder `wheels`
 #   wheels-dali-N/ nvidia-dali-cuda130 + its nvidia deps, split in 50 MiB parts, one folder per part,
 #                  each carried by one call made back to back while the machine stays warm
+#   wheels-nvc/    PyNvVideoCodec (~26 MiB, with --nvc): one more back-to-back call
 # On the device: `bash benchmarks/gpu_wheels.sh --install` reassembles what has arrived and installs it
 # into /tmp/site (then export PYTHONPATH=/tmp/site:$PWD).
 set -euo pipefail
@@ -14,6 +15,7 @@ PLAT=(--python-version 3.12 --implementation cp --only-binary=:all: --no-deps
 if [ "${1:-}" = "--install" ]; then
   mkdir -p /tmp/whl
   cp wheels/*.whl /tmp/whl/ 2>/dev/null || true
+  cp wheels-nvc/*.whl /tmp/whl/ 2>/dev/null || true
   if ls wheels-dali-*/ >/dev/null 2>&1; then
     for name in $(cat wheels-dali-*/MANIFEST | sort -u); do
       parts=$(ls -1 wheels-dali-*/"$name".part-* 2>/dev/null | sort -t- -k2 -V)
@@ -26,9 +28,12 @@ if [ "${1:-}" = "--install" ]; then
   exit 0
 fi
 
-rm -rf wheels wheels-dali-*
+rm -rf wheels wheels-dali-* wheels-nvc
 mkdir -p wheels
 python3 -m pip download -q "${PLAT[@]}" -d wheels av==18.1.0 decord==0.6.0
+if [ "${1:-}" = "--nvc" ] || [ "${2:-}" = "--nvc" ]; then
+  python3 -m pip download -q "${PLAT[@]}" -d wheels-nvc PyNvVideoCodec==2.2.4
+fi
 if [ "${1:-}" = "--dali" ]; then
   tmp=$(mktemp -d)
   # DALI and what its metadata requires that the GPU image lacks (its nvimgcodec[all] extra included)
@@ -65,4 +70,4 @@ for i, names in enumerate(bins, 1):
 PY
   rm -rf "$tmp"
 fi
-du -sh wheels wheels-dali-* 2>/dev/null || true
+du -sh wheels wheels-dali-* wheels-nvc 2>/dev/null || true
