@@ -15,8 +15,9 @@ Each part appends JSON lines to --out (default $OUT/gpu_suite.jsonl) and prints 
     python benchmarks/gpu_suite.py --parts engine,decode,e2e --workdir runs/gpu
 
 A dry run on a CPU machine (tiny model, few frames) proves the script itself:
-    python benchmarks/gpu_suite.py --parts all --device cpu --arch eva02_tiny_patch14_224 --frames 96 \\
-        --batch-sizes 16 --precisions fp32 --modes eager --sample 32 --workdir /tmp/gpu-dry
+    PYTHONPATH=$PWD python benchmarks/gpu_suite.py --parts all --device cpu --arch eva02_tiny_patch14_224 \\
+        --frames 256 --batch-sizes 16 --precisions fp32 --modes eager --sample 32 --check-frames 64 \\
+        --e2e-config fp32/eager --e2e-batch 16 --workdir /tmp/gpu-dry --out /tmp/gpu-dry/out.jsonl
 """
 
 from __future__ import annotations
