@@ -3,9 +3,10 @@
 `test-av` decodes with PyAV and preprocesses with `preprocess_batch`; `start=` is frame-exact because
 it decodes forward from the beginning and drops frames before `start`. `test-torch` runs the bundle's
 model eagerly in fp32 with softmax. `test-raise` is `test-av` that raises after two batches;
-`test-crash` segfaults and `test-hang` hangs on recordings named so. `test-torch` hangs in one `infer`
-call when CAPSULE_TEST_ENGINE_HANG names a file holding K: the file counts down per call, across
-processes, and the call that finds 0 deletes it and hangs (a stuck GPU).
+`test-crash` segfaults and `test-hang` hangs on recordings named so. `test-torch` hangs (a stuck GPU) or
+segfaults (a crash in engine code) in one `infer` call when CAPSULE_TEST_ENGINE_HANG or _CRASH names a
+file holding K: the file counts down per call, across processes, and the call that finds 0 deletes it
+and fails.
 Importing this module registers them; tests name them through conftest's SOURCE/ENGINE constants.
 """
 
@@ -102,18 +103,28 @@ class HangingSource(AVSource):
             yield b
 
 
-def _hang_when_counted_down() -> None:
-    countdown = os.environ.get("CAPSULE_TEST_ENGINE_HANG")
+def _counted_down(variable: str) -> bool:
+    """True once, for the call that finds the countdown file named by `variable` at 0 (the file is then gone)."""
+    countdown = os.environ.get(variable)
     if not countdown or not os.path.exists(countdown):
-        return
+        return False
     with open(countdown) as f:
         left = int(f.read())
     if left > 0:
         with open(countdown, "w") as f:
             f.write(str(left - 1))
-        return
+        return False
     os.unlink(countdown)
-    time.sleep(120)
+    return True
+
+
+def _fail_when_counted_down() -> None:
+    if _counted_down("CAPSULE_TEST_ENGINE_HANG"):
+        time.sleep(120)
+    if _counted_down("CAPSULE_TEST_ENGINE_CRASH"):
+        import ctypes
+
+        ctypes.string_at(0)  # SIGSEGV in the engine call
 
 
 class TorchEngine(Engine):
@@ -132,7 +143,7 @@ class TorchEngine(Engine):
 
         if _DELAY:
             time.sleep(_DELAY)  # lets subprocess tests interrupt a run in the middle
-        _hang_when_counted_down()
+        _fail_when_counted_down()
         with torch.inference_mode():
             return torch.softmax(self.model(pixels.to(self.device, torch.float32)).float(), dim=1)
 

@@ -235,6 +235,23 @@ def test_an_engine_hang_fails_its_recording_and_the_next_ones_run_in_a_new_worke
     assert by["a.mp4"]["status"] == by["c.mp4"]["status"] == "skipped"
 
 
+def test_an_engine_crash_fails_its_recording_and_the_next_ones_run(tmp_path: Path, tiny_bundle: Any) -> None:
+    """A segfault inside the engine's 2nd call (engine code, not the decoder): the worker dies, that recording
+    fails naming the signal, the next one runs in a new worker with a new engine."""
+    d = tmp_path / "in"
+    d.mkdir()
+    rs = [make_recording(d / n, 24, seed=k) for k, n in enumerate(["a.mp4", "b.mp4"])]
+    countdown = tmp_path / "crash-after"
+    countdown.write_text("1")
+    e = env()
+    e["CAPSULE_TEST_ENGINE_CRASH"] = str(countdown)
+    cp = subprocess.run(args(tiny_bundle, tmp_path / "out", *rs), capture_output=True, text=True, env=e, timeout=300)
+    assert cp.returncode == 1, cp.stderr[-3000:]
+    by = {Path(r["recording"]).name: r for r in summary(cp)["recordings"]}
+    assert by["a.mp4"]["status"] == "failed" and "killed by SIGSEGV" in by["a.mp4"]["error"]
+    assert by["b.mp4"]["status"] == "done" and by["b.mp4"]["frames"] == 24
+
+
 def test_an_engine_hang_without_a_worker_ends_the_process_with_the_reason(tmp_path: Path, tiny_bundle: Any) -> None:
     rec = make_recording(tmp_path / "one.mp4", 24, seed=3)
     countdown = tmp_path / "hang-after"
