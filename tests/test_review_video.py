@@ -132,7 +132,7 @@ def test_review_command_prints_a_tokened_url_and_saves_on_exit(tmp_path: Path, s
         assert urllib.request.urlopen(req, timeout=10).status == 200
     finally:
         p.send_signal(sig)
-        out, err = p.communicate(timeout=30)
+        out, err = p.communicate(timeout=60)  # past 30 s of shutdown the command dumps its threads and ends
     assert p.returncode == 0, err
     d = read_decisions(study)
     assert d[0].verdict == "confirm" and d[0].reviewer == "cli"

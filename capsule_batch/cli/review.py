@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
+import os
 import signal
-import sys
 import threading
 import webbrowser
 from pathlib import Path
@@ -25,15 +26,37 @@ def command(study: Path, video: Path | None, port: int, reviewer: str, no_browse
     """Review STUDY.h5's events in the browser; decisions are saved into the study file."""
     from capsule_batch.review.app import ReviewApp, Server
 
+    stop = threading.Event()
+    _stop_on_signals(stop)  # before anything starts: a signal at any moment from here on is a clean stop
     srv = Server(ReviewApp(study, video, reviewer=reviewer), port).start()
-    click.echo(f"Reviewing {study} at {srv.url}\nPress Ctrl-C to stop (decisions are saved as you go).")
-    if not no_browser:
-        webbrowser.open(srv.url)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # fold the journal on `kill` too, as on Ctrl-C
     try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
+        click.echo(f"Reviewing {study} at {srv.url}\nPress Ctrl-C to stop (decisions are saved as you go).")
+        if not no_browser:
+            webbrowser.open(srv.url)
+        while not stop.wait(0.5):
+            pass
     finally:
+        # every decision is in the fsync'ed journal already; closing folds it into the study. Should that
+        # not finish, print where each thread is and end, rather than leave a terminal hanging.
+        faulthandler.dump_traceback_later(SHUTDOWN_LIMIT_S, exit=True)
         srv.stop()
+        faulthandler.cancel_dump_traceback_later()
         click.echo(f"Decisions saved in {study}", err=True)
+
+
+#: seconds the app may take to stop (fold the journal, close the study) before it is ended regardless
+SHUTDOWN_LIMIT_S = 30.0
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    """SIGINT/SIGTERM set `stop`; a second one ends the process at once (the journal keeps every decision,
+    and the next start folds it in)."""
+
+    def handle(signum: int, frame: object) -> None:
+        if stop.is_set():
+            os.write(2, b"stopping now; decisions stay in the journal and are folded in on the next start\n")
+            os._exit(130)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handle)
