@@ -120,10 +120,10 @@ class Supervisor:
                 env = dict(os.environ, **{WORKER_ENV: str(report), SKIP_ENV: str(skip)})
                 self.proc = subprocess.Popen(self.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
                 while True:
-                    try:
-                        rc = self.proc.wait()
+                    try:  # a timed wait: a signal the kernel hands to another thread of this process
+                        rc = self.proc.wait(timeout=0.5)  # runs its Python handler only when this thread wakes
                         break
-                    except InterruptedError:  # pragma: no cover - PEP 475 retries wait() itself
+                    except subprocess.TimeoutExpired:
                         continue
                 started, done = _read_report(report)
                 results.update(done)

@@ -68,3 +68,17 @@ def cli_env() -> dict[str, str]:
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     return env
+
+
+def signal_other_thread(pid: int, sig: int) -> int:
+    """Send `sig` to a thread of process `pid` other than its main thread (as the kernel may do with a signal
+    sent to the process); returns that thread's id. A main thread blocked without a timeout never runs the
+    Python handler of a signal another thread received."""
+    import ctypes
+
+    tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+    assert tids, f"process {pid} has no thread besides its main thread"
+    libc = ctypes.CDLL(None, use_errno=True)
+    rc = libc.tgkill(pid, tids[0], sig) if hasattr(libc, "tgkill") else libc.syscall(234, pid, tids[0], sig)
+    assert rc == 0, os.strerror(ctypes.get_errno())
+    return tids[0]

@@ -112,8 +112,13 @@ def test_a_frame_folder_study_shows_its_frames(tmp_path: Path, tiny_bundle: obje
         assert e.value.code == 404
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_review_command_prints_a_tokened_url_and_saves_on_exit(tmp_path: Path, sig: int) -> None:
+@pytest.mark.parametrize(("sig", "to_a_thread"), [(signal.SIGINT, False), (signal.SIGTERM, False),
+                                                  (signal.SIGINT, True)])
+def test_review_command_prints_a_tokened_url_and_saves_on_exit(tmp_path: Path, sig: int, to_a_thread: bool) -> None:
+    """`to_a_thread`: the signal reaches the server thread, not the main one (the kernel picks any thread for a
+    signal sent to a process; CI once hung here for 30 s when the main thread waited without a timeout)."""
+    from conftest import signal_other_thread
+
     study = make_study(tmp_path / "s.h5", n=100, runs=[(10, 20, 1, 0.9)])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.Popen([sys.executable, "-m", "capsule_batch", "review", str(study), "--no-browser",
@@ -131,7 +136,10 @@ def test_review_command_prints_a_tokened_url_and_saves_on_exit(tmp_path: Path, s
                                      headers={"X-Token": token, "Content-Type": "application/json"})
         assert urllib.request.urlopen(req, timeout=10).status == 200
     finally:
-        p.send_signal(sig)
+        if to_a_thread:
+            signal_other_thread(p.pid, sig)
+        else:
+            p.send_signal(sig)
         out, err = p.communicate(timeout=60)  # past 30 s of shutdown the command dumps its threads and ends
     assert p.returncode == 0, err
     d = read_decisions(study)
