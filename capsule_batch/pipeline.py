@@ -19,7 +19,6 @@ import logging
 import os
 import queue
 import re
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -39,6 +38,7 @@ from capsule_batch.store import (
     STATUS_OK,
     StudyReader,
     StudyWriter,
+    exit_now,
     partial_path,
     recording_identity,
 )
@@ -152,17 +152,25 @@ def select_shard(recordings: Iterable[str | os.PathLike], rank: int, world_size:
     return [str(r) for i, r in enumerate(sorted(str(r) for r in recordings)) if i % world_size == rank]
 
 
+def parse_shard(spec: str) -> tuple[int, int]:
+    """`I/N` -> (I, N); ValueError with the reason when it is not a valid shard."""
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError("expected I/N, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError("need N >= 1 and 0 <= I < N")
+    return i, n
+
+
 def resolve_shard(spec: str | None, env: dict[str, str] | None = None) -> tuple[int, int]:
     """`--shard I/N` wins; else torchrun's RANK/WORLD_SIZE; else (0, 1)."""
     env = os.environ if env is None else env
     if spec:
         try:
-            i, n = (int(x) for x in spec.split("/"))
-        except ValueError:
-            raise CapsuleError(f"--shard {spec!r}: expected I/N, e.g. 0/4") from None
-        if n < 1 or not 0 <= i < n:
-            raise CapsuleError(f"--shard {spec!r}: need N >= 1 and 0 <= I < N")
-        return i, n
+            return parse_shard(spec)
+        except ValueError as e:
+            raise CapsuleError(f"--shard {spec!r}: {e}") from None
     if "WORLD_SIZE" in env:
         return int(env.get("RANK", "0")), int(env["WORLD_SIZE"])
     return 0, 1
@@ -254,10 +262,7 @@ class Pipeline:
             res.status, res.error = "failed", msg
             if self._report is not None:
                 self._report(res.recording, res)
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
+        exit_now(1)
 
     # ------------------------------------------------------------------------------------------
     def run_many(self, recordings: list[str | os.PathLike], out_dir: str | os.PathLike,

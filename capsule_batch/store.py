@@ -344,10 +344,18 @@ def exit_process(code: int) -> None:
     again and crash the process (SIGSEGV, seen with a full disk), so the process ends without it. Everything
     of the study that matters is on disk already (rows up to `frames_done`, flushed before)."""
     if UNCLOSED:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        exit_now(code)
     sys.exit(code)
+
+
+def exit_now(code: int) -> None:
+    """End the process at once with `code`, without interpreter finalization, after flushing the log handlers
+    and stdio. For when finalization itself would crash or hang (an unclosable HDF5 file here, gloo threads
+    in training, an engine call that never returns in the pipeline); the caller has saved what matters."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @dataclass

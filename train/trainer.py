@@ -26,6 +26,7 @@ import numpy as np
 from capsule_batch.bundle import META_FILE, ModelBundle, create_model, fit_state_dict, read_checkpoint, save_bundle
 from capsule_batch.errors import CapsuleError
 from capsule_batch.preprocess import Preprocess
+from capsule_batch.store import exit_now
 from train import data as D
 from train.config import git_revision, save_resolved
 from train.metrics import compute_metrics, save_plots
@@ -76,10 +77,7 @@ def exit_process(code: int) -> None:
     """
     if not _joined_process_group:
         sys.exit(code)
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_now(code)
 
 
 def setup_dist(device_spec: str) -> Dist:

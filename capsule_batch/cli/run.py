@@ -16,6 +16,18 @@ from capsule_batch.cli.options import emit_json, engine_options, existing_path, 
 _logger = logging.getLogger(__name__)
 
 
+def _check_shard(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A malformed --shard is a usage error (exit 2), found before any recording is opened."""
+    from capsule_batch.pipeline import parse_shard
+
+    if value is not None:
+        try:
+            parse_shard(value)
+        except ValueError as e:
+            raise click.BadParameter(f"{value!r}: {e}") from None
+    return value
+
+
 @click.command("run")
 @click.argument("recordings", nargs=-1, required=True, type=existing_path())
 @click.option("-m", "--model", "bundle_path", required=True, type=existing_path(), help="Model bundle folder.")
@@ -24,7 +36,7 @@ _logger = logging.getLogger(__name__)
 @engine_options
 @click.option("--resume/--overwrite", default=True, show_default=True,
               help="Continue a partial study file (default), or start every study over, finished ones included.")
-@click.option("--shard", default=None, metavar="I/N", callback=lambda ctx, param, value: _check_shard(value),
+@click.option("--shard", default=None, metavar="I/N", callback=_check_shard,
               help="Process only recordings i with i % N == I (sorted); default: torchrun's RANK/WORLD_SIZE.")
 @click.option("--top-k", type=click.IntRange(min=1), default=None, help="Keep only the K highest-scoring events.")
 @click.option("--merge-gap", type=click.IntRange(min=0), default=2, show_default=True,
@@ -94,19 +106,6 @@ def command(recordings: tuple[Path, ...], bundle_path: Path, out_dir: Path, engi
     if worker is None:
         exit_process(_summarise(results, rank, world, as_json))
     exit_process(130 if any(r.status == "interrupted" for r in results) else 0)
-
-
-def _check_shard(value: str | None) -> str | None:
-    """A malformed --shard is a usage error (exit 2), found before any recording is opened."""
-    from capsule_batch.errors import CapsuleError
-    from capsule_batch.pipeline import resolve_shard
-
-    if value is not None:
-        try:
-            resolve_shard(value)
-        except CapsuleError as e:
-            raise click.BadParameter(str(e).replace(f"--shard {value!r}: ", f"{value!r}: ")) from None
-    return value
 
 
 def _summarise(results: list[Any], rank: int, world: int, as_json: bool) -> int:
