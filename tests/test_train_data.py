@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -130,6 +131,66 @@ def test_recording_as_frame_folder(tmp_path: Path) -> None:
                        "frame_column": "frame_number", "label_column": "finding_class"}, "r")
     assert [(Path(s.ref).name, s.label) for s in got] == [("frame_0.png", "Normal"), ("frame_5.png", "Ulcer")]
 
+
+
+GALAR_CSV = """frame;small intestine;angiectasia;blood - fresh;ulcer;polyp
+0;1;0;0;0;0
+1;1;1;0;0;0
+2;1;0;1.0;1;0
+3;1;0;0;0;1
+4;1;0;0;0;
+5;1;0;1;0;0
+"""
+
+
+def test_recording_with_multi_hot_label_columns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Galar's per-frame CSVs: one 0/1 column per finding; the listed columns give the label."""
+    res = synthesize(tmp_path / "galar_7", 6, codec="png", size=48, seed=5)
+    labels = tmp_path / "7.csv"
+    labels.write_text(GALAR_CSV)
+    findings = ["angiectasia", "blood - fresh", "ulcer", "polyp"]
+    spec = {"kind": "recording", "frames": str(res.path), "labels": str(labels), "label_columns": findings}
+    with caplog.at_level(logging.WARNING, logger="train.data"):
+        got = D.read_spec({**spec, "none_label": "normal"}, "g")
+    assert [(s.frame if s.frame is not None else Path(s.ref).name, s.label) for s in got] == [
+        ("frame_0.png", "normal"), ("frame_1.png", "angiectasia"), ("frame_3.png", "polyp"),
+        ("frame_4.png", "normal"), ("frame_5.png", "blood - fresh")]  # frame 2 has two findings: left out
+    assert "1 frames left out: several label columns set (on_multiple: first keeps them" in caplog.text
+    caplog.clear()
+    # the listed order is the priority; without none_label frames with no finding are left out (and counted)
+    with caplog.at_level(logging.WARNING, logger="train.data"):
+        got = D.read_spec({**spec, "label_columns": ["ulcer", *findings[:2], "polyp"], "on_multiple": "first"}, "g")
+    assert [(Path(s.ref).name, s.label) for s in got] == [
+        ("frame_1.png", "angiectasia"), ("frame_2.png", "ulcer"), ("frame_3.png", "polyp"),
+        ("frame_5.png", "blood - fresh")]
+    assert "2 frames left out: no label column set (none_label: <label> keeps them)" in caplog.text
+    # relabelled onto CE24 through a merged mapping, like any other source
+    mapping = tmp_path / "map.csv"
+    mapping.write_text("source,label,ce24\ngalar,normal,Normal\ngalar,angiectasia,Angioectasia\n"
+                       "galar,blood - fresh,Bleeding\ngalar,polyp,Polyp\ngalar,ulcer,Ulcer\n")
+    merged = D.read_spec({"kind": "merged", "mapping": str(mapping), "granularity": "ce24",
+                          "sources": [{**spec, "name": "galar", "none_label": "normal", "on_multiple": "first"}]}, "m")
+    assert [s.label for s in merged] == ["Normal", "Angioectasia", "Bleeding", "Polyp", "Normal", "Bleeding"]
+    assert {s.group for s in merged} == {"galar/galar/galar_7"}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"label_columns": ["ulcer", "tattoo"]}, "label_columns ['tattoo'] are not columns of the file"),
+    ({"label_columns": "ulcer"}, "label_columns is a list of column names"),
+    ({"label_columns": ["ulcer", "ulcer"]}, "label_columns lists a column twice"),
+    ({"label_column": "ulcer"}, "give label_column or label_columns, not both"),
+    ({"on_multiple": "vote"}, "on_multiple is 'exclude' or 'first', not 'vote'"),
+    ({"csv": GALAR_CSV.replace("3;1;0;0;0;1", "3;1;0;0;0;2")}, "7.csv: line 5, column 'polyp': '2' is not 0 or 1"),
+    ({"csv": GALAR_CSV.replace("\n4;", "\nfour;")}, "7.csv: line 6: frame 'four' is not a frame number"),
+])
+def test_bad_multi_hot_specs_are_named(tmp_path: Path, change: dict, message: str) -> None:
+    res = synthesize(tmp_path / "galar_7", 6, codec="png", size=48, seed=5)
+    labels = tmp_path / "7.csv"
+    labels.write_text(change.pop("csv", GALAR_CSV))
+    spec = {"kind": "recording", "frames": str(res.path), "labels": str(labels),
+            "label_columns": ["angiectasia", "polyp"], **change}
+    with pytest.raises(D.DataError, match=re.escape(message)):
+        D.read_spec(spec, "g")
 
 def _source_images(root: Path, labels: dict[str, str], n: int) -> None:
     """A labelled folder whose labels are the source's own names; pixels from the CE24 class given."""

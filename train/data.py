@@ -134,8 +134,8 @@ def _read_ce24_xlsx(xlsx: Path, root: Path, base: Path, classes: list[str]) -> l
             continue  # spreadsheets often end in blank rows
         rel = str(rec["image_path"]).replace("\\", "/")
         try:
-            hot = [c for c in classes if float(rec[c] or 0) == 1.0]
-        except (TypeError, ValueError):
+            hot = [c for c in classes if is_set(rec[c])]
+        except ValueError:
             raise DataError(f"{xlsx}: row {r} ({rel}): class columns must hold 0 or 1") from None
         if len(hot) != 1:
             raise DataError(f"{xlsx}: row {r} ({rel}) has {len(hot)} classes set, expected exactly one")
@@ -194,11 +194,12 @@ def read_recording(spec: dict[str, Any], where: str) -> list[Sample]:
     extracted frames (`frames` + `frame_pattern`, as Galar ships them), with a per-frame label CSV (`select`
     keeps the rows of one video from a metadata file covering many, as Kvasir-Capsule's does)."""
     labels = Path(_need(spec, "labels", where))
-    frame_col, label_col = spec.get("frame_column", "frame"), spec.get("label_column", "label")
+    frame_col = spec.get("frame_column", "frame")
     every = int(spec.get("every", 1))
     rows = _read_csv(labels)
-    if rows and (frame_col not in rows[0] or label_col not in rows[0]):
-        raise DataError(f"{labels}: needs columns {frame_col!r} and {label_col!r}, has {list(rows[0])}")
+    label_of = _row_labeller(spec, labels, where, list(rows[0]) if rows else [])
+    if rows and frame_col not in rows[0]:
+        raise DataError(f"{labels}: needs the frame column {frame_col!r}, has {list(rows[0])}")
     select = spec.get("select") or {}  # one metadata file for many videos: keep this video's rows
     unknown = [k for k in select if rows and k not in rows[0]]
     if unknown:
@@ -219,20 +220,115 @@ def read_recording(spec: dict[str, Any], where: str) -> list[Sample]:
     name = spec.get("name", stem)
     group = f"{name}/{spec.get('group', stem)}"
     out = []
-    for row in rows:
-        i = int(row[frame_col])
-        if i % every:
+    for line, row in enumerate(rows, start=2):
+        try:
+            i = int(row[frame_col])
+        except ValueError:
+            raise DataError(f"{labels}: line {line}: frame {row[frame_col]!r} is not a frame number") from None
+        label = label_of(row, line)
+        if i % every or label is None:
             continue
         if spec.get("video"):
             if not 0 <= i < n:
                 raise DataError(f"{labels}: frame {i} is outside {video} ({n} frames)")
-            out.append(Sample(str(video), row[label_col], group, name, f"{stem}_{i}.jpg", frame=i))
+            out.append(Sample(str(video), label, group, name, f"{stem}_{i}.jpg", frame=i))
         else:
             p = folder / pattern.format(frame=i)
             if not p.is_file():
                 raise DataError(f"{labels}: frame {i} has no file {p}")
-            out.append(Sample(str(p), row[label_col], group, name, f"{stem}_{p.name}"))
+            out.append(Sample(str(p), label, group, name, f"{stem}_{p.name}"))
+    label_of.report()
     return out
+
+
+def is_set(value: Any) -> bool:
+    """A one-hot/multi-hot cell: 1/0, 1.0/0.0, true/false, yes/no, empty = 0; ValueError otherwise."""
+    text = str(value if value is not None else "").strip().lower()
+    if text in ("", "0", "0.0", "false", "no"):
+        return False
+    if text in ("1", "1.0", "true", "yes"):
+        return True
+    raise ValueError(f"{value!r} is not 0 or 1")
+
+
+class _Labeller:
+    """A row of a label CSV -> its label, or None for a row left out; `report` logs what was left out."""
+
+    def __call__(self, row: dict[str, str], line: int) -> str | None:
+        raise NotImplementedError
+
+    def report(self) -> None:
+        pass
+
+
+class _MultiHot(_Labeller):
+    """Per-frame labels from one-hot/multi-hot columns (Galar's per-frame CSVs: one 0/1 column per finding).
+
+    `columns` are read in the listed order; a row with one of them set gets that column's name as its
+    label; with none set, `none_label` (or the row is left out); with several, `on_multiple`: `exclude`
+    (left out) or `first` (the first listed column wins, so the list is a priority order). Rows left out
+    are counted and logged, never dropped silently."""
+
+    def __init__(self, path: Path, columns: list[str], none_label: str | None, on_multiple: str):
+        self.path, self.columns, self.none_label, self.on_multiple = path, columns, none_label, on_multiple
+        self.left_out: collections.Counter[str] = collections.Counter()
+
+    def __call__(self, row: dict[str, str], line: int) -> str | None:
+        hot = []
+        for c in self.columns:
+            try:
+                if is_set(row[c]):
+                    hot.append(c)
+            except ValueError as e:
+                raise DataError(f"{self.path}: line {line}, column {c!r}: {e}") from None
+        if len(hot) == 1:
+            return hot[0]
+        if not hot:
+            if self.none_label is None:
+                self.left_out["no label column set"] += 1
+            return self.none_label
+        if self.on_multiple == "first":
+            return hot[0]
+        self.left_out["several label columns set"] += 1
+        return None
+
+    def report(self) -> None:
+        for why, n in sorted(self.left_out.items()):
+            hint = " (on_multiple: first keeps them, by column order)" if why.startswith("several") else \
+                " (none_label: <label> keeps them)"
+            _logger.warning("%s: %d frames left out: %s%s", self.path, n, why, hint)
+
+
+class _OneColumn(_Labeller):
+    def __init__(self, column: str):
+        self.column = column
+
+    def __call__(self, row: dict[str, str], line: int) -> str | None:
+        return row[self.column]
+
+
+def _row_labeller(spec: dict[str, Any], path: Path, where: str, header: list[str]) -> _Labeller:
+    """`label_column` (one column holding the label) or `label_columns` (one-hot/multi-hot, see _MultiHot)."""
+    columns = spec.get("label_columns")
+    if columns is None:
+        col = spec.get("label_column", "label")
+        if header and col not in header:
+            raise DataError(f"{path}: needs the label column {col!r}, has {header}")
+        return _OneColumn(col)
+    if "label_column" in spec:
+        raise DataError(f"{where}: give label_column or label_columns, not both")
+    if isinstance(columns, str) or not columns or not all(isinstance(c, str) and c for c in columns):
+        raise DataError(f"{where}: label_columns is a list of column names")
+    if len(set(columns)) != len(columns):
+        raise DataError(f"{where}: label_columns lists a column twice")
+    missing = [c for c in columns if header and c not in header]
+    if missing:
+        raise DataError(f"{path}: label_columns {missing} are not columns of the file (has {header})")
+    on_multiple = spec.get("on_multiple", "exclude")
+    if on_multiple not in ("exclude", "first"):
+        raise DataError(f"{where}: on_multiple is 'exclude' or 'first', not {on_multiple!r}")
+    none_label = spec.get("none_label")
+    return _MultiHot(path, list(columns), None if none_label in (None, "") else str(none_label), on_multiple)
 
 
 @reader("merged")
