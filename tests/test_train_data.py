@@ -180,6 +180,7 @@ def test_recording_with_multi_hot_label_columns(tmp_path: Path, caplog: pytest.L
     ({"label_columns": ["ulcer", "ulcer"]}, "label_columns lists a column twice"),
     ({"label_column": "ulcer"}, "give label_column or label_columns, not both"),
     ({"on_multiple": "vote"}, "on_multiple is 'exclude' or 'first', not 'vote'"),
+    ({"none_lable": "normal"}, "unknown key(s) ['none_lable'] for a recording dataset (it reads every, "),
     ({"csv": GALAR_CSV.replace("3;1;0;0;0;1", "3;1;0;0;0;2")}, "7.csv: line 5, column 'polyp': '2' is not 0 or 1"),
     ({"csv": GALAR_CSV.replace("\n4;", "\nfour;")}, "7.csv: line 6: frame 'four' is not a frame number"),
 ])

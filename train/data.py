@@ -68,11 +68,17 @@ def load_rgb(sample: Sample) -> Any:
 
 Reader = Callable[[dict[str, Any], str], list[Sample]]
 READERS: dict[str, Reader] = {}
+READER_KEYS: dict[str, frozenset[str]] = {}
+COMMON_KEYS = ("kind", "name")  # `name`: the source's name inside `merged`
 
 
-def reader(kind: str) -> Callable[[Reader], Reader]:
+def reader(kind: str, keys: tuple[str, ...]) -> Callable[[Reader], Reader]:
+    """Register a reader for `kind` with the spec keys it reads (any other key is refused: a typo in a
+    key such as `none_label` would otherwise change the data without a word)."""
+
     def deco(fn: Reader) -> Reader:
         READERS[kind] = fn
+        READER_KEYS[kind] = frozenset((*COMMON_KEYS, *keys))
         return fn
 
     return deco
@@ -93,7 +99,7 @@ def _images_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-@reader("ce24")
+@reader("ce24", ("root", "split", "classes", "allow_missing_classes", "xlsx"))
 def read_ce24(spec: dict[str, Any], where: str) -> list[Sample]:
     root = Path(_need(spec, "root", where))
     split = spec.get("split", "training")
@@ -150,7 +156,7 @@ def _read_ce24_xlsx(xlsx: Path, root: Path, base: Path, classes: list[str]) -> l
     return out
 
 
-@reader("folder")
+@reader("folder", ("root",))
 def read_folder(spec: dict[str, Any], where: str) -> list[Sample]:
     root = Path(_need(spec, "root", where))
     if not root.is_dir():
@@ -165,7 +171,7 @@ def read_folder(spec: dict[str, Any], where: str) -> list[Sample]:
     return out
 
 
-@reader("seed_csv")
+@reader("seed_csv", ("path", "root", "label_column", "folds"))
 def read_seed_csv(spec: dict[str, Any], where: str) -> list[Sample]:
     path = Path(_need(spec, "path", where))
     root = Path(spec.get("root") or path.parent)
@@ -188,7 +194,8 @@ def read_seed_csv(spec: dict[str, Any], where: str) -> list[Sample]:
     return out
 
 
-@reader("recording")
+@reader("recording", ("labels", "frame_column", "label_column", "label_columns", "none_label", "on_multiple",
+                      "every", "select", "video", "frames", "frame_pattern", "group"))
 def read_recording(spec: dict[str, Any], where: str) -> list[Sample]:
     """Labelled frames of one recording: a video file (`video`, frames decoded by number) or a folder of
     extracted frames (`frames` + `frame_pattern`, as Galar ships them), with a per-frame label CSV (`select`
@@ -331,7 +338,7 @@ def _row_labeller(spec: dict[str, Any], path: Path, where: str, header: list[str
     return _MultiHot(path, list(columns), None if none_label in (None, "") else str(none_label), on_multiple)
 
 
-@reader("merged")
+@reader("merged", ("mapping", "granularity", "sources"))
 def read_merged(spec: dict[str, Any], where: str) -> list[Sample]:
     """Several sources relabelled through a mapping CSV (`source, label, <one column per granularity>`).
 
@@ -381,6 +388,10 @@ def read_spec(spec: dict[str, Any], where: str) -> list[Sample]:
     fn = READERS.get(spec["kind"])
     if fn is None:
         raise DataError(f"{where}: unknown dataset kind {spec['kind']!r} (choose from {', '.join(READERS)})")
+    unknown = sorted(set(spec) - READER_KEYS[spec["kind"]])
+    if unknown:
+        raise DataError(f"{where}: unknown key(s) {unknown} for a {spec['kind']} dataset "
+                        f"(it reads {', '.join(sorted(READER_KEYS[spec['kind']]))})")
     return fn(spec, where)
 
 
