@@ -3,11 +3,15 @@
 Three stages talk through bounded queues (the hand-off is a `FrameBatch`, then a `_Rows` block):
 - a decode thread iterates the `FrameSource` (decode + preprocessing) `prefetch` batches ahead;
 - the calling thread runs the `Engine` and turns each batch into rows (frame number, pts, probs,
-  status), decode failures included as rows with status decode-failed and NaN probabilities;
+  status), decode failures included as rows with status decode-failed and NaN probabilities. It keeps
+  `inflight` batches queued on the device: batch k+1 is launched before batch k's probabilities (copied
+  to pinned host memory asynchronously) are waited for, so the GPU never idles while Python hands rows on;
 - a writer thread appends rows to the `StudyWriter` in blocks of `block_frames`, each flushed.
 A stage that dies puts its exception where the caller sees it within a queue timeout, so a dead
-stage raises instead of hanging. Setting `stop` (the CLI does on SIGINT/SIGTERM) ends the run after
-the rows computed so far are flushed; the partial file then resumes from there.
+stage raises instead of hanging. The calling thread accounts for its time (`StudyResult.stage_seconds`:
+in the engine, waiting for decode, waiting for the writer), which says which stage bounds a run.
+Setting `stop` (the CLI does on SIGINT/SIGTERM) ends the run after the rows computed so far (those
+in flight included) are flushed; the partial file then resumes from there.
 
 After the last frame: events from the whole probability table (streamed), thumbnails of event
 frames re-decoded through the source's `start=` (frame-exact), then the file is finished and renamed.
@@ -15,6 +19,7 @@ frames re-decoded through the source's `start=` (frame-exact), then the file is 
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -69,6 +74,7 @@ class RunOptions:
     shard: str | None = None
     decode_timeout: float | None = 300.0
     engine_timeout: float | None = 300.0
+    inflight: int = 2
 
 
 @dataclass
@@ -86,6 +92,7 @@ class StudyResult:
     fps: float = 0.0
     seconds: float = 0.0
     error: str | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,6 +116,23 @@ class _Rows:
     pts: np.ndarray
     probs: np.ndarray
     status: np.ndarray
+
+
+@dataclass
+class _InFlight:
+    """A batch whose engine calls are queued: `rows` without probabilities yet, and for each engine call
+    its first decoded frame's position and the (host array, ready event) its probabilities arrive in."""
+
+    rows: _Rows
+    order: np.ndarray | None  # decoded frames then failures -> row order (None: no failures)
+    decoded: int
+    outputs: list[tuple[int, Any, Any]]
+    start: int  # first frame number, for messages
+    keep: Any  # the batch: its device memory stays referenced until the results are in
+
+
+#: StudyResult.stage_seconds keys: where the calling thread spent a run
+STAGES = ("engine", "decode_wait", "write_wait")
 
 
 class RunInterrupted(Exception):
@@ -180,6 +204,27 @@ def _to_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         return x.detach().float().cpu().numpy()
     return np.asarray(x, dtype=np.float32)
+
+
+def _start_host_copy(x: Any) -> tuple[Any, Any]:
+    """(host array, event): a CUDA tensor is copied into pinned memory on the current stream without
+    waiting (the event marks the end of the copy); anything else is converted now (event None)."""
+    if getattr(x, "is_cuda", False):
+        import torch
+
+        host = torch.empty(x.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(x, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+    return _to_numpy(x), None
+
+
+def _host_result(host: Any, done: Any) -> np.ndarray:
+    if done is not None:
+        done.synchronize()
+        return host.numpy()
+    return host
 
 
 def _put(q: queue.Queue, item: Any, alive: Any) -> None:
@@ -437,6 +482,33 @@ class Pipeline:
         last_batch = time.monotonic()
         hung = False
         interrupted = False
+        pending: collections.deque[_InFlight] = collections.deque()
+        clock = dict.fromkeys(STAGES, 0.0)
+        depth = max(1, int(opts.inflight))
+
+        def deliver(flight: _InFlight) -> bool:
+            """Wait for a launched batch's probabilities and hand its rows to the writer (False: writer gone)."""
+            rows = self._collect(flight, clock)
+            if len(rows.index):
+                t = time.perf_counter()
+                try:
+                    _put(write_q, rows, wt.is_alive)
+                except _StageDied:
+                    return False
+                finally:
+                    clock["write_wait"] += time.perf_counter() - t
+                res.frames = int(rows.index[-1]) + 1
+                bar.set(res.frames)
+            return True
+
+        writer_alive = True
+
+        def drain() -> None:
+            """Hand on every batch still in flight (the engine is fine: a stop, an end, a decoder failure)."""
+            nonlocal writer_alive
+            while pending and writer_alive and not writer_error:
+                writer_alive = deliver(pending.popleft())
+
         dt.start()
         wt.start()
         try:
@@ -446,35 +518,45 @@ class Pipeline:
                     break
                 if writer_error:
                     break
+                t = time.perf_counter()
                 try:
                     item = decode_q.get(timeout=_POLL)
                 except queue.Empty:
+                    clock["decode_wait"] += time.perf_counter() - t
                     if not dt.is_alive() and decode_q.empty():
+                        drain()
                         raise StudyError(f"{src.path}: the decode thread ended without a result") from None
                     if opts.decode_timeout and time.monotonic() - last_batch > opts.decode_timeout:
                         hung = True
+                        drain()
                         where = f"after frame {expected - 1}" if expected else "from the start"
                         raise SourceError(f"{src.path}: the decoder produced no frames for {opts.decode_timeout:g} s "
                                           f"{where} (hung?); giving up on this recording (--decode-timeout)") from None
                     continue
+                clock["decode_wait"] += time.perf_counter() - t
                 last_batch = time.monotonic()
                 if item is _END:
                     break
                 if isinstance(item, _Failed):
+                    drain()
                     raise item.error
-                rows, tail_reason = self._rows(item, expected, src)
-                tail = tail or tail_reason
-                if len(rows.index):
-                    expected = int(rows.index[-1]) + 1
-                    try:
-                        _put(write_q, rows, wt.is_alive)
-                    except _StageDied:
-                        break
-                    res.frames = expected
-                    bar.set(expected)
-                if tail:
+                try:
+                    layout = self._layout(item, expected, src)
+                except StudyError:
+                    drain()
+                    raise
+                flight = self._launch(item, layout, clock)
+                tail = tail or layout[-1]
+                if len(flight.rows.index):
+                    expected = int(flight.rows.index[-1]) + 1
+                pending.append(flight)
+                while len(pending) >= depth and writer_alive:
+                    writer_alive = deliver(pending.popleft())
+                if tail or not writer_alive:
                     break
+            drain()  # a normal end, a stop or a tail failure: what is already on the device is kept
         finally:
+            pending.clear()
             quit_decode.set()
             try:
                 _put(write_q, _END, wt.is_alive)
@@ -483,6 +565,7 @@ class Pipeline:
             wt.join()
             dt.join(timeout=0 if hung else 10)  # a hung decoder is left behind (a daemon thread)
             bar.close()
+            res.stage_seconds = {k: round(v, 3) for k, v in clock.items()}
         if writer_error:
             raise writer_error[0]
         res.frames = writer.frames_done
@@ -490,18 +573,15 @@ class Pipeline:
             raise RunInterrupted(writer.partial, writer.frames_done)
         return tail
 
-    def _rows(self, batch: FrameBatch, expected: int, src: FrameSource) -> tuple[_Rows, str | None]:
-        """Probabilities for a batch, merged with its decode failures into contiguous rows."""
-        c = len(self.bundle.class_names)
+    def _layout(self, batch: FrameBatch, expected: int, src: FrameSource) -> tuple[_Rows, np.ndarray | None,
+                                                                                   str | None]:
+        """The batch's rows without probabilities (decode failures merged in, frame order checked), the
+        order that puts decoded frames then failures into row order (None without failures), and a tail
+        failure reason (or None)."""
         n = len(batch)
-        probs = np.empty((n, c), np.float32)
-        mb = max(1, int(self.engine.max_batch))
-        self._batch_start = expected
-        for lo in range(0, n, mb):
-            with self._watch.call():  # _to_numpy waits for the device: a hang shows there
-                probs[lo:lo + mb] = _to_numpy(self.engine.infer(batch.pixels[lo:lo + mb]))
         failed = sorted({f.index: f.reason for f in batch.failures if f.index >= 0}.items())
         tail = next((f.reason for f in batch.failures if f.index < 0), None)
+        order = None
         if failed:
             for i, reason in failed:
                 _logger.warning("%s: frame %d could not be decoded: %s", src.path, i, reason)
@@ -509,7 +589,6 @@ class Pipeline:
             order = np.argsort(idx, kind="stable")
             idx = idx[order]
             pts = np.concatenate([np.asarray(batch.pts, np.float64), np.full(len(failed), np.nan)])[order]
-            probs = np.concatenate([probs, np.full((len(failed), c), np.nan, np.float32)])[order]
             status = np.concatenate([np.full(n, STATUS_OK, np.uint8), np.full(len(failed), STATUS_DECODE_FAILED,
                                                                              np.uint8)])[order]
         else:
@@ -518,7 +597,39 @@ class Pipeline:
         if len(idx) and not np.array_equal(idx, np.arange(expected, expected + len(idx))):
             raise StudyError(f"{src.path}: source {src.name} broke the frame order: expected frames from {expected}, "
                              f"got {idx[:3].tolist()}...{idx[-1]} ({len(idx)} frames)")
-        return _Rows(idx, pts, probs, status), tail
+        return _Rows(idx, pts, np.empty((0, 0), np.float32), status), order, tail
+
+    def _launch(self, batch: FrameBatch, layout: tuple[_Rows, np.ndarray | None, Any],
+                clock: dict[str, float]) -> _InFlight:
+        """Queue the batch's engine calls; their results are copied to the host without waiting."""
+        rows, order, _ = layout
+        n, mb = len(batch), max(1, int(self.engine.max_batch))
+        start = int(rows.index[0]) if len(rows.index) else self._batch_start
+        outputs = []
+        t = time.perf_counter()
+        self._batch_start = start
+        for lo in range(0, n, mb):
+            with self._watch.call():  # launching can block too (a full device queue)
+                outputs.append((lo, *_start_host_copy(self.engine.infer(batch.pixels[lo:lo + mb]))))
+        clock["engine"] += time.perf_counter() - t
+        return _InFlight(rows, order, n, outputs, start, batch)
+
+    def _collect(self, flight: _InFlight, clock: dict[str, float]) -> _Rows:
+        """Wait for a launched batch's probabilities; decode failures get NaN rows."""
+        c = len(self.bundle.class_names)
+        probs = np.empty((flight.decoded, c), np.float32)
+        t = time.perf_counter()
+        self._batch_start = flight.start
+        for lo, host, done in flight.outputs:
+            with self._watch.call():  # waiting for the device: a hang shows here
+                out = _host_result(host, done)
+            probs[lo:lo + len(out)] = out
+        clock["engine"] += time.perf_counter() - t
+        if flight.order is not None:
+            nan = np.full((len(flight.rows.index) - flight.decoded, c), np.nan, np.float32)
+            probs = np.concatenate([probs, nan])[flight.order]
+        flight.rows.probs = probs
+        return flight.rows
 
     # ------------------------------------------------------------------------------------------
     def _thumbnails(self, path: Path, wanted: dict[int, list[int]]) -> list[tuple[int, int, bytes]]:

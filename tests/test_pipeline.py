@@ -200,6 +200,61 @@ def test_stop_flushes_then_resume_matches(tmp_path: Path, recording: Path, tiny_
     assert again.status == "skipped" and again.frames == 120
 
 
+
+class Counting:
+    """The engine, counting its calls; sets `stop` (as SIGINT would) after call `stop_after`."""
+
+    def __init__(self, inner: Any, stop: threading.Event | None = None, stop_after: int = 0):
+        self.inner, self.calls, self.stop, self.stop_after = inner, 0, stop, stop_after
+
+    def __getattr__(self, k: str) -> Any:
+        return getattr(self.inner, k)
+
+    def infer(self, x: Any) -> Any:
+        self.calls += 1
+        if self.stop is not None and self.calls == self.stop_after:
+            self.stop.set()
+        return self.inner.infer(x)
+
+
+def test_batches_in_flight_are_launched_ahead_and_all_handed_on(tmp_path: Path, recording: Path, tiny_bundle: Any,
+                                                                engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--inflight N: batch k reaches the writer only after batch k+N-1 was launched; rows equal a one-at-a-time
+    run; a stop hands on every launched batch; the calling thread's time is accounted for."""
+    real = StudyWriter.append
+    seen: list[tuple[int, int]] = []  # (first frame of the appended block, engine calls made by then)
+    counting = Counting(engine)
+
+    def append(self: StudyWriter, index: Any, *a: Any) -> None:
+        seen.append((int(index[0]), counting.calls))
+        real(self, index, *a)
+
+    monkeypatch.setattr(StudyWriter, "append", append)
+    probs = {}
+    for n in (1, 3):
+        seen.clear()
+        counting.calls = 0
+        o = opts(inflight=n, block_frames=16)  # batches of 16 frames = 2 engine calls of 8; one block each
+        res = Pipeline(tiny_bundle, counting, o).run(recording, tmp_path / f"in{n}")
+        assert res.status == "done" and counting.calls == 15  # 7 batches of 16, then one of 8
+        batches = 8
+        for first, calls in seen:
+            k = first // 16
+            if k + n - 1 < batches - 1:
+                assert calls >= 2 * (k + n), (n, seen)
+        assert set(res.stage_seconds) == {"engine", "decode_wait", "write_wait"}
+        assert all(v >= 0 for v in res.stage_seconds.values()) and sum(res.stage_seconds.values()) <= res.seconds
+        assert res.stage_seconds["engine"] > 0
+        with StudyReader(res.output) as rd:
+            probs[n] = rd.probs()
+    np.testing.assert_array_equal(probs[1], probs[3])
+    stop = threading.Event()
+    res = Pipeline(tiny_bundle, Counting(engine, stop, 3), opts(inflight=3), stop).run(recording, tmp_path / "s")
+    assert res.status == "interrupted"
+    with StudyReader(res.output, allow_partial=True) as rd:
+        assert len(rd) == 32  # batches 0 and 1 were launched (calls 1-4) before the stop: both kept
+        np.testing.assert_array_equal(rd.probs(), probs[1][:32])
+
 def test_many_recordings_one_bad(tmp_path: Path, recording: Path, tiny_bundle: Any, engine: Any) -> None:
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"\x00garbage" * 1000)

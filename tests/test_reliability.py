@@ -207,7 +207,8 @@ def test_a_decoder_hang_times_out_and_the_next_recording_runs(tmp_path: Path, ti
 def test_an_engine_hang_fails_its_recording_and_the_next_ones_run_in_a_new_worker(tmp_path: Path,
                                                                                     tiny_bundle: Any) -> None:
     """The engine's 5th call never returns (a stuck GPU): a.mp4 took 3 calls, so b.mp4 hangs after its first batch.
-    Its recording fails naming the timeout, c.mp4 runs in a new worker, and a rerun resumes b.mp4 from frame 8."""
+    Its recording fails naming the timeout, c.mp4 runs in a new worker, and a rerun resumes b.mp4 from frame 8.
+    (--inflight 1: with batches in flight, those launched but not yet handed on are redone by the rerun.)"""
     d = tmp_path / "in"
     d.mkdir()
     rs = [make_recording(d / n, 24, seed=k) for k, n in enumerate(["a.mp4", "b.mp4", "c.mp4"])]
@@ -215,7 +216,8 @@ def test_an_engine_hang_fails_its_recording_and_the_next_ones_run_in_a_new_worke
     countdown.write_text("4")
     e = env()
     e["CAPSULE_TEST_ENGINE_HANG"] = str(countdown)
-    a = args(tiny_bundle, tmp_path / "out", *rs, extra=("--block-frames", "8", "--engine-timeout", "2"))
+    a = args(tiny_bundle, tmp_path / "out", *rs,
+             extra=("--block-frames", "8", "--engine-timeout", "2", "--inflight", "1"))
     t0 = time.perf_counter()
     cp = subprocess.run(a, capture_output=True, text=True, env=e, timeout=300)
     assert time.perf_counter() - t0 < 100  # the hung call sleeps 120 s: the watch ended it

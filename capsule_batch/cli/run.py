@@ -58,6 +58,9 @@ def _check_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option("--engine-timeout", type=click.FloatRange(min=0), default=300.0, show_default=True,
               help="Fail the recording and end the process when one engine call takes this many seconds (a hung "
                    "GPU or driver; with a worker the next recordings go on in a new one; 0: wait forever).")
+@click.option("--inflight", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Batches queued on the device at once: the next batch is launched before the last one's "
+                   "results are waited for (1: one at a time).")
 @click.option("--isolate/--no-isolate", default=None,
               help="Run in a worker process, so that a native decoder crash fails one recording, not the batch "
                    "(default: when there is more than one recording).")
@@ -65,7 +68,7 @@ def _check_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 def command(recordings: tuple[Path, ...], bundle_path: Path, out_dir: Path, engine: str, source: str, device: str,
             precision: str, batch_size: int, resume: bool, shard: str | None, top_k: int | None, merge_gap: int,
             min_run: int, smooth: int, probs_dtype: str, block_frames: int, thumbs_per_event: int, max_thumbs: int,
-            progress: bool | None, decode_timeout: float, engine_timeout: float, isolate: bool | None,
+            progress: bool | None, decode_timeout: float, engine_timeout: float, inflight: int, isolate: bool | None,
             as_json: bool) -> None:
     """Decode and classify every frame of each RECORDING (video file or frame folder) into OUTDIR/<stem>.h5.
 
@@ -95,7 +98,7 @@ def command(recordings: tuple[Path, ...], bundle_path: Path, out_dir: Path, engi
                       probs_dtype=probs_dtype, block_frames=block_frames, triage=triage,
                       thumbs_per_event=thumbs_per_event, max_thumbs=max_thumbs, progress=progress,
                       argv=sys.argv[:], shard=f"{rank}/{world}", decode_timeout=decode_timeout or None,
-                      engine_timeout=engine_timeout or None)
+                      engine_timeout=engine_timeout or None, inflight=inflight)
     stop = threading.Event()
     pipe = Pipeline(bundle, eng, opts, stop)
     _logger.info("rank %d/%d: %d of %d recordings", rank, world, len(mine), len(recordings))
