@@ -97,6 +97,14 @@ class StudyResult:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def time_split(self) -> str:
+        """Where the calling thread spent the run, in % of its wall time ('' when not measured): a run mostly
+        waiting for decode is decode-bound, one mostly in the engine is engine-bound."""
+        if not self.stage_seconds or self.seconds <= 0:
+            return ""
+        words = {"engine": "engine", "decode_wait": "waiting for decode", "write_wait": "waiting for the writer"}
+        return ", ".join(f"{words.get(k, k)} {100 * v / self.seconds:.0f}%" for k, v in self.stage_seconds.items())
+
 
 class _End:
     pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -245,6 +246,7 @@ def test_batches_in_flight_are_launched_ahead_and_all_handed_on(tmp_path: Path, 
         assert set(res.stage_seconds) == {"engine", "decode_wait", "write_wait"}
         assert all(v >= 0 for v in res.stage_seconds.values()) and sum(res.stage_seconds.values()) <= res.seconds
         assert res.stage_seconds["engine"] > 0
+        assert re.fullmatch(r"engine \d+%, waiting for decode \d+%, waiting for the writer \d+%", res.time_split())
         with StudyReader(res.output) as rd:
             probs[n] = rd.probs()
     np.testing.assert_array_equal(probs[1], probs[3])

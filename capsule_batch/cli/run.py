@@ -120,8 +120,9 @@ def _summarise(results: list[Any], rank: int, world: int, as_json: bool) -> int:
                    "failed": len(failed), "interrupted": len(interrupted)})
     else:
         for r in results:
+            split = f" ({r.time_split()})" if r.status == "done" and r.time_split() else ""
             what = r.error if r.error else (f"{r.frames} frames, {r.flagged_frames} flagged, {r.events} events, "
-                                            f"{r.fps:.1f} frames/s")
+                                            f"{r.fps:.1f} frames/s{split}")
             click.echo(f"{r.status:11s} {r.recording} -> {r.output}: {what}")
     if interrupted:
         click.echo("interrupted: run the same command again to resume from the last flushed block", err=True)
