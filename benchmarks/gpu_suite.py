@@ -8,7 +8,8 @@ Parts (run in order; later parts reuse what earlier ones left in --workdir while
   engine   engine only: torch fp16/bf16, eager / torch.compile / CUDA graphs, at each --batch-sizes
   decode   decode only: every available source (decord on the CPU cores, DALI on NVDEC when installed), and
            PyNvVideoCodec on NVDEC when installed (measured only, not a `run` source yet: pixels vs PyAV, frames/s)
-  e2e      end to end `run` pipeline for the best engine configuration with each available source
+  e2e      end to end `run` pipeline for the best engine configuration with each available source, at each
+           --e2e-inflight (batches queued on the device); each line says where the run's time went
 Each part appends JSON lines to --out (default $OUT/gpu_suite.jsonl) and prints a short table last.
 
     python benchmarks/gpu_suite.py --parts env,synth,check --frames 50000 --workdir runs/gpu
@@ -215,16 +216,20 @@ def part_e2e(args: argparse.Namespace, ctx: dict[str, Any]) -> list[dict[str, An
     precision, mode = args.e2e_config.split("/")
     lines = []
     for source in ctx["sources"]:
-        try:
-            eng = create_engine(ctx["bundle"], backend="torch", device=ctx["device"], precision=precision,
-                                max_batch=args.e2e_batch, **MODES[mode])
-            r = bench_e2e(ctx["recording"], ctx["bundle"], eng, source=source, batch_size=args.e2e_batch,
-                          workdir=ctx["workdir"] / f"e2e-{source}")
+        eng = None
+        for inflight in (int(x) for x in args.e2e_inflight.split(",")):
+            try:
+                if eng is None:
+                    eng = create_engine(ctx["bundle"], backend="torch", device=ctx["device"], precision=precision,
+                                        max_batch=args.e2e_batch, **MODES[mode])
+                r = bench_e2e(ctx["recording"], ctx["bundle"], eng, source=source, batch_size=args.e2e_batch,
+                              workdir=ctx["workdir"] / f"e2e-{source}", inflight=inflight)
+            except Exception as e:
+                r = {"error": f"{type(e).__name__}: {e}"[:300], "inflight": inflight}
+            lines.append({"part": "e2e", "source": source, "precision": precision, "mode": mode,
+                          "batch_size": args.e2e_batch, **r})
+        if eng is not None:
             eng.close()
-        except Exception as e:
-            r = {"error": f"{type(e).__name__}: {e}"[:300]}
-        lines.append({"part": "e2e", "source": source, "precision": precision, "mode": mode,
-                      "batch_size": args.e2e_batch, **r})
     return lines
 
 
@@ -245,8 +250,12 @@ def table(lines: list[dict[str, Any]]) -> str:
     rows = []
     for ln in lines:
         what = " ".join(str(ln[k]) for k in ("source", "precision", "mode", "batch_size") if k in ln)
+        if "inflight" in ln:
+            what += f" inflight {ln['inflight']}"
         if "frames_per_s" in ln:
             extra = f"  {ln['tflop_per_s']:.1f} TFLOP/s" if "tflop_per_s" in ln else ""
+            if ln.get("stage_seconds") and ln.get("seconds"):
+                extra += "  " + ", ".join(f"{k} {100 * v / ln['seconds']:.0f}%" for k, v in ln["stage_seconds"].items())
             rows.append(f"{ln['part']:<7} {what:<34} {ln['frames_per_s']:>10,.0f} frames/s{extra}")
         elif "top1_agreement" in ln:
             rows.append(f"{ln['part']:<7} {what:<34} top-1 {ln['top1_agreement']:.4f}  max|dp| {ln['max_abs_dp']:.4f}"
@@ -271,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-sizes", default="128,256,512")
     ap.add_argument("--e2e-config", default="fp16/graphs", help="precision/mode of the e2e runs")
     ap.add_argument("--e2e-batch", type=int, default=256)
+    ap.add_argument("--e2e-inflight", default="1,2", help="batches in flight on the device, one e2e run each")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--workdir", type=Path, default=Path("runs/gpu"))

@@ -37,6 +37,7 @@ def test_bench_cli_prints_one_json_line_per_stage_with_configuration(tiny_bundle
     assert decode["frames"] == 48 - 16  # the warm-up batch is not timed
     assert engine["frames"] == 16 * 2 and engine["gflop_per_frame"] > 0 and engine["tflop_per_s"] > 0
     assert e2e["frames"] == 48 and 0 <= e2e["outside_engine_s"] < e2e["seconds"]
+    assert e2e["inflight"] == 2 and e2e["engine_s"] == e2e["stage_seconds"]["engine"] > 0
 
 
 def test_bench_without_recording_uses_a_synthetic_one(tiny_bundle, tmp_path):

@@ -23,7 +23,10 @@ def test_every_part_runs_on_a_cpu(tmp_path: Path) -> None:
     cp = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert cp.returncode == 0, cp.stderr[-3000:]
     lines = [json.loads(ln) for ln in out.read_text().splitlines()]
-    assert [ln["part"] for ln in lines] == ["env", "synth", "check", "engine", "decode", "e2e"]
+    assert [ln["part"] for ln in lines] == ["env", "synth", "check", "engine", "decode", "e2e", "e2e"]
+    assert [ln["inflight"] for ln in lines[5:]] == [1, 2]
+    assert all(set(ln["stage_seconds"]) == {"engine", "decode_wait", "write_wait"} for ln in lines[5:])
+    assert "e2e     decord fp32 eager 16 inflight 2" in cp.stdout and "engine " in cp.stdout
     assert not [ln for ln in lines if "error" in ln]
     check = lines[2]
     assert check["pass"] and check["top1_agreement"] == 1.0  # fp32 on the CPU against the fp32 reference

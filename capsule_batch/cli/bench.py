@@ -20,6 +20,8 @@ from capsule_batch.cli.options import emit_json, engine_options, existing_path, 
 @engine_options
 @click.option("--compile", "compile_", is_flag=True, help="torch backend: torch.compile the model.")
 @click.option("--cuda-graphs", is_flag=True, help="torch backend on CUDA: replay CUDA graphs.")
+@click.option("--inflight", type=click.IntRange(min=1), default=2, show_default=True,
+              help="e2e: batches queued on the device at once (as `run --inflight`).")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed engine calls.")
 @click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True, help="Timed engine calls.")
 @click.option("--workdir", type=click.Path(path_type=Path, file_okay=False), default=None,
@@ -28,7 +30,8 @@ from capsule_batch.cli.options import emit_json, engine_options, existing_path, 
               help="Also append the JSON lines to this .jsonl file.")
 @click.option("--json", "as_json", is_flag=True, help="Accepted for symmetry: the JSON lines are always printed.")
 def command(recording: Path | None, bundle_path: Path, stage: str, frames: int, engine: str, source: str, device: str,
-            precision: str, batch_size: int, compile_: bool, cuda_graphs: bool, warmup: int, repeats: int,
+            precision: str, batch_size: int, compile_: bool, cuda_graphs: bool, inflight: int, warmup: int,
+            repeats: int,
             workdir: Path | None, out: Path | None, as_json: bool) -> None:
     """Measure frames/s of decode only, engine only and end to end on RECORDING (a synthetic 336x336 H.264
     recording when none is given). Prints one JSON line per stage on stdout with the whole configuration;
@@ -49,7 +52,7 @@ def command(recording: Path | None, bundle_path: Path, stage: str, frames: int, 
         results = run_benchmarks(bundle, recording, stages=STAGES if stage == "all" else (stage,), backend=engine,
                                  source=source, device=resolve_run_device(device), precision=precision,
                                  batch_size=batch_size, frames=frames, warmup=warmup, repeats=repeats,
-                                 workdir=workdir, engine_kwargs=kw)
+                                 workdir=workdir, inflight=inflight, engine_kwargs=kw)
     except RuntimeError as e:
         raise CapsuleError(str(e)) from e
     argv = " ".join(["capsule-batch", *sys.argv[1:]])
