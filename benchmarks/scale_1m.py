@@ -3,7 +3,7 @@
 Frames come from the `synthetic` source (a small pool of pre-rendered, pre-processed frames, so decode
 costs ~nothing) and a small real timm model keeps the engine affordable on CPU; everything else is the
 production path: decode thread, engine, writer thread, per-block flushes, events, thumbnails, rename.
-Reports one JSON line: frames/s end to end, the engine's own frames/s (its calls timed during the run)
+Reports one JSON line: frames/s end to end, the engine's frames/s in the run (the calling thread's time in it)
 and the time spent outside the engine, peak RSS (sampled over the
 run, with the RSS at 10%/50%/90% of the frames to show it does not grow with length), study file size.
 
