@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import re
 import shutil
@@ -273,6 +274,30 @@ def test_leakage_by_name_and_by_pixels(ce24: Path, tmp_path: Path) -> None:
     with pytest.raises(D.DataError, match="1 images with the same pixels in both train and val"):
         prepare_data(_cfg(root))
 
+
+
+def test_data_command_checks_and_counts_without_training(ce24: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m train data`: the checks training makes, and the counts, before an hours-long run."""
+    from train.__main__ import main
+
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(f"data:\n  train: [{{kind: ce24, root: '{ce24}', split: training}}]\n"
+                   f"  val: [{{kind: ce24, root: '{ce24}', split: validation}}]\nrun:\n  workers: 1\n")
+    assert main(["data", "--config", str(exp)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["classes"] == CLASSES and out["classes_without_images"] == {"train": [], "val": []}
+    for split in ("train", "val"):
+        files = list((ce24 / ("training" if split == "train" else "validation")).rglob("*.jpg"))
+        assert out[split]["images"] == len(files) == sum(out[split]["per_class"].values())
+        assert out[split]["groups"] >= 2 and sum(out[split]["per_source"].values()) == len(files)
+    # leakage is an error with the reason, as in training
+    root = tmp_path / "c"
+    shutil.copytree(ce24, root)
+    src = sorted((root / "training" / "Ulcer").rglob("*.jpg"))[0]
+    shutil.copy(src, root / "validation" / "Ulcer" / "KID" / src.name)
+    assert main(["data", "--config", str(exp), f"data.val=[{{kind: ce24, root: '{root}', split: validation}}]"]) == 1
+    assert "train/val leakage: 1 file names in both train and val" in capsys.readouterr().err
 
 def test_grouped_split_is_stratified_and_keeps_groups_apart() -> None:
     rng = np.random.default_rng(0)

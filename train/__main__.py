@@ -1,4 +1,4 @@
-"""`python -m train {pretrain,finetune,evaluate,calibrate,predict} --config FILE [key=value ...]`."""
+"""`python -m train {data,pretrain,finetune,evaluate,calibrate,predict} --config FILE [key=value ...]`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,14 @@ from collections.abc import Callable
 from typing import Any
 
 from capsule_batch.errors import CapsuleError
+
+
+def _data(cfg: dict[str, Any]) -> Any:
+    """What training would use, checked as training checks it (readers, mapping, images, split, leakage),
+    without building a model: a minutes-long check before an hours-long run."""
+    from train.trainer import describe_data, prepare_data
+
+    return describe_data(prepare_data(cfg))
 
 
 def _pretrain(cfg: dict[str, Any]) -> Any:
@@ -44,6 +52,7 @@ def _predict(cfg: dict[str, Any]) -> Any:
 
 
 COMMANDS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "data": _data,
     "pretrain": _pretrain,
     "finetune": _finetune,
     "evaluate": _evaluate,

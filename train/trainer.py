@@ -8,6 +8,7 @@ its weights are written as a ModelBundle whose preprocessing is the validation t
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -154,6 +155,20 @@ def prepare_data(cfg: dict[str, Any]) -> Prepared:
     _logger.info("train %d images %s", len(train), D.class_counts(train, classes))
     _logger.info("val %d images %s", len(val), D.class_counts(val, classes))
     return Prepared(classes, train, val)
+
+
+def describe_data(p: Prepared) -> dict[str, Any]:
+    """Counts of a prepared train/val split: images, groups (patients/recordings) and images per class and
+    per source, and the classes without a training or validation image."""
+
+    def split(samples: list[D.Sample]) -> dict[str, Any]:
+        return {"images": len(samples), "groups": len({s.group for s in samples}),
+                "per_class": D.class_counts(samples, p.classes),
+                "per_source": dict(sorted(collections.Counter(s.source for s in samples).items()))}
+
+    splits = {"train": split(p.train), "val": split(p.val)}
+    empty = {k: [c for c, n in v["per_class"].items() if n == 0] for k, v in splits.items()}
+    return {"classes": p.classes, **splits, "classes_without_images": empty}
 
 
 class BalancedSampler:
