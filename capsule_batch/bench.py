@@ -125,9 +125,11 @@ def bench_engine(engine: Any, pixels: Any, *, batch_size: int, warmup: int = 3, 
     if len(x) < batch_size:
         x = x.repeat((batch_size + len(x) - 1) // len(x), 1, 1, 1)
     x = x[:batch_size].to(engine.device, engine.dtype).contiguous()
+    t0 = time.perf_counter()
     for _ in range(warmup):
         engine.infer(x)
     _sync(engine.device)
+    warmup_s = time.perf_counter() - t0  # torch.compile and CUDA graph capture happen here
     times = []
     with torch.inference_mode():
         for _ in range(repeats):
@@ -138,7 +140,8 @@ def bench_engine(engine: Any, pixels: Any, *, batch_size: int, warmup: int = 3, 
     med = statistics.median(times)
     fps = batch_size / med
     out: dict[str, Any] = {"stage": "engine", "frames": batch_size * repeats, "seconds": round(sum(times), 4),
-                           "frames_per_s": fps, "median_batch_s": med, "repeats": repeats, "warmup": warmup}
+                           "frames_per_s": fps, "median_batch_s": med, "repeats": repeats, "warmup": warmup,
+                           "warmup_s": round(warmup_s, 3)}
     if flops:
         out["gflop_per_frame"] = round(flops / 1e9, 3)
         out["tflop_per_s"] = round(flops * fps / 1e12, 4)
@@ -209,7 +212,8 @@ def run_benchmarks(bundle: Any, recording: str | Path | None = None, *, stages: 
             "model": bundle.arch, "model_args": bundle.model_args, "bundle_sha256": bundle.sha256[:16],
             "input_size": bundle.preprocess.input_size, "recording": str(rec), "source": decode["source"],
             **{k: v for k, v in engine.describe().items() if k in ("backend", "precision", "compile", "cuda_graphs")},
-            "batch_size": batch_size, **_frame_size(rec), **environment(engine.device),
+            "batch_size": batch_size, "engine_create_s": engine.create_seconds, **_frame_size(rec),
+            **environment(engine.device),
         }
         engine.close()
         for r in results:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import time
 from typing import Any, ClassVar
 
 from capsule_batch.bundle import ModelBundle
@@ -57,6 +58,7 @@ class Engine:
         if self.max_batch < 1:
             raise EngineError(f"max_batch must be >= 1, got {max_batch}")
         self._warned_oom = False
+        self.create_seconds: float | None = None  # set by create_engine
 
     @classmethod
     def missing_package(cls) -> tuple[str, str] | None:
@@ -223,8 +225,10 @@ def create_engine(
     if not cls.uses_store:
         for k in ("store", "rebuild"):
             kwargs.pop(k, None)
+    t0 = time.perf_counter()
     engine = cls(bundle, device=dev, precision=prec, max_batch=max_batch, **kwargs)
-    _logger.info("engine: %s", engine.describe())
+    engine.create_seconds = round(time.perf_counter() - t0, 3)  # a TensorRT build or an ONNX export: minutes
+    _logger.info("engine ready in %.1f s: %s", engine.create_seconds, engine.describe())
     return engine
 
 
