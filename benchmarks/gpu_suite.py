@@ -247,6 +247,8 @@ def available_sources(device: Any) -> list[str]:
 
 
 def table(lines: list[dict[str, Any]]) -> str:
+    from capsule_batch.pipeline import time_split
+
     rows = []
     for ln in lines:
         what = " ".join(str(ln[k]) for k in ("source", "precision", "mode", "batch_size") if k in ln)
@@ -254,8 +256,8 @@ def table(lines: list[dict[str, Any]]) -> str:
             what += f" inflight {ln['inflight']}"
         if "frames_per_s" in ln:
             extra = f"  {ln['tflop_per_s']:.1f} TFLOP/s" if "tflop_per_s" in ln else ""
-            if ln.get("stage_seconds") and ln.get("seconds"):
-                extra += "  " + ", ".join(f"{k} {100 * v / ln['seconds']:.0f}%" for k, v in ln["stage_seconds"].items())
+            if ln.get("stage_seconds"):
+                extra += "  " + time_split(ln["stage_seconds"], ln["seconds"])
             rows.append(f"{ln['part']:<7} {what:<34} {ln['frames_per_s']:>10,.0f} frames/s{extra}")
         elif "top1_agreement" in ln:
             rows.append(f"{ln['part']:<7} {what:<34} top-1 {ln['top1_agreement']:.4f}  max|dp| {ln['max_abs_dp']:.4f}"

@@ -98,12 +98,8 @@ class StudyResult:
         return asdict(self)
 
     def time_split(self) -> str:
-        """Where the calling thread spent the run, in % of its wall time ('' when not measured): a run mostly
-        waiting for decode is decode-bound, one mostly in the engine is engine-bound."""
-        if not self.stage_seconds or self.seconds <= 0:
-            return ""
-        words = {"engine": "engine", "decode_wait": "waiting for decode", "write_wait": "waiting for the writer"}
-        return ", ".join(f"{words.get(k, k)} {100 * v / self.seconds:.0f}%" for k, v in self.stage_seconds.items())
+        """Where the calling thread spent the run (see `time_split`)."""
+        return time_split(self.stage_seconds, self.seconds)
 
 
 class _End:
@@ -133,14 +129,21 @@ class _InFlight:
 
     rows: _Rows
     order: np.ndarray | None  # decoded frames then failures -> row order (None: no failures)
-    decoded: int
     outputs: list[tuple[int, Any, Any]]
     start: int  # first frame number, for messages
-    keep: Any  # the batch: its device memory stays referenced until the results are in
+    batch: FrameBatch  # referenced until the results are in: the queued engine work reads its device memory
 
 
-#: StudyResult.stage_seconds keys: where the calling thread spent a run
-STAGES = ("engine", "decode_wait", "write_wait")
+#: StudyResult.stage_seconds keys (where the calling thread spent a run) and how a person reads them
+STAGES = {"engine": "engine", "decode_wait": "waiting for decode", "write_wait": "waiting for the writer"}
+
+
+def time_split(stage_seconds: dict[str, float], seconds: float) -> str:
+    """`stage_seconds` in % of a run's wall time ('' when not measured): a run mostly waiting for decode is
+    decode-bound, one mostly in the engine is engine-bound."""
+    if not stage_seconds or seconds <= 0:
+        return ""
+    return ", ".join(f"{STAGES.get(k, k)} {100 * v / seconds:.0f}%" for k, v in stage_seconds.items())
 
 
 class RunInterrupted(Exception):
@@ -549,12 +552,12 @@ class Pipeline:
                     drain()
                     raise item.error
                 try:
-                    layout = self._layout(item, expected, src)
+                    rows, order, tail_reason = self._layout(item, expected, src)
                 except StudyError:
                     drain()
                     raise
-                flight = self._launch(item, layout, clock)
-                tail = tail or layout[-1]
+                flight = self._launch(item, rows, order, clock)
+                tail = tail or tail_reason
                 if len(flight.rows.index):
                     expected = int(flight.rows.index[-1]) + 1
                 pending.append(flight)
@@ -607,10 +610,9 @@ class Pipeline:
                              f"got {idx[:3].tolist()}...{idx[-1]} ({len(idx)} frames)")
         return _Rows(idx, pts, np.empty((0, 0), np.float32), status), order, tail
 
-    def _launch(self, batch: FrameBatch, layout: tuple[_Rows, np.ndarray | None, Any],
+    def _launch(self, batch: FrameBatch, rows: _Rows, order: np.ndarray | None,
                 clock: dict[str, float]) -> _InFlight:
         """Queue the batch's engine calls; their results are copied to the host without waiting."""
-        rows, order, _ = layout
         n, mb = len(batch), max(1, int(self.engine.max_batch))
         start = int(rows.index[0]) if len(rows.index) else self._batch_start
         outputs = []
@@ -620,12 +622,13 @@ class Pipeline:
             with self._watch.call():  # launching can block too (a full device queue)
                 outputs.append((lo, *_start_host_copy(self.engine.infer(batch.pixels[lo:lo + mb]))))
         clock["engine"] += time.perf_counter() - t
-        return _InFlight(rows, order, n, outputs, start, batch)
+        return _InFlight(rows, order, outputs, start, batch)
 
     def _collect(self, flight: _InFlight, clock: dict[str, float]) -> _Rows:
         """Wait for a launched batch's probabilities; decode failures get NaN rows."""
         c = len(self.bundle.class_names)
-        probs = np.empty((flight.decoded, c), np.float32)
+        decoded = len(flight.batch)
+        probs = np.empty((decoded, c), np.float32)
         t = time.perf_counter()
         self._batch_start = flight.start
         for lo, host, done in flight.outputs:
@@ -634,7 +637,7 @@ class Pipeline:
             probs[lo:lo + len(out)] = out
         clock["engine"] += time.perf_counter() - t
         if flight.order is not None:
-            nan = np.full((len(flight.rows.index) - flight.decoded, c), np.nan, np.float32)
+            nan = np.full((len(flight.rows.index) - decoded, c), np.nan, np.float32)
             probs = np.concatenate([probs, nan])[flight.order]
         flight.rows.probs = probs
         return flight.rows
