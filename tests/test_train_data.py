@@ -175,6 +175,15 @@ def test_recording_with_multi_hot_label_columns(tmp_path: Path, caplog: pytest.L
     assert {s.group for s in merged} == {"galar/galar/galar_7"}
 
 
+def test_one_hot_cells_are_numbers_or_words() -> None:
+    """xlsx cells arrive as numbers, CSV cells as text: any spelling of 0 or 1 counts, anything else is refused."""
+    assert [D.is_set(v) for v in (1, 1.0, "1.00", " 1 ", True, "yes", "TRUE")] == [True] * 7
+    assert [D.is_set(v) for v in (0, 0.0, "0.000", None, "", False, "no")] == [False] * 7
+    for bad in (2, 0.5, "2", "x", "nan"):
+        with pytest.raises(ValueError, match="is not 0 or 1"):
+            D.is_set(bad)
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"label_columns": ["ulcer", "tattoo"]}, "label_columns ['tattoo'] are not columns of the file"),
     ({"label_columns": "ulcer"}, "label_columns is a list of column names"),

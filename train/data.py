@@ -17,6 +17,7 @@ import collections
 import csv
 import hashlib
 import logging
+import math
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -249,12 +250,18 @@ def read_recording(spec: dict[str, Any], where: str) -> list[Sample]:
 
 
 def is_set(value: Any) -> bool:
-    """A one-hot/multi-hot cell: 1/0, 1.0/0.0, true/false, yes/no, empty = 0; ValueError otherwise."""
+    """A one-hot/multi-hot cell: a number equal to 1 or 0 (1, 1.0, "1.00"), true/false, yes/no, empty = 0;
+    ValueError otherwise."""
     text = str(value if value is not None else "").strip().lower()
-    if text in ("", "0", "0.0", "false", "no"):
-        return False
-    if text in ("1", "1.0", "true", "yes"):
-        return True
+    words = {"": False, "false": False, "no": False, "true": True, "yes": True}
+    if text in words:
+        return words[text]
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    if number in (0.0, 1.0):
+        return number == 1.0
     raise ValueError(f"{value!r} is not 0 or 1")
 
 
@@ -299,11 +306,12 @@ class _MultiHot(_Labeller):
         self.left_out["several label columns set"] += 1
         return None
 
+    HINTS = {"no label column set": "none_label: <label> keeps them",
+             "several label columns set": "on_multiple: first keeps them, by column order"}
+
     def report(self) -> None:
         for why, n in sorted(self.left_out.items()):
-            hint = " (on_multiple: first keeps them, by column order)" if why.startswith("several") else \
-                " (none_label: <label> keeps them)"
-            _logger.warning("%s: %d frames left out: %s%s", self.path, n, why, hint)
+            _logger.warning("%s: %d frames left out: %s (%s)", self.path, n, why, self.HINTS[why])
 
 
 class _OneColumn(_Labeller):
