@@ -96,9 +96,14 @@ def test_precision_and_device_rules(bundle, store):
 def test_torch_fp32_is_exact_eager(bundle, inputs, reference):
     engine = create_engine(bundle, backend="torch", device="cpu", precision="fp32", max_batch=64)
     assert engine.dtype == torch.float32 and engine.device == torch.device("cpu")
-    probs = engine.infer(inputs[:100])
+    probs = engine.infer(inputs[:100])  # chunks of 64 and 36
     assert probs.shape == (100, len(CE24_CLASSES)) and probs.dtype == torch.float32
-    assert torch.allclose(probs, reference[:100].softmax(-1), atol=1e-6, rtol=0)
+    # eager at the same chunks: the same kernels, so the same numbers on any CPU (see test_torch_compile_path)
+    with torch.inference_mode():
+        model = bundle.create_model()
+        eager = torch.cat([model(inputs[:64]), model(inputs[64:100])]).softmax(-1)
+    assert torch.allclose(probs, eager, atol=1e-6, rtol=0)
+    assert torch.allclose(probs, reference[:100].softmax(-1), atol=1e-4, rtol=0)  # and any batch, to fp32 noise
     assert reference.abs().max() > 5, "the test head must give logits that are not tiny"
     assert engine.describe()["backend"] == "torch"
 
@@ -221,4 +226,9 @@ def test_torch_compile_path(bundle, inputs, reference):
                            compile_options={"backend": "eager", "dynamic": False})
     probs = engine.infer(inputs[:8])
     assert engine.describe()["compile"]
-    assert torch.allclose(probs, reference[:8].softmax(-1), atol=1e-6, rtol=0)
+    # Against eager at the same batch: fp32 GEMM kernels are chosen by shape, and a batch of 8 and one of 400
+    # round differently on some CPUs (oneDNN on Intel AMX machines: > 1e-6 in probabilities). A wrong trace
+    # differs by orders of magnitude more than 1e-5.
+    with torch.inference_mode():
+        eager = bundle.create_model()(inputs[:8]).softmax(-1)
+    assert torch.allclose(probs, eager, atol=1e-5, rtol=0)
