@@ -71,3 +71,20 @@ def make_study(path: Path, n: int = 400, runs: list[tuple[int, int, int, float]]
     out = w.finish(events, n_flagged, cfg, thumbs)
     w.close()
     return out
+
+
+def make_event_study(path: Path, n: int, events: list[tuple[int, int, str, float]], fps: float | None = 2.0,
+                     pts: np.ndarray | None = None) -> Path:
+    """A complete study whose events are exactly `events` (start, end inclusive, class name, peak score), for
+    figures computed by hand: every frame is stored as plainly normal, the events table is written as given."""
+    from capsule_batch.triage import Event
+
+    probs = np.tile(np.eye(len(CE24_CLASSES), dtype=np.float32)[NORMAL], (n, 1))
+    pts = (np.arange(n) / (fps or 1.0)) if pts is None else pts
+    attrs = study_attrs(fps=fps) if fps is not None else {k: v for k, v in study_attrs().items() if k != "fps"}
+    w = StudyWriter.open(path, attrs)
+    w.append(np.arange(n), pts, probs, np.zeros(n, np.uint8))
+    evs = [Event(s, e, CE24_CLASSES.index(c), s, peak, e - s + 1) for s, e, c, peak in events]
+    out = w.finish(evs, sum(e.n_flagged for e in evs), TriageConfig(tuple(CE24_CLASSES), "Normal"), [])
+    w.close()
+    return out

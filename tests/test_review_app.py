@@ -201,3 +201,39 @@ def test_frames_that_failed_to_decode(tmp_path: Path) -> None:
         assert strict(_get(srv, "/api/events/0", tok)[1])["context"]["probs"][55 - 20] == [0.0] * 10
     html = build_report(study)
     assert "3 frames could not be decoded" in html
+
+
+def test_findings_in_the_app(tmp_path: Path) -> None:
+    """`review --findings`: the reading estimate in the header, what was caught in a list and on the timeline,
+    events on no finding marked; a caught finding opens its event, a missed one zooms the timeline onto it."""
+    from review_studies import make_event_study
+
+    study = make_event_study(tmp_path / "a.h5", 3600, [(100, 119, "Bleeding", 0.9), (500, 509, "Polyp", 0.6),
+                                                       (2000, 2004, "Ulcer", 0.8)])
+    findings = tmp_path / "a.findings.csv"
+    findings.write_text("finding,class,start_frame,end_frame\nf0,Bleeding,90,130\nf1,Polyp,500,505\n"
+                        "f2,<b>Worms</b>,3000,3010\n", encoding="utf-8")
+    with Server(ReviewApp(study, findings=findings)) as srv:
+        s = json.loads(_get(srv, "/api/summary", {"X-Token": srv.review.token})[1])
+        assert s["reading"]["frames_to_read"] == 35 and s["findings"]["caught"] == 2
+        assert s["findings"]["on"] == [["f0"], ["f1"], []]
+        with chromium() as browser:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(srv.url)
+            page.wait_for_selector("body[data-ready='1']")
+            assert page.text_content("#reading-facts").split()[:4] == ["35", "frames", "to", "read"]
+            assert page.text_content("#findings-summary").startswith("a.findings.csv: 2 of 3 findings caught")
+            assert "1 of 3 events on no annotated finding" in page.text_content("#findings-summary")
+            assert "no-finding" in page.get_attribute("li[data-id='2']", "class").split()
+            page.click("#findings-summary")
+            assert page.text_content("li[data-finding='f2']") == "f2 · <b>Worms</b> · 3000–3010 · missed"
+            page.click("li[data-finding='f0']")
+            page.wait_for_selector("#ev-title:has-text('Event #0')")
+            assert page.text_content("#ev-title").endswith("· on finding f0")
+            page.click("li[data-finding='f2']")
+            page.wait_for_selector("#timeline-range:has-text('frames 2950–3060')")
+            page.click("li[data-id='2']")
+            page.wait_for_selector("#ev-title:has-text('on no annotated finding')")
+            assert errors == []

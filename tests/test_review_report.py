@@ -71,3 +71,42 @@ def test_report_command(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "capsule_batch", "report", str(tmp_path / "missing.h5"), "-o",
                         str(tmp_path / "r.html")], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 1 and "missing.h5: no such study file" in r.stderr
+
+
+def test_report_shows_reading_estimate_and_what_was_caught(tmp_path: Path) -> None:
+    """With --findings: per-finding results (late, wrong class, missed), per-class figures, events on no finding,
+    and the curve as an SVG image that loads under the report's Content-Security-Policy, offline."""
+    from review_studies import make_event_study
+
+    study = make_event_study(tmp_path / "a.h5", 3600, [(100, 119, "Bleeding", 0.9), (500, 509, "Polyp", 0.6),
+                                                       (2000, 2004, "Ulcer", 0.8)])
+    findings = tmp_path / "a.findings.csv"
+    findings.write_text("finding,class,start_frame,end_frame\nf0,Bleeding,90,130\nf1,Polyp,500,505\n"
+                        "f2,Worms,3000,3010\nf4,Ulcer,505,509\n", encoding="utf-8")
+    plain = build_report(study)
+    assert 'id="findings"' not in plain and "35 of 3600 (1.0 %)" in plain
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "r.html"
+    r = subprocess.run([sys.executable, "-m", "capsule_batch", "report", str(study), "-o", str(out), "--findings",
+                        str(findings), "--reading-fps", "10"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    with chromium() as browser:
+        ctx = browser.new_context(offline=True)
+        page = ctx.new_page()
+        page.goto(out.as_uri())
+        assert page.text_content("#to-read").startswith("35 of 3600")
+        # 35 frames / 10 per s + 3 events x 5 s = 18.5 s; the whole recording 3600 / 10 = 6 min
+        assert page.text_content("#reading") == "0:00:18 against 0:06:00 for the whole recording"
+        assert "10 frames/s" in page.text_content("#reading-assumptions")
+        assert page.text_content("#caught-summary").split() == (
+            "3 of 4 annotated findings caught (2 with the right class); 1 of 3 events on no annotated finding "
+            "(2.0 per hour of recording).").split()
+        rows = page.eval_on_selector_all("#finding-rows tbody tr", "rs => rs.map(r => r.innerText)")
+        assert "+10 frames, 5.0 s" in rows[0] and "not its class" in rows[3] and "missed" in rows[2]
+        assert page.get_attribute("#finding-rows tbody tr:nth-child(3)", "class") == "missed"
+        figures = page.eval_on_selector_all("#class-figures tbody tr", "rs => rs.map(r => r.innerText.split('\\t'))")
+        assert figures[-1][:4] == ["all classes", "4", "3", "75 % (30–95 %)"]
+        assert page.text_content("#event-2 .on") == "on no annotated finding"
+        assert page.text_content("#event-1 .on") == "on finding f1, f4"
+        assert wait_images_loaded(page, "#curve") == 1
+        ctx.close()

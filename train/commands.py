@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +82,21 @@ def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def calibrate(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Per-class thresholds reaching the target sensitivity on data.val, written into the bundle."""
+    """Per-class thresholds reaching the target sensitivity on data.val, or the highest common target that fits a
+    reading budget (train.budget), written into the bundle, with what they buy on data.val."""
+    from train import budget as B
+
+    section = cfg["calibrate"]
+    budget, model = B.budget_from_config(section), B.reading_from_config(section)
     bundle, samples, probs, labels = _scored_set(cfg, "calibrate")
-    target = float(cfg["calibrate"]["target_sensitivity"])
+    target = float(section["target_sensitivity"])
     skip = (bundle.normal_class,) if bundle.normal_class else ()
-    table = calibrate_thresholds(labels, probs, bundle.class_names, target, skip=skip)
+    ev = B.Evaluator(labels, probs, bundle.class_names, bundle.normal_class, B.recordings_of(samples),
+                     section.get("study_frames"), model)
+    if budget.given:
+        table, reached, _ = B.fit_budget(ev, budget, target, skip)
+    else:
+        table, reached = calibrate_thresholds(labels, probs, bundle.class_names, target, skip=skip), target
     if not table:
         raise D.DataError("calibrate: no class other than the normal class has positives in data.val")
     missing = [c for c in bundle.class_names if c not in table and c not in skip]
@@ -96,14 +107,16 @@ def calibrate(cfg: dict[str, Any]) -> dict[str, Any]:
     for c, t in thresholds.items():
         flagged |= probs[:, bundle.class_names.index(c)] >= t
     report = {"target_sensitivity": target, "count": len(samples), "classes": table,
-              "overall_flag_rate": float(flagged.mean())}
+              "overall_flag_rate": float(flagged.mean()), "budget": asdict(budget) if budget.given else None,
+              "common_target_sensitivity": reached, "buys": ev.buys(thresholds)}
     from safetensors.torch import load_file
 
     bundle.verify_weights()
     sd = load_file(str(bundle.weights_path))
     prov = dict(bundle.provenance)
     prov["calibration"] = {"target_sensitivity": target, "count": len(samples),
-                           "overall_flag_rate": report["overall_flag_rate"]}
+                           "overall_flag_rate": report["overall_flag_rate"], "budget": report["budget"],
+                           "common_target_sensitivity": reached}
     save_bundle(bundle.path, sd, arch=bundle.arch, class_names=bundle.class_names, preprocess=bundle.preprocess,
                 normal_class=bundle.normal_class, thresholds=thresholds, model_args=bundle.model_args,
                 provenance=prov, overwrite=True)
@@ -112,6 +125,7 @@ def calibrate(cfg: dict[str, Any]) -> dict[str, Any]:
         _logger.info("%-18s threshold %.4f sensitivity %.3f flag rate %.4f", c, row["threshold"],
                      row["sensitivity"], row["flag_rate"])
     _logger.info("all classes together flag %.2f%% of %d frames", 100 * report["overall_flag_rate"], len(samples))
+    B.log_buys(report["buys"])
     return report
 
 

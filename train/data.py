@@ -50,6 +50,7 @@ class Sample:
     source: str
     name: str  # file name, as in the CE24 xlsx and submissions
     frame: int | None = None
+    position: int | None = None  # frame number inside its recording (`group`), for lesion-level figures
 
 
 def load_rgb(sample: Sample) -> Any:
@@ -239,12 +240,12 @@ def read_recording(spec: dict[str, Any], where: str) -> list[Sample]:
         if spec.get("video"):
             if not 0 <= i < n:
                 raise DataError(f"{labels}: frame {i} is outside {video} ({n} frames)")
-            out.append(Sample(str(video), label, group, name, f"{stem}_{i}.jpg", frame=i))
+            out.append(Sample(str(video), label, group, name, f"{stem}_{i}.jpg", frame=i, position=i))
         else:
             p = folder / pattern.format(frame=i)
             if not p.is_file():
                 raise DataError(f"{labels}: frame {i} has no file {p}")
-            out.append(Sample(str(p), label, group, name, f"{stem}_{p.name}"))
+            out.append(Sample(str(p), label, group, name, f"{stem}_{p.name}", position=i))
     label_of.report()
     return out
 

@@ -52,6 +52,16 @@ def emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+def reading_options(f: Any) -> Any:
+    """--reading-fps/--event-seconds: the assumptions of every reading-time estimate (capsule_batch.reading)."""
+    from capsule_batch.reading import DEFAULT_EVENT_S, DEFAULT_READING_FPS
+
+    f = click.option("--event-seconds", type=click.FloatRange(min=0), default=DEFAULT_EVENT_S, show_default=True,
+                     help="Assumed time a reader spends on each event, on top of its frames.")(f)
+    return click.option("--reading-fps", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_READING_FPS,
+                        show_default=True, help="Assumed reading speed in frames per second.")(f)
+
+
 def engine_options(f: Any) -> Any:
     """--engine/--source/--device/--precision/--batch-size, shared by run and bench."""
     from capsule_batch.devices import PRECISIONS

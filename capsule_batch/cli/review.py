@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from capsule_batch.cli.options import existing_path
+from capsule_batch.cli.options import existing_path, reading_options
 
 
 @click.command("review")
@@ -22,13 +22,20 @@ from capsule_batch.cli.options import existing_path
 @click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="Port (0: any free port).")
 @click.option("--reviewer", default="", help="Name recorded with each decision (editable in the page).")
 @click.option("--no-browser", is_flag=True, help="Only print the URL; do not open a browser.")
-def command(study: Path, video: Path | None, port: int, reviewer: str, no_browser: bool) -> None:
+@click.option("--findings", type=existing_path(), default=None,
+              help="A findings CSV (finding, class, start_frame, end_frame) of this recording: the page then shows "
+                   "which findings the events caught, on the timeline and in a list.")
+@reading_options
+def command(study: Path, video: Path | None, port: int, reviewer: str, no_browser: bool, findings: Path | None,
+            reading_fps: float, event_seconds: float) -> None:
     """Review STUDY.h5's events in the browser; decisions are saved into the study file."""
+    from capsule_batch.reading import ReadingModel
     from capsule_batch.review.app import ReviewApp, Server
 
     stop = threading.Event()
     _stop_on_signals(stop)  # before anything starts: a signal at any moment from here on is a clean stop
-    srv = Server(ReviewApp(study, video, reviewer=reviewer), port).start()
+    srv = Server(ReviewApp(study, video, reviewer=reviewer, findings=findings,
+                           reading=ReadingModel(reading_fps, event_seconds)), port).start()
     try:
         click.echo(f"Reviewing {study} at {srv.url}\nPress Ctrl-C to stop (decisions are saved as you go).")
         if not no_browser:

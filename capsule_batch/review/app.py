@@ -22,7 +22,9 @@ from typing import Any
 import numpy as np
 
 from capsule_batch.errors import CapsuleError, MissingPackageError, StudyError
+from capsule_batch.reading import ReadingModel, study_estimate
 from capsule_batch.review.decisions import VERDICTS, BackgroundFolder, DecisionLog
+from capsule_batch.review.report import reading_context
 from capsule_batch.review.view import SORTS, StudyView
 
 _logger = logging.getLogger(__name__)
@@ -47,17 +49,20 @@ class ReviewApp:
     """The study, its decisions, the optional recording, and the Flask app that serves them."""
 
     def __init__(self, study: str | os.PathLike, video: str | os.PathLike | None = None, token: str | None = None,
-                 reviewer: str = "", fold_delay: float = 1.0):
+                 reviewer: str = "", fold_delay: float = 1.0, findings: str | os.PathLike | None = None,
+                 reading: ReadingModel | None = None):
         self._lock_fd = _lock_study(Path(study))
         try:
-            self._open(study, video, token, reviewer, fold_delay)
+            self._open(study, video, token, reviewer, fold_delay, findings, reading)
         except BaseException:
             _unlock_study(Path(study), self._lock_fd)
             raise
 
     def _open(self, study: str | os.PathLike, video: str | os.PathLike | None, token: str | None, reviewer: str,
-              fold_delay: float) -> None:
+              fold_delay: float, findings: str | os.PathLike | None, reading: ReadingModel | None) -> None:
+        self.found = _findings_summary(study, findings, reading) if findings is not None else None
         self.view = StudyView(study)
+        self.reading = reading_context(study_estimate(self.view.reader, reading))
         self.view.timeline()  # the whole-recording timeline, computed before the first page is served
         self.log = DecisionLog(study, len(self.view.events), len(self.view.class_names))
         self.folder = BackgroundFolder(self.log, fold_delay)
@@ -131,8 +136,9 @@ class ReviewApp:
                       "frames": view.n_frames, "fps": view.fps, "classes": view.class_names,
                       "normal": view.normal_index, "events": len(view.events), "video": self.video is not None,
                       "reviewer": self.reviewer, "sorts": list(SORTS), "verdicts": list(VERDICTS[1:]),
-                      "page_size": PAGE_SIZE}
-            resp = flask.make_response(flask.render_template("app.html", config=config, view=view))
+                      "page_size": PAGE_SIZE, "findings": self.found is not None}
+            resp = flask.make_response(flask.render_template("app.html", config=config, view=view,
+                                                             reading=self.reading))
             if flask.request.args.get("token"):
                 resp.set_cookie(self.cookie_name, self.token, httponly=True, samesite="Strict")
             return resp
@@ -168,7 +174,7 @@ class ReviewApp:
             items = []
             for i in order[offset:offset + limit]:
                 d = decided.get(i)
-                items.append({**view.event_json(i), "decision": d.to_json() if d else None})
+                items.append({**view.event_json(i), "decision": d.to_json() if d else None, "on": self.on(i)})
             return flask.jsonify(total=len(order), offset=offset, items=items, progress=self.progress(decided))
 
         @app.get("/api/locate")
@@ -191,7 +197,12 @@ class ReviewApp:
             if not 0 <= i < len(view.events):
                 flask.abort(404)
             d = log.decisions.get(i)
-            return flask.jsonify({**view.event_detail(i), "decision": d.to_json() if d else None})
+            return flask.jsonify({**view.event_detail(i), "decision": d.to_json() if d else None, "on": self.on(i)})
+
+        @app.get("/api/summary")
+        def summary() -> Any:
+            """The reading estimate and, when the app was given findings, what was caught."""
+            return flask.jsonify(reading=self.reading, findings=self.found)
 
         @app.post("/api/events/<int:i>/decision")
         def decide(i: int) -> Any:
@@ -227,11 +238,33 @@ class ReviewApp:
 
         return app
 
+    def on(self, i: int) -> list[str] | None:
+        """Findings event `i` overlaps ([] : a false alert); None when the app has no findings."""
+        return None if self.found is None else self.found["on"][i]
+
     def progress(self, decided: dict) -> dict[str, int]:
         n = sum(1 for d in decided.values() if d.verdict)
         return {"reviewed": n, "total": len(self.view.events),
                 "confirmed": sum(1 for d in decided.values() if d.verdict == "confirm"),
                 "rejected": sum(1 for d in decided.values() if d.verdict == "reject")}
+
+
+def _findings_summary(study: str | os.PathLike, findings: str | os.PathLike, reading: ReadingModel | None
+                      ) -> dict[str, Any]:
+    """What the page shows of a comparison with `findings` (capsule_batch.groundtruth): findings one by one with
+    the events that caught them, the events' findings, and the pooled figures of this one study."""
+    from capsule_batch.burden import summarise
+    from capsule_batch.groundtruth import compare
+
+    cmp = compare(study, findings, reading)
+    s = summarise([cmp], reading).overall
+    return {"file": Path(findings).name, "findings": cmp.findings, "caught": cmp.caught,
+            "caught_class": cmp.caught_class, "events": cmp.events, "false_events": cmp.false_events,
+            "false_alerts_per_hour": cmp.false_alerts_per_hour, "sensitivity_ci": s.sensitivity_ci,
+            "rows": [{"finding": r.finding, "cls": r.cls, "start": r.start, "end": r.end, "caught": r.caught,
+                      "class_matched": r.class_matched, "events": r.events, "delay_frames": r.delay_frames,
+                      "delay_s": r.delay_s} for r in cmp.rows],
+            "on": [e.findings for e in cmp.event_rows]}
 
 
 def _lock_study(study: Path) -> int:

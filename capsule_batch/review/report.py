@@ -15,13 +15,19 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from capsule_batch import __version__
 from capsule_batch.errors import MissingPackageError
+from capsule_batch.reading import ReadingEstimate, ReadingModel, clock, study_estimate
 from capsule_batch.review.decisions import read_decisions
 from capsule_batch.review.view import StudyView
+
+if TYPE_CHECKING:
+    from capsule_batch.burden import Summary
+    from capsule_batch.groundtruth import Comparison
 
 _logger = logging.getLogger(__name__)
 
@@ -50,10 +56,16 @@ class EventRow:
     comment: str = ""
     thumbs: list[tuple[int, str]] = field(default_factory=list)
     left_out: int = 0
+    on: list[str] | None = None  # findings the event overlaps, when the report was given findings
 
 
 def _colour(c: int) -> str:
     return PALETTE[c % len(PALETTE)]
+
+
+def class_colours(names: Sequence[str]) -> dict[str, str]:
+    """Each class's colour in the app, the report and the charts."""
+    return {n: _colour(c) for c, n in enumerate(names)}
 
 
 def _clock(sec: float | None) -> str:
@@ -61,6 +73,41 @@ def _clock(sec: float | None) -> str:
         return ""
     s = int(sec)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def reading_context(est: ReadingEstimate) -> dict[str, Any]:
+    """The reading estimate as the report and the app show it."""
+    return {"frames_to_read": est.frames_to_read, "frames": est.frames, "events": est.events,
+            "percent": 100 * est.fraction_to_read, "reading": clock(est.reading_s), "full": clock(est.full_s),
+            "assumptions": est.model.describe()}
+
+
+def findings_context(cmp: Comparison, summary: Summary, findings: str | os.PathLike) -> dict[str, Any]:
+    """What was caught, for the report: the findings one by one, per-class figures, the curve as SVG."""
+    from capsule_batch.burden import curve_svg
+
+    def pct(v: float | None, ci: Any) -> str:
+        if v is None:
+            return "–"
+        return f"{100 * v:.0f} %" + (f" ({100 * ci[0]:.0f}–{100 * ci[1]:.0f} %)" if ci else "")
+
+    colours = class_colours(cmp.class_names)
+    rows = [{"finding": r.finding, "cls": r.cls, "colour": colours.get(r.cls, "#bbbbbb"), "start": r.start,
+             "end": r.end, "caught": r.caught, "class_matched": r.class_matched, "events": r.events,
+             "classes": ", ".join(r.event_classes), "delay_frames": r.delay_frames,
+             "delay": "" if r.delay_s is None else f"{r.delay_s:.1f} s"} for r in cmp.rows]
+    table = [{"name": n, "colour": colours.get(n, "#bbbbbb"), "findings": f.findings, "caught": f.caught,
+              "sensitivity": pct(f.sensitivity, f.sensitivity_ci), "caught_class": f.caught_class,
+              "false_alerts": f.false_alerts,
+              "per_hour": "–" if f.false_alerts_per_hour is None else f"{f.false_alerts_per_hour:.1f}",
+              "frames_to_read": int(f.frames_to_read), "reading": clock(f.reading_min * 60),
+              "delay": "–" if f.delay_s_median is None else f"{f.delay_s_median:.1f} s"}
+             for n, f in [*summary.per_class.items(), ("all classes", summary.overall)]]
+    svg = curve_svg(summary.curve, colours)
+    return {"file": Path(findings).name, "rows": rows, "table": table, "caught": cmp.caught, "n": cmp.findings,
+            "caught_class": cmp.caught_class, "false_events": cmp.false_events, "events": cmp.events,
+            "per_hour": cmp.false_alerts_per_hour, "curve": _data_uri("image/svg+xml", svg.encode("utf-8")),
+            "on": {e.id: e.findings for e in cmp.event_rows}}
 
 
 def _data_uri(mime: str, data: bytes) -> str:
@@ -115,12 +162,20 @@ def _pick_thumbs(view: StudyView, order: Sequence[int], per_event: int, budget: 
 
 
 def build_report(study: str | os.PathLike, per_event: int = DEFAULT_PER_EVENT,
-                 image_budget: int = DEFAULT_IMAGE_BUDGET) -> str:
-    """The report's HTML text."""
+                 image_budget: int = DEFAULT_IMAGE_BUDGET, findings: str | os.PathLike | None = None,
+                 reading: ReadingModel | None = None) -> str:
+    """The report's HTML text; with `findings` (a findings CSV) it also shows what was caught."""
     try:
         import jinja2
     except ImportError as e:
         raise MissingPackageError("jinja2", "review", "the HTML report") from e
+    found = None
+    if findings is not None:
+        from capsule_batch.burden import summarise
+        from capsule_batch.groundtruth import compare
+
+        cmp = compare(study, findings, reading)
+        found = findings_context(cmp, summarise([cmp], reading), findings)
     view = StudyView(study)
     try:
         decisions = read_decisions(study)
@@ -135,7 +190,8 @@ def build_report(study: str | os.PathLike, per_event: int = DEFAULT_PER_EVENT,
             row = EventRow(i, e.start, e.end, _clock(float(view.ev_time[i])), names[e.cls], _colour(e.cls),
                            float(e.peak_score), e.n_flagged, e.peak_frame,
                            thumbs=[(f, _data_uri("image/jpeg", view.thumbs[f])) for f in chosen.get(i, [])],
-                           left_out=len(have) - len(chosen.get(i, [])))
+                           left_out=len(have) - len(chosen.get(i, [])),
+                           on=found["on"].get(i, []) if found else None)
             if d is not None:
                 row.verdict, row.reviewer, row.decided, row.comment = d.verdict, d.reviewer, d.time, d.comment
                 row.new_cls = names[d.cls] if d.cls is not None and d.cls != e.cls else ""
@@ -171,6 +227,7 @@ def build_report(study: str | os.PathLike, per_event: int = DEFAULT_PER_EVENT,
             "timeline": _data_uri("image/png", timeline_png(view)),
             "legend": [(names[c], _colour(c)) for c in range(len(names)) if c != view.normal_index],
             "css": (HERE / "static" / "report.css").read_text(encoding="utf-8"),
+            "reading": reading_context(study_estimate(view.reader, reading)), "found": found,
         }
     finally:
         view.close()
@@ -180,10 +237,11 @@ def build_report(study: str | os.PathLike, per_event: int = DEFAULT_PER_EVENT,
 
 
 def write_report(study: str | os.PathLike, out: str | os.PathLike, per_event: int = DEFAULT_PER_EVENT,
-                 image_budget: int = DEFAULT_IMAGE_BUDGET) -> Path:
+                 image_budget: int = DEFAULT_IMAGE_BUDGET, findings: str | os.PathLike | None = None,
+                 reading: ReadingModel | None = None) -> Path:
     """Write the report next to its final name and rename it into place (no half-written reports)."""
     out = Path(out)
-    html = build_report(study, per_event, image_budget)
+    html = build_report(study, per_event, image_budget, findings, reading)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(html, encoding="utf-8")
     os.replace(tmp, out)

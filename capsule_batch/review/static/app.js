@@ -7,7 +7,7 @@
                    "#f032e6", "#4363d8", "#9a6324", "#469990"];
   const colour = (c) => PALETTE[c % PALETTE.length];
   const state = { sort: "time", desc: false, show: "all", offset: 0, total: 0, items: [], pos: null, current: null,
-                  detail: null, film: [], filmPos: 0, timeline: null, cls: "" };
+                  detail: null, film: [], filmPos: 0, timeline: null, cls: "", found: null };
 
   function el(tag, text, cls) {
     const e = document.createElement(tag);
@@ -79,9 +79,9 @@
     if (!tl) return;
     const cv = $("timeline"), rows = timelineRows();
     const w = cv.clientWidth || 1000;
-    const rowH = Math.max(6, Math.floor(100 / rows.length)), tickH = 14, failH = 3;
+    const rowH = Math.max(6, Math.floor(100 / rows.length)), tickH = 14, failH = 3, foundH = state.found ? 6 : 0;
     cv.width = w;
-    cv.height = rows.length * rowH + tickH + failH + 5;
+    cv.height = rows.length * rowH + tickH + failH + 5 + (foundH ? foundH + 2 : 0);
     const g = cv.getContext("2d");
     g.fillStyle = "#111";
     g.fillRect(0, 0, cv.width, cv.height);
@@ -105,6 +105,16 @@
     g.fillStyle = "#bbb";  // frames that failed to decode during the run
     for (let b = 0; b < n; b++) {
       if (tl.failed[b] > 0) g.fillRect(b * bw, y + tickH + 1, Math.max(1, bw), failH);
+    }
+    if (state.found) {  // annotated findings: green where an event caught them, red where none did
+      const span = tl.stop - tl.start, fy = y + tickH + failH + 3;
+      state.found.rows.forEach((r) => {
+        if (r.end < tl.start || r.start >= tl.stop) return;
+        const x0 = ((Math.max(r.start, tl.start) - tl.start) / span) * w;
+        const x1 = ((Math.min(r.end + 1, tl.stop) - tl.start) / span) * w;
+        g.fillStyle = r.caught ? "#5c5" : "#f44";
+        g.fillRect(x0, fy, Math.max(2, x1 - x0), foundH);
+      });
     }
     if (state.detail) {
       const d = state.detail, span = tl.stop - tl.start;
@@ -148,6 +158,10 @@
       const verdict = d && d.verdict ? d.verdict : "unreviewed";
       li.classList.add(verdict);
       if (state.current === it.id) li.classList.add("selected");
+      if (Array.isArray(it.on)) {
+        li.classList.add(it.on.length ? "on-finding" : "no-finding");
+        li.title = it.on.length ? `on finding ${it.on.join(", ")}` : "on no annotated finding";
+      }
       const sw = el("span", null, "swatch");
       sw.style.background = colour(d && d.cls !== null ? d.cls : it.cls);
       li.append(sw, el("span", `#${it.id}`, "id"), el("span", clock(it.time), "time"),
@@ -193,7 +207,8 @@
     $("empty").hidden = true;
     $("event").hidden = false;
     $("ev-title").textContent = `Event #${d.id} · ${d.class} · frames ${d.start}–${d.end} · ${clock(d.time)} · ` +
-      `peak ${d.peak_score.toFixed(3)} · ${d.n_flagged} flagged`;
+      `peak ${d.peak_score.toFixed(3)} · ${d.n_flagged} flagged` +
+      (Array.isArray(d.on) ? (d.on.length ? ` · on finding ${d.on.join(", ")}` : " · on no annotated finding") : "");
     state.film = filmFrames(d);
     state.filmPos = Math.max(0, state.film.indexOf(d.peak_frame));
     showFilm();
@@ -311,6 +326,36 @@
     if (r.items.length) await select(r.items[0].id);
   }
 
+  // ---- what was caught (the app was started with --findings)
+  async function loadFindings() {
+    const r = await api("/api/summary");
+    const f = r.findings;
+    state.found = f;
+    if (!f) return;
+    $("findings-box").hidden = false;
+    const ci = f.sensitivity_ci ? ` (95% CI ${Math.round(100 * f.sensitivity_ci[0])}–${Math.round(100 * f.sensitivity_ci[1])} %)` : "";
+    $("findings-summary").textContent = `${f.file}: ${f.caught} of ${f.findings} findings caught${ci}, ` +
+      `${f.caught_class} with the right class · ${f.false_events} of ${f.events} events on no annotated finding` +
+      (f.false_alerts_per_hour !== null ? ` (${f.false_alerts_per_hour.toFixed(1)} per hour)` : "");
+    const ol = $("findings");
+    ol.replaceChildren();
+    f.rows.forEach((row) => {
+      const li = el("li", `${row.finding} · ${row.cls} · ${row.start}–${row.end} · ` + (row.caught ?
+        `caught +${row.delay_frames} frames` + (row.delay_s !== null ? ` (${row.delay_s.toFixed(1)} s)` : "") : "missed"),
+        row.caught ? "caught" : "missed");
+      li.dataset.finding = row.finding;
+      li.addEventListener("click", () => {
+        if (row.events.length) select(row.events[0]);
+        else {  // nothing to open: show the finding's stretch of the recording
+          const pad = Math.max(50, row.end - row.start);
+          loadTimeline(Math.max(0, row.start - pad), Math.min(cfg.frames, row.end + 1 + pad));
+        }
+      });
+      ol.append(li);
+    });
+    drawTimeline();
+  }
+
   function onKey(ev) {
     const typing = ["INPUT", "TEXTAREA", "SELECT"].includes(document.activeElement.tagName);
     if (typing) {
@@ -368,7 +413,8 @@
     $("timeline-reset").addEventListener("click", () => loadTimeline());
     window.addEventListener("resize", drawTimeline);
     document.addEventListener("keydown", onKey);
-    Promise.all([loadTimeline(), loadPage(0)]).then(() => { document.body.dataset.ready = "1"; });
+    Promise.all([loadTimeline(), loadPage(0), cfg.findings ? loadFindings() : null])
+      .then(() => { document.body.dataset.ready = "1"; });
   }
   init();
 })();
