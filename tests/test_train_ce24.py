@@ -166,7 +166,7 @@ def test_seed_csv_and_class_mapping_are_read_unchanged(tree) -> None:
 def test_seed_labels_without_the_mapping_are_refused_with_the_hint(tree) -> None:
     spec = _seed_spec(tree, "training")
     spec.pop("class_mapping")
-    with pytest.raises(D.DataError, match="labels not in the class set: 'normal-mucosa'.*class_mapping.json"):
+    with pytest.raises(D.DataError, match="labels not in the class set: .*'normal-mucosa'.*class_mapping.json"):
         D.build_samples([spec], CLASSES, "data.train")
 
 
