@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from capsule_batch import __version__
 from capsule_batch.classes import CE24_CLASSES, validate_class_names
 from capsule_batch.errors import BundleError
 from capsule_batch.files import publish_dir
-from capsule_batch.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from capsule_batch.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, seed_preprocess
 
 _logger = logging.getLogger(__name__)
 
@@ -243,8 +243,15 @@ def fit_state_dict(model: Any, sd: dict[str, Any], where: str, arch: str) -> Non
     model.load_state_dict(sd, strict=True)
 
 
-def default_preprocess(arch: str, model_args: dict[str, Any] | None, norm: str) -> Preprocess:
-    """Preprocessing for an import: `imagenet` (the seed's), `clip`/`timm` (the arch's pretrained cfg)."""
+TRANSFORMS = ("seed", "timm")
+
+
+def default_preprocess(arch: str, model_args: dict[str, Any] | None, norm: str,
+                       transform: str | None = None) -> Preprocess:
+    """Preprocessing for an import. `norm`: `imagenet` (the seed's mean/std) or `clip`/`timm` (the arch's pretrained
+    cfg). `transform`: `seed` (whole frame, bicubic as OpenCV's INTER_CUBIC, no antialiasing: the seed's validation
+    and inference transform) or `timm` (timm's eval transform for the arch: shorter side to size / crop_pct, the
+    cfg's interpolation, antialiased, center crop). Default: `seed` with `imagenet`, else `timm`."""
     import timm
 
     cfg = timm.get_pretrained_cfg(arch)
@@ -256,10 +263,17 @@ def default_preprocess(arch: str, model_args: dict[str, Any] | None, norm: str) 
         mean, std = tuple(cfgd.get("mean", IMAGENET_MEAN)), tuple(cfgd.get("std", IMAGENET_STD))
     else:
         raise BundleError(f"unknown normalisation {norm!r} (imagenet, timm)")
-    interp = cfgd.get("interpolation", "bilinear") if norm != "imagenet" else "bilinear"
+    transform = transform or ("seed" if norm == "imagenet" else "timm")
+    if transform == "seed":
+        return replace(seed_preprocess(size), mean=mean, std=std)
+    if transform != "timm":
+        raise BundleError(f"unknown transform {transform!r} ({', '.join(TRANSFORMS)})")
+    interp = cfgd.get("interpolation", "bilinear")
     if interp not in ("bilinear", "bicubic", "nearest"):
         interp = "bilinear"
-    return Preprocess(input_size=size, resize=size, crop="center", interpolation=interp, mean=mean, std=std)
+    resize = max(size, int(math.floor(size / float(cfgd.get("crop_pct") or 1.0))))
+    return Preprocess(input_size=size, resize=resize, resize_mode="shorter", crop="center", interpolation=interp,
+                      antialias=True, mean=mean, std=std)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,12 +484,14 @@ def import_checkpoint(
     normal_class: str | None = "Normal",
     model_args: dict[str, Any] | None = None,
     norm: str | None = None,
+    transform: str | None = None,
     overwrite: bool = False,
 ) -> ModelBundle:
     """Import a checkpoint into a bundle after proving its tensors fit `arch` exactly.
 
-    `norm` picks the mean/std: the seed's Lightning checkpoints were trained with ImageNet statistics
-    (the default for them); other formats default to the arch's timm pretrained config.
+    `norm` picks the mean/std and `transform` the resize (see `default_preprocess`): the seed's Lightning
+    checkpoints were validated with ImageNet statistics and the seed's whole-frame bicubic resize (the defaults for
+    them); other formats default to the arch's timm pretrained config and timm's eval transform.
     """
     check_arch(arch)
     names = list(class_names or CE24_CLASSES)
@@ -487,13 +503,16 @@ def import_checkpoint(
         )
     model = create_model(arch, len(names), model_args)
     fit_state_dict(model, ckpt.state_dict, str(src), arch)
-    norm = norm or ("imagenet" if ckpt.format == "lightning-seed" else "timm")
-    pre = default_preprocess(arch, model_args, norm)
+    seed = ckpt.format == "lightning-seed"
+    norm = norm or ("imagenet" if seed else "timm")
+    transform = transform or ("seed" if seed else "timm")
+    pre = default_preprocess(arch, model_args, norm, transform)
     prov = {
         "source": Path(src).name,
         "source_sha256": sha256_file(src),
         "source_format": ckpt.format,
         "normalisation": norm,
+        "transform": transform,
     }
     return save_bundle(
         out,

@@ -1,8 +1,25 @@
-"""Preprocessing owned by the bundle: resize (shorter side), center crop, normalize.
+"""Preprocessing owned by the bundle: resize, center crop, normalize.
+
+What a `Preprocess` means, exactly:
+- `resize_mode`: `shorter` scales the shorter side to `resize` (aspect ratio kept, torchvision's Resize(int));
+  `whole` scales the whole frame to `resize` x `resize` (aspect ratio not kept, albumentations' Resize(h, w)).
+  `crop: none` implies `whole` with `resize == input_size`.
+- `crop`: `center` cuts the `input_size` square out of the middle (torchvision's CenterCrop rounding).
+- `interpolation` + `antialias`: with `antialias` (the default) bilinear/bicubic downscaling widens the
+  filter by the scale factor, as PIL does (PIL's kernels, bicubic a = -0.5); without it the kernel keeps its
+  width (bilinear: 2 taps; bicubic: 4 taps, a = -0.75, half-pixel centres, replicated border), as OpenCV's
+  INTER_LINEAR/INTER_CUBIC and torch's `interpolate(antialias=False)` compute it. `nearest` samples pixel
+  centres (PIL's NEAREST) either way.
+- The resized frame is uint8 (rounded, clamped) before normalisation, as in a PIL or OpenCV pipeline.
+
+The seed's checkpoints were validated with `SEED_PREPROCESS`: albumentations `Resize(224, 224,
+interpolation=cv2.INTER_CUBIC)` on the whole frame (no antialiasing), `CenterCrop(224)` (a no-op) and
+ImageNet `Normalize`.
 
 Two implementations of one definition:
-- `reference_preprocess` — PIL, one image at a time; the fidelity reference that every source and
-  the training module are checked against (it mirrors torchvision's Resize(int) + CenterCrop).
+- `reference_preprocess` — one image at a time, PIL (antialiased modes) or numpy (the others, float64 and
+  one rounding, as OpenCV's fixed-point kernel approximates it); the fidelity reference that every source and
+  the training module are checked against.
 - `preprocess_batch` — torch, a whole uint8 NHWC batch on any device; what sources use.
 """
 
@@ -20,11 +37,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 CROPS = ("center", "none")
+RESIZE_MODES = ("shorter", "whole")
+#: OpenCV's (and torch's non-antialiased) bicubic coefficient; PIL's antialiased bicubic uses -0.5
+CUBIC_A = -0.75
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How frames become model input. `resize` is the target shorter side; `input_size` the square crop."""
+    """How frames become model input (see the module docstring). `resize` is the target shorter side
+    (`shorter`) or square side (`whole`); `input_size` the square crop. The defaults are what bundles written
+    before `resize_mode`/`antialias` existed meant: shorter side, bilinear, antialiased like PIL."""
 
     input_size: int = 224
     resize: int = 224
@@ -32,7 +54,34 @@ class Preprocess:
     interpolation: str = "bilinear"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    resize_mode: str = "shorter"
+    antialias: bool = True
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.crop == "none":  # no crop: the whole frame is resized to the input square
+            object.__setattr__(self, "resize_mode", "whole")
+
+    @property
+    def exact_kernel(self) -> bool:
+        """True when the resize is OpenCV's/torch's fixed-width kernel (no antialiasing) rather than PIL's."""
+        return not self.antialias and self.interpolation != "nearest"
+
+    def describe(self) -> str:
+        """One line for people: what the bundle does to a frame."""
+        if self.resize_mode == "whole":
+            how = f"whole frame to {self.resize}x{self.resize} (aspect ratio not kept)"
+        else:
+            how = f"shorter side to {self.resize}"
+        if self.interpolation == "nearest":
+            kernel = "nearest (pixel centres)"
+        elif self.antialias:
+            kernel = f"{self.interpolation}, antialiased as PIL"
+        else:
+            kernel = f"{self.interpolation}" + (f" a={CUBIC_A}" if self.interpolation == "bicubic" else "") + \
+                ", no antialiasing (OpenCV/torch kernel)"
+        crop = f"center crop {self.input_size}" if self.crop == "center" else "no crop"
+        return f"resize {how}, {kernel}, {crop}, mean {list(self.mean)}, std {list(self.std)}"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -45,7 +94,7 @@ class Preprocess:
         """Validate and build from model.json's `preprocess` object; unknown keys are an error."""
         if not isinstance(d, dict):
             raise BundleError(f"{where}: must be an object")
-        known = {"input_size", "resize", "crop", "interpolation", "mean", "std"}
+        known = {"input_size", "resize", "crop", "interpolation", "mean", "std", "resize_mode", "antialias"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise BundleError(f"{where}: unknown keys {unknown}")
@@ -64,6 +113,16 @@ class Preprocess:
             if d["interpolation"] not in INTERPOLATIONS:
                 raise BundleError(f"{where}.interpolation: must be one of {INTERPOLATIONS}, got {d['interpolation']!r}")
             kw["interpolation"] = d["interpolation"]
+        if "resize_mode" in d:
+            if d["resize_mode"] not in RESIZE_MODES:
+                raise BundleError(f"{where}.resize_mode: must be one of {RESIZE_MODES}, got {d['resize_mode']!r}")
+            if d.get("crop") == "none" and d["resize_mode"] != "whole":
+                raise BundleError(f"{where}: crop 'none' resizes the whole frame (resize_mode 'whole')")
+            kw["resize_mode"] = d["resize_mode"]
+        if "antialias" in d:
+            if not isinstance(d["antialias"], bool):
+                raise BundleError(f"{where}.antialias: must be true or false, got {d['antialias']!r}")
+            kw["antialias"] = d["antialias"]
         for k in ("mean", "std"):
             if k in d:
                 v = d[k]
@@ -81,9 +140,9 @@ class Preprocess:
         return p
 
     def resized_shape(self, height: int, width: int) -> tuple[int, int]:
-        """(h, w) after the resize step, as torchvision's Resize(int) computes it."""
-        if self.crop == "none":
-            return self.input_size, self.input_size
+        """(h, w) after the resize step: `whole` -> the square; `shorter` as torchvision's Resize(int) computes it."""
+        if self.resize_mode == "whole":
+            return self.resize, self.resize
         short, long = (height, width) if height <= width else (width, height)
         new_short, new_long = self.resize, int(self.resize * long / short)
         return (new_short, new_long) if height <= width else (new_long, new_short)
@@ -95,8 +154,47 @@ class Preprocess:
         return int(round((rh - s) / 2.0)), int(round((rw - s) / 2.0))
 
 
+def seed_preprocess(size: int = 224) -> Preprocess:
+    """The seed's validation/inference transform at `size` (224 for its checkpoints)."""
+    return Preprocess(input_size=size, resize=size, resize_mode="whole", crop="center", interpolation="bicubic",
+                      antialias=False, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+SEED_PREPROCESS = seed_preprocess()
+
+
+def _taps(n_in: int, n_out: int, interpolation: str) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices (n_out, taps) and weights of a fixed-width kernel along one axis: half-pixel centres,
+    border replicated, bicubic with a = CUBIC_A."""
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    i0 = np.floor(src).astype(np.int64)
+    t = src - i0
+    if interpolation == "bicubic":
+        offsets = np.arange(-1, 3)
+        d = np.abs(t[:, None] - offsets[None, :])
+        a = CUBIC_A
+        near = ((a + 2) * d - (a + 3)) * d * d + 1
+        far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+        w = np.where(d <= 1, near, np.where(d < 2, far, 0.0))
+    else:
+        offsets = np.arange(0, 2)
+        w = np.stack([1 - t, t], 1)
+    return np.clip(i0[:, None] + offsets[None, :], 0, n_in - 1), w
+
+
+def resize_fixed_kernel(img: np.ndarray, height: int, width: int, interpolation: str) -> np.ndarray:
+    """(H, W, 3) uint8 -> (height, width, 3) uint8 without antialiasing: separable, float64, one rounding."""
+    x = np.asarray(img, dtype=np.float64)
+    idx, w = _taps(x.shape[1], width, interpolation)
+    x = (x[:, idx] * w[None, :, :, None]).sum(2)
+    idx, w = _taps(x.shape[0], height, interpolation)
+    x = (x[idx] * w[:, :, None, None]).sum(1)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
 def reference_preprocess(image: Any, pre: Preprocess) -> np.ndarray:
-    """PIL reference: RGB image (PIL or HxWx3 uint8 array) -> float32 CHW normalized array."""
+    """Reference: RGB image (PIL or HxWx3 uint8 array) -> float32 CHW normalized array (PIL for the antialiased
+    modes, `resize_fixed_kernel` for the others)."""
     from PIL import Image
 
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
@@ -105,7 +203,10 @@ def reference_preprocess(image: Any, pre: Preprocess) -> np.ndarray:
     rh, rw = pre.resized_shape(h, w)
     resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[pre.interpolation]
     if (rh, rw) != (h, w):
-        img = img.resize((rw, rh), resample)
+        if pre.exact_kernel:
+            img = Image.fromarray(resize_fixed_kernel(np.asarray(img), rh, rw, pre.interpolation))
+        else:
+            img = img.resize((rw, rh), resample)
     top, left = pre.crop_box(h, w)
     s = pre.input_size
     img = img.crop((left, top, left + s, top + s))
@@ -118,10 +219,12 @@ def preprocess_batch(frames: Any, pre: Preprocess, dtype: Any = None, device: An
     """torch: uint8 (N,H,W,3) tensor -> (N,3,S,S) normalized tensor in `dtype` (default float32) on `device`
     (default: where the frames are).
 
-    Bilinear/bicubic downscaling is antialiased, as PIL's is. uint8 frames on the CPU are resized in
-    uint8: torch's antialiased uint8 kernels implement PIL's algorithm and its rounding (~20x faster
-    than the float path on CPU and equal to the reference); elsewhere the resize runs in float. The
-    crop is a view, and only the cropped frames move to `device` before normalisation.
+    Antialiased modes: uint8 frames on the CPU are resized in uint8 (torch's antialiased uint8 kernels implement
+    PIL's algorithm and its rounding, ~20x faster than the float path on CPU and equal to the reference);
+    elsewhere the resize runs in float. Fixed-kernel modes (no antialiasing, OpenCV's INTER_LINEAR/INTER_CUBIC)
+    always resize in float and round once: torch's uint8 bicubic rounds and clamps between its two passes,
+    which moves up to tens of levels where the kernel overshoots. The crop is a view, and only the cropped
+    frames move to `device` before normalisation.
     """
     import torch
     import torch.nn.functional as F
@@ -134,8 +237,11 @@ def preprocess_batch(frames: Any, pre: Preprocess, dtype: Any = None, device: An
     if (rh, rw) != (h, w):
         # PIL's NEAREST samples pixel centres, which is torch's "nearest-exact"
         mode = "nearest-exact" if pre.interpolation == "nearest" else pre.interpolation
-        aa = mode != "nearest-exact"
-        if x.dtype == torch.uint8 and x.device.type == "cpu":
+        aa = mode != "nearest-exact" and pre.antialias
+        if pre.exact_kernel:
+            x = F.interpolate(x.float(), size=(rh, rw), mode=mode, align_corners=False, antialias=False)
+            x = x.clamp_(0, 255).round_()
+        elif x.dtype == torch.uint8 and x.device.type == "cpu":
             x = F.interpolate(x, size=(rh, rw), mode=mode, antialias=aa)
         else:
             kw = {} if mode == "nearest-exact" else {"align_corners": False, "antialias": aa}

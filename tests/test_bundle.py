@@ -102,8 +102,12 @@ def test_seed_checkpoint_imports_with_identical_logits(seed_ckpt, tmp_path):
     bundle = ModelBundle.load(out)
     assert bundle.class_names == list(CE24_CLASSES)
     assert bundle.preprocess.mean == IMAGENET_MEAN and bundle.preprocess.std == IMAGENET_STD
-    assert bundle.preprocess.input_size == 224 and bundle.preprocess.interpolation == "bilinear"
-    assert bundle.provenance["source_format"] == "lightning-seed"
+    # the seed's infer.py transform: A.Resize(224, 224, cv2.INTER_CUBIC) on the whole frame, no antialiasing
+    pre = bundle.preprocess
+    assert (pre.input_size, pre.resize, pre.resize_mode, pre.interpolation, pre.antialias) == (
+        224, 224, "whole", "bicubic", False)
+    assert bundle.provenance["source_format"] == "lightning-seed" and bundle.provenance["transform"] == "seed"
+    assert "whole frame to 224x224" in res.output and "no antialiasing" in res.output
     model = bundle.create_model()
     x = torch.randn(4, 3, 224, 224)
     with torch.no_grad():

@@ -24,7 +24,7 @@ VALID = {
     "class_names": list(CE24_CLASSES),
     "normal_class": "Normal",
     "preprocess": {"input_size": 224, "resize": 224, "crop": "center", "interpolation": "bilinear",
-                   "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+                   "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "resize_mode": "whole", "antialias": False},
     "thresholds": {"Bleeding": 0.2},
     "weights_sha256": "0" * 64,
     "model_args": {},

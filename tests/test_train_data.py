@@ -102,7 +102,7 @@ def test_seed_csv_reader_selects_folds(tmp_path: Path) -> None:
         w.writerow(["dataset", "patient_id", "frame_path", "proposed_name", "class", "fold", "original_class"])
         w.writerows(rows)
     got = D.read_spec({"kind": "seed_csv", "path": str(path), "folds": [0]}, "d")
-    assert [(s.label, s.group) for s in got] == [("Polyp", "kvasir/p1"), ("Ulcer", "kvasir/p2")]
+    assert [(s.label, s.group) for s in got] == [("Polyp", "kvasir/patient-p1"), ("Ulcer", "kvasir/patient-p2")]
     assert Path(got[0].ref).is_file()
     orig = D.read_spec({"kind": "seed_csv", "path": str(path), "label_column": "original_class"}, "d")
     assert orig[0].label == "polyp"

@@ -22,6 +22,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path: Path) -> None:
     (extra.parent / "extra_copy_1.jpg").write_bytes(extra.read_bytes())
     args = [
         "model.arch=eva02_tiny_patch14_224", "model.model_args={depth: 1, img_size: 32, patch_size: 8}",
+        "model.init=random",
         "data.input_size=32", "data.resize=32", "run.workers=0", "run.device=cpu",
         f"data.train=[{{kind: ce24, root: '{root}', split: training}}]",
         f"data.val=[{{kind: ce24, root: '{root}', split: validation}}]", "data.leakage_check=false",

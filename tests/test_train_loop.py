@@ -24,6 +24,7 @@ from train.trainer import build_model, run_training
 
 CLASSES = list(CE24_CLASSES)
 TINY = ["model.arch=eva02_tiny_patch14_224", "model.model_args={depth: 2, img_size: 64, patch_size: 8}",
+        "model.init=random",
         "data.input_size=64", "data.resize=64", "run.workers=0", "run.log_every=1000", "train.lr=1.0e-3",
         "train.batch_size=16", "train.eval_batch_size=64", "augment.grid_distortion_p=0",
         "augment.crop_scale=[0.7, 1.0]"]

@@ -68,6 +68,17 @@ def test_class_without_samples_is_reported_not_averaged() -> None:
     aucs = [sk.roc_auc_score((y == c).astype(int), p[:, c]) for c in range(9)]
     assert m["mean_auc"] == pytest.approx(np.mean(aucs), abs=1e-12)
     assert m["balanced_accuracy"] == pytest.approx(sk.balanced_accuracy_score(y, p.argmax(1)), abs=1e-12)
+    # macro averages over the labels sklearn uses (truth or predictions), Worms still predicted here
+    pred = p.argmax(1)
+    assert (pred == 9).any()
+    for key, fn in (("precision", sk.precision_score), ("recall", sk.recall_score), ("f1", sk.f1_score)):
+        assert m[key] == pytest.approx(fn(y, pred, average="macro", zero_division=0), abs=1e-12), key
+    # never predicted either: not averaged in as a 0
+    q = p.copy()
+    q[:, 9] = 0.0
+    m = compute_metrics(y, q, CLASSES)
+    for key, fn in (("precision", sk.precision_score), ("recall", sk.recall_score), ("f1", sk.f1_score)):
+        assert m[key] == pytest.approx(fn(y, q.argmax(1), average="macro", zero_division=0), abs=1e-12), key
 
 
 def test_calibrated_thresholds_reach_target_sensitivity() -> None:

@@ -1,4 +1,5 @@
-"""`python -m train {data,pretrain,finetune,evaluate,calibrate,predict} --config FILE [key=value ...]`."""
+"""`python -m train {data,pretrain,finetune,evaluate,calibrate,predict} --config FILE [key=value ...]`;
+`python -m train score PREDICTIONS.xlsx --truth TRUTH` (see train/score.py)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,12 @@ def _predict(cfg: dict[str, Any]) -> Any:
     return {"submission": str(predict(cfg))}
 
 
+def _score(cfg: dict[str, Any]) -> Any:
+    from train.score import score
+
+    return score(cfg)
+
+
 COMMANDS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "data": _data,
     "pretrain": _pretrain,
@@ -58,10 +65,16 @@ COMMANDS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "evaluate": _evaluate,
     "calibrate": _calibrate,
     "predict": _predict,
+    "score": _score,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["score"]:  # `score PREDICTIONS --truth T` -> score.* overrides
+        from train.score import translate_argv
+
+        argv = ["score", *translate_argv(argv[1:])]
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
     parser.add_argument("command", choices=list(COMMANDS))
     parser.add_argument("--config", help="experiment YAML (differences from train/configs/defaults.yaml)")

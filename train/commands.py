@@ -129,6 +129,19 @@ def calibrate(cfg: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
+def _listed_images(listing: Path, root: Path) -> list[Path]:
+    """The images of a seed CSV (`frame_path` relative to `root`, Windows separators), in the listed order."""
+    rows = D._read_csv(listing)
+    if rows and "frame_path" not in rows[0]:
+        raise D.DataError(f"{listing}: needs a frame_path column (the seed's test.csv), has {list(rows[0])}")
+    paths = [root / Path(r["frame_path"].replace("\\", "/")) for r in rows if r["frame_path"]]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise D.DataError(f"{listing}: {len(missing)} listed images are missing under {root} (first: {missing[0]}); "
+                          "frame_path is relative to predict.root")
+    return paths
+
+
 def predict(cfg: dict[str, Any]) -> Path:
     """A CE24 submission xlsx: image_path (file name), one probability column per class, predicted_class."""
     import openpyxl
@@ -136,11 +149,16 @@ def predict(cfg: dict[str, Any]) -> Path:
     bundle = _bundle(cfg, "predict")
     images = cfg["predict"].get("images")
     if not images:
-        raise TrainError("predict.images: give a folder of images (e.g. CE24 testing/Images)")
-    folder = Path(images)
-    if not folder.is_dir():
-        raise D.DataError(f"{folder}: no such folder")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in D.IMAGE_SUFFIXES and p.is_file())
+        raise TrainError("predict.images: give a folder of images (e.g. CE24 testing/Images) or the seed's test.csv")
+    listing = Path(images)
+    if listing.is_file() and listing.suffix.lower() == ".csv":
+        paths = _listed_images(listing, Path(cfg["predict"].get("root") or listing.parent))
+        folder = listing
+    else:
+        folder = listing
+        if not folder.is_dir():
+            raise D.DataError(f"{folder}: no such folder")
+        paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in D.IMAGE_SUFFIXES and p.is_file())
     if not paths:
         raise D.DataError(f"{folder}: no images")
     label = bundle.class_names[0]  # unlabelled: any valid class name serves the dataset

@@ -97,6 +97,24 @@ def _group_of(stem: str) -> str:
     return re.sub(r"[_-]?\d+$", "", stem) or stem
 
 
+_KVASIR_NAME = re.compile(r"^([0-9a-f]{16})_\d+$", re.IGNORECASE)
+_KID_NAME = re.compile(r"^(.+)-P(\d+)-\d+$", re.IGNORECASE)
+
+
+def ce24_group(source: str, stem: str) -> str:
+    """The patient/recording of a CE24 image, from what its name carries: Kvasir-Capsule's `<16 hex>_<frame>` is
+    the video id, KID's `<class>-P<patient>-<n>` the patient. SEE-AI (`image<5 digits>`) and AIIMS names carry
+    neither: each image is its own group (its copies under other class folders share it), so a re-split keeps an
+    image on one side but cannot keep a patient on one side."""
+    m = _KVASIR_NAME.match(stem)
+    if m:
+        return f"{source}/video-{m.group(1).lower()}"
+    m = _KID_NAME.match(stem)
+    if m:
+        return f"{source}/patient-{m.group(2)}"
+    return f"{source}/image-{stem}"
+
+
 def _images_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
@@ -123,7 +141,7 @@ def read_ce24(spec: dict[str, Any], where: str) -> list[Sample]:
         for p in _images_under(base / cls):
             rel = p.relative_to(base / cls)
             source = rel.parts[0] if len(rel.parts) > 1 else "unknown"
-            out.append(Sample(str(p), cls, f"{source}/{_group_of(p.stem)}", source, p.name))
+            out.append(Sample(str(p), cls, ce24_group(source, p.stem), source, p.name))
     return out
 
 
@@ -152,7 +170,7 @@ def _read_ce24_xlsx(xlsx: Path, root: Path, base: Path, classes: list[str]) -> l
             absent.append(rel)
             continue
         source = str(rec.get("Dataset") or (Path(rel).parts[-2] if len(Path(rel).parts) > 1 else "unknown"))
-        out.append(Sample(str(path), hot[0], f"{source}/{_group_of(path.stem)}", source, path.name))
+        out.append(Sample(str(path), hot[0], ce24_group(source, path.stem), source, path.name))
     if absent:
         raise DataError(f"{xlsx}: {len(absent)} listed images not found under {base} (first: {absent[0]})")
     return out
@@ -173,26 +191,90 @@ def read_folder(spec: dict[str, Any], where: str) -> list[Sample]:
     return out
 
 
-@reader("seed_csv", ("path", "root", "label_column", "folds"))
+#: the seed's fold convention (train_val.csv / test.csv): 0 validation, >= 1 training, -1 test
+SEED_SPLITS = {"validation": lambda f: f == 0, "training": lambda f: f >= 1, "test": lambda f: f == -1}
+
+
+def read_class_mapping(path: Path, classes: list[str] | None = None) -> dict[str, str]:
+    """The seed's class_mapping.json (`{seed label: index}`, indices in CE24 output order) as label -> target class
+    (`classes[index]`; without `classes`, the label itself)."""
+    import json
+
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not a JSON class mapping ({e})") from None
+    ok = isinstance(mapping, dict) and mapping and all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in mapping.items())
+    if not ok or sorted(mapping.values()) != list(range(len(mapping))):
+        raise DataError(f"{path}: expected an object of label -> index 0..N-1, each index once")
+    if classes is not None and len(classes) != len(mapping):
+        raise DataError(f"{path}: maps {len(mapping)} labels but the class set has {len(classes)} classes")
+    return {k: (classes[v] if classes is not None else k) for k, v in mapping.items()}
+
+
+def _seed_source(dataset: str, path: Path) -> str:
+    """The source of a seed CSV row: its `dataset`, except for the CE24 layout's rows (`capsulevision`), whose
+    source is the folder above the file (`...\\Angioectasia\\KID\\x.jpg` -> KID)."""
+    if dataset.lower() == "capsulevision" and len(path.parts) >= 2:
+        return path.parent.name
+    return dataset
+
+
+@reader("seed_csv", ("path", "root", "label_column", "folds", "split", "class_mapping"))
 def read_seed_csv(spec: dict[str, Any], where: str) -> list[Sample]:
+    """The seed's CSVs as they are: `frame_path` relative to `root` with Windows separators, the seed's labels
+    mapped through its class_mapping.json, an empty `patient_id` grouped by what the file name carries
+    (`ce24_group`), `split` selecting folds by the seed's convention (or `folds` by number)."""
     path = Path(_need(spec, "path", where))
     root = Path(spec.get("root") or path.parent)
     label_col = spec.get("label_column", "class")
     folds = spec.get("folds")
     folds = None if folds is None else {str(f) for f in (folds if isinstance(folds, list) else [folds])}
+    split = spec.get("split")
+    if split is not None and split not in SEED_SPLITS:
+        raise DataError(f"{where}: split is one of {', '.join(SEED_SPLITS)} (the seed's folds), not {split!r}")
+    if split is not None and folds is not None:
+        raise DataError(f"{where}: give split or folds, not both")
+    mapping = None
+    if spec.get("class_mapping"):
+        mapping = read_class_mapping(Path(spec["class_mapping"]), spec.get("_classes"))
     rows = _read_csv(path)
-    need = ["dataset", "patient_id", "frame_path", label_col] + (["fold"] if folds else [])
+    need = ["dataset", "patient_id", "frame_path", label_col] + (["fold"] if folds or split else [])
     missing = [c for c in need if rows and c not in rows[0]]
     if missing:
         raise DataError(f"{path}: missing columns {missing}")
-    out = []
-    for row in rows:
+    out, absent = [], []
+    for line, row in enumerate(rows, start=2):
         if folds is not None and str(row["fold"]).strip() not in folds:
             continue
-        p = Path(row["frame_path"])
-        p = p if p.is_absolute() else root / p
-        ds = row["dataset"]
-        out.append(Sample(str(p), row[label_col], f"{ds}/{row['patient_id']}", spec.get("name", ds), p.name))
+        if split is not None:
+            try:
+                fold = int(float(row["fold"]))
+            except ValueError:
+                raise DataError(f"{path}: line {line}: fold {row['fold']!r} is not a number") from None
+            if not SEED_SPLITS[split](fold):
+                continue
+        rel = Path(row["frame_path"].replace("\\", "/"))
+        p = rel if rel.is_absolute() else root / rel
+        if not p.is_file():
+            absent.append(str(p))
+            continue
+        label = row[label_col]
+        if mapping is not None:
+            if label not in mapping:
+                raise DataError(f"{path}: line {line}: label {label!r} is not in {spec['class_mapping']} "
+                                f"(it maps {', '.join(mapping)})")
+            label = mapping[label]
+        source = _seed_source(row["dataset"], rel)
+        patient = row["patient_id"].strip()
+        group = f"{source}/patient-{patient}" if patient else ce24_group(source, p.stem)
+        out.append(Sample(str(p), label, group, spec.get("name", source), p.name))
+    if absent:
+        raise DataError(f"{path}: {len(absent)} listed images are missing under {root} (first: {absent[0]}); "
+                        "frame_path is relative to the spec's root")
     return out
 
 
@@ -391,7 +473,9 @@ def read_merged(spec: dict[str, Any], where: str) -> list[Sample]:
     return out
 
 
-def read_spec(spec: dict[str, Any], where: str) -> list[Sample]:
+def read_spec(spec: dict[str, Any], where: str, classes: list[str] | None = None) -> list[Sample]:
+    """Samples of one dataset spec; `classes` (the target class set) lets a reader map label indices (the seed's
+    class_mapping.json) onto class names."""
     if not isinstance(spec, dict) or "kind" not in spec:
         raise DataError(f"{where}: a dataset spec is a mapping with 'kind' ({', '.join(READERS)})")
     fn = READERS.get(spec["kind"])
@@ -401,7 +485,7 @@ def read_spec(spec: dict[str, Any], where: str) -> list[Sample]:
     if unknown:
         raise DataError(f"{where}: unknown key(s) {unknown} for a {spec['kind']} dataset "
                         f"(it reads {', '.join(sorted(READER_KEYS[spec['kind']]))})")
-    return fn(spec, where)
+    return fn({**spec, "_classes": classes} if classes is not None else spec, where)
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -453,12 +537,13 @@ def build_samples(specs: list[dict[str, Any]], classes: list[str], where: str) -
     """Read every spec of one set; a label outside the class set is an error naming it (map it instead)."""
     out: list[Sample] = []
     for k, spec in enumerate(specs or []):
-        samples = read_spec(spec, f"{where}.{k}")
+        samples = read_spec(spec, f"{where}.{k}", classes)
         bad = collections.Counter(s.label for s in samples if s.label not in classes)
         if bad:
             shown = ", ".join(f"{lab!r} ({n})" for lab, n in bad.most_common(5))
-            raise DataError(f"{where}.{k}: labels not in the class set: {shown} -- use a 'merged' dataset with a "
-                            "mapping file to relabel or exclude them")
+            hint = ("give the seed's class_mapping.json as the spec's class_mapping" if spec.get("kind") == "seed_csv"
+                    else "use a 'merged' dataset with a mapping file to relabel or exclude them")
+            raise DataError(f"{where}.{k}: labels not in the class set: {shown} -- {hint}")
         out.extend(samples)
     return out
 
@@ -499,6 +584,141 @@ def check_leakage(a: list[Sample], b: list[Sample], a_hash: list[str] | None = N
     return problems
 
 
+OVERLAP_POLICIES = ("refuse", "keep", "drop_from_val", "resplit")
+DUPLICATE_RULES = ("keep", "first", "drop")
+
+
+def _counts(samples: list[Sample]) -> dict[str, Any]:
+    by_class = collections.Counter(s.label for s in samples)
+    by_source = collections.Counter(s.source for s in samples)
+    return {"images": len(samples), "per_class": dict(sorted(by_class.items())),
+            "per_source": dict(sorted(by_source.items()))}
+
+
+@dataclass
+class Overlap:
+    """What validation shares with training: images (same source and file name, or same decoded pixels) and
+    patients/recordings (groups). `val_index` are the indices of the shared validation images."""
+
+    val_index: list[int]
+    train_index: list[int]
+    why: dict[int, str]  # val index -> "name+pixels" | "name" | "pixels"
+    groups: list[str]
+
+    @property
+    def images(self) -> int:
+        return len(self.val_index)
+
+    def summary(self, train: list[Sample], val: list[Sample]) -> dict[str, Any]:
+        kinds = collections.Counter(self.why.values())
+        group_sources = collections.Counter(g.split("/", 1)[0] for g in self.groups)
+        return {"val_images_also_in_train": _counts([val[i] for i in self.val_index]),
+                "train_images_also_in_val": _counts([train[i] for i in self.train_index]),
+                "matched_by": dict(sorted(kinds.items())),
+                "groups_on_both_sides": len(self.groups), "groups_on_both_sides_per_source": dict(group_sources)}
+
+    def rows(self, train: list[Sample], val: list[Sample]) -> list[dict[str, str]]:
+        """The file list: every shared image on both sides."""
+        out = [{"split": "val", "source": val[i].source, "class": val[i].label, "name": val[i].name,
+                "path": val[i].ref, "match": self.why[i]} for i in self.val_index]
+        out += [{"split": "train", "source": train[i].source, "class": train[i].label, "name": train[i].name,
+                 "path": train[i].ref, "match": ""} for i in self.train_index]
+        return out
+
+
+def find_overlap(train: list[Sample], val: list[Sample], train_hash: list[str] | None,
+                 val_hash: list[str] | None) -> Overlap:
+    """Validation images that training also holds (by source + file name, and by pixel hash where known), and the
+    groups on both sides."""
+    names = collections.defaultdict(list)
+    for i, s in enumerate(train):
+        names[(s.source, s.name)].append(i)
+    pixels: dict[str, list[int]] = collections.defaultdict(list)
+    if train_hash is not None and val_hash is not None:
+        for i, h in enumerate(train_hash):
+            pixels[h].append(i)
+    why: dict[int, str] = {}
+    train_hit: set[int] = set()
+    for i, s in enumerate(val):
+        by_name = names.get((s.source, s.name), [])
+        by_px = pixels.get(val_hash[i], []) if val_hash is not None and pixels else []
+        if by_name or by_px:
+            why[i] = "name+pixels" if by_name and by_px else ("name" if by_name else "pixels")
+            train_hit.update(by_name)
+            train_hit.update(by_px)
+    groups = sorted({s.group for s in train} & {s.group for s in val})
+    return Overlap(sorted(why), sorted(train_hit), why, groups)
+
+
+def write_overlap(overlap: Overlap, train: list[Sample], val: list[Sample], folder: Path) -> None:
+    """overlap.json (counts) and overlap.csv (the file list) in a run folder."""
+    import json
+
+    (folder / "overlap.json").write_text(json.dumps(overlap.summary(train, val), indent=2), encoding="utf-8")
+    with open(folder / "overlap.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, ["split", "source", "class", "name", "path", "match"])
+        w.writeheader()
+        w.writerows(overlap.rows(train, val))
+
+
+def log_overlap(overlap: Overlap, train: list[Sample], val: list[Sample], policy: str) -> None:
+    summ = overlap.summary(train, val)
+    shared = summ["val_images_also_in_train"]
+    _logger.warning("train/val overlap (data.overlap=%s): %d validation images are also in training (matched by %s); "
+                    "per class %s; per source %s", policy, shared["images"], summ["matched_by"], shared["per_class"],
+                    shared["per_source"])
+    if overlap.groups:
+        _logger.warning("train/val overlap: %d patients/recordings on both sides (per source %s, e.g. %s)",
+                        len(overlap.groups), summ["groups_on_both_sides_per_source"], overlap.groups[0])
+
+
+def within_split_duplicates(samples: list[Sample], hashes: list[str] | None, rule: str,
+                            classes: list[str], where: str) -> tuple[list[Sample], list[str] | None, dict[str, Any]]:
+    """Images stored under several class folders of one split (SEE-AI images with several findings: same name, same
+    pixels): `keep` every copy with its folder's label (as the challenge lists and scores them), `first` only the
+    copy whose class comes first in the class order, `drop` all copies. Returns the samples, their hashes and the
+    counts."""
+    if rule not in DUPLICATE_RULES:
+        raise DataError(f"data.duplicates is one of {', '.join(DUPLICATE_RULES)}, not {rule!r}")
+    copies: dict[tuple[str, str], list[int]] = collections.defaultdict(list)
+    for i, s in enumerate(samples):
+        copies[(s.source, s.name)].append(i)
+    multi = {k: v for k, v in copies.items() if len({samples[i].label for i in v}) > 1}
+    info = {"images_under_several_classes": len(multi),
+            "copies": sum(len(v) for v in multi.values()),
+            "per_source": dict(sorted(collections.Counter(k[0] for k in multi).items())), "rule": rule}
+    if not multi:
+        return samples, hashes, info
+    order = {c: i for i, c in enumerate(classes)}
+    drop: set[int] = set()
+    for idx in multi.values():
+        if rule == "drop":
+            drop.update(idx)
+        elif rule == "first":
+            keep = min(idx, key=lambda i: (order.get(samples[i].label, len(order)), i))
+            drop.update(i for i in idx if i != keep)
+    _logger.warning("%s: %d images are stored under several class folders (%d copies, per source %s): %s", where,
+                    info["images_under_several_classes"], info["copies"], info["per_source"],
+                    {"keep": "every copy kept with its folder's label",
+                     "first": "only the copy of the first class (class order) kept",
+                     "drop": "all copies left out"}[rule])
+    info["left_out"] = len(drop)
+    kept = [i for i in range(len(samples)) if i not in drop]
+    return [samples[i] for i in kept], None if hashes is None else [hashes[i] for i in kept], info
+
+
+def merge_pixel_groups(samples: list[Sample], hashes: list[str] | None) -> list[Sample]:
+    """Give images with identical pixels one group (the first one's), so a grouped split keeps them together."""
+    if hashes is None:
+        return samples
+    first: dict[str, str] = {}
+    out = []
+    for s, h in zip(samples, hashes, strict=True):
+        g = first.setdefault(h, s.group)
+        out.append(s if g == s.group else replace(s, group=g))
+    return out
+
+
 def check_groups(a: list[Sample], b: list[Sample]) -> list[str]:
     both = sorted({s.group for s in a} & {s.group for s in b})
     return [f"{len(both)} patients/recordings on both sides of the split (e.g. {both[0]})"] if both else []
@@ -506,6 +726,12 @@ def check_groups(a: list[Sample], b: list[Sample]) -> list[str]:
 
 def grouped_split(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     """A stratified split that keeps every patient/recording on one side (sklearn StratifiedGroupKFold)."""
+    tr, va = grouped_split_indices(samples, val_fraction, seed)
+    return [samples[i] for i in tr], [samples[i] for i in va]
+
+
+def grouped_split_indices(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of `grouped_split`'s two sides."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     if not 0 < val_fraction < 1:
@@ -519,11 +745,10 @@ def grouped_split(samples: list[Sample], val_fraction: float, seed: int) -> tupl
     g = [s.group for s in samples]
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     tr, va = next(folds.split(np.zeros(len(samples)), y, g))
-    train, val = [samples[i] for i in tr], [samples[i] for i in va]
-    problems = check_groups(train, val)
+    problems = check_groups([samples[i] for i in tr], [samples[i] for i in va])
     if problems:  # StratifiedGroupKFold guarantees this; a wrong group key would break it
         raise DataError("grouped split: " + "; ".join(problems))
-    return train, val
+    return [int(i) for i in tr], [int(i) for i in va]
 
 
 def class_counts(samples: list[Sample], classes: list[str]) -> dict[str, int]:

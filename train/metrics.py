@@ -2,7 +2,9 @@
 
 Definitions follow the official scoring script (REFERENCE.md, `Results/gen_metrics_test.py`):
 - `mean_auc`: mean over classes of the one-vs-rest ROC AUC of that class's probability;
-- `balanced_accuracy`, macro `precision` / `recall` / `f1`, mean `specificity`: on the argmax prediction;
+- `balanced_accuracy`, macro `precision` / `recall` / `f1`, mean `specificity`: on the argmax prediction; the macro
+  averages run, as sklearn's do, over the labels present in the truth or the predictions (a class absent from
+  both is not averaged in as a 0); balanced accuracy over the classes present in the truth;
 - `mAP`: mean over classes of average precision, AP = sum_n (R_n - R_{n-1}) P_n over descending score
   thresholds (sklearn's `average_precision_score`); `mAP_trapezoid` is the trapezoidal area under the
   precision-recall curve, which the challenge's sample script computes;
@@ -99,6 +101,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str
     f1 = _div(2 * precision * recall, precision + recall)
     specificity = _div(tn, tn + fp)
     present = support > 0
+    seen = present | (predicted > 0)  # sklearn's labels=None: the union of truth and prediction labels
     per_class: dict[str, dict[str, Any]] = {}
     aucs, aps, aps_trap = [], [], []
     for c, name in enumerate(class_names):
@@ -130,9 +133,9 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str
         "mean_auc": mean_auc,
         "balanced_accuracy": bal,
         "accuracy": float(tp.sum() / n) if n else 0.0,
-        "precision": float(precision.mean()),
-        "recall": float(recall.mean()),
-        "f1": float(f1.mean()),
+        "precision": float(precision[seen].mean()) if seen.any() else 0.0,
+        "recall": float(recall[seen].mean()) if seen.any() else 0.0,
+        "f1": float(f1[seen].mean()) if seen.any() else 0.0,
         "specificity": float(specificity.mean()),
         "mAP": _nanmean(aps),
         "mAP_trapezoid": _nanmean(aps_trap),

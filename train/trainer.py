@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -119,12 +119,27 @@ class Prepared:
     classes: list[str]
     train: list[D.Sample]
     val: list[D.Sample]
+    #: train/val overlap found by the leakage check (None: none found, or the check is off)
+    overlap: D.Overlap | None = None
+    #: the overlap of the sets as read, before the policy changed them (what overlap.json/csv describe)
+    overlap_sets: tuple[list[D.Sample], list[D.Sample]] | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
 
 
 def prepare_data(cfg: dict[str, Any]) -> Prepared:
-    """Read, map, check and split the configured datasets; every problem is a DataError naming its source."""
+    """Read, map, check and split the configured datasets; every problem is a DataError naming its source.
+
+    `data.duplicates` handles images stored under several class folders within a split; `data.overlap` what
+    happens when validation shares images or patients/recordings with training: `refuse` (the default), `keep`
+    (train on the split as given, e.g. CE24's official one, with the overlap reported), `drop_from_val` (the
+    shared images leave validation) or `resplit` (train + val pooled, copies merged, re-split by
+    `data.val_fraction` keeping every group and every identical image on one side)."""
     dc = cfg["data"]
     classes = D.class_list(dc["classes"])
+    policy = dc.get("overlap") or "refuse"
+    if policy not in D.OVERLAP_POLICIES:
+        raise D.DataError(f"data.overlap is one of {', '.join(D.OVERLAP_POLICIES)}, not {policy!r}")
+    rule = dc.get("duplicates") or "keep"
     train = D.build_samples(dc.get("train") or [], classes, "data.train")
     val = D.build_samples(dc.get("val") or [], classes, "data.val")
     if not train:
@@ -135,31 +150,79 @@ def prepare_data(cfg: dict[str, Any]) -> Prepared:
         train, train_hash = D.check_images(train, workers)
         if val:
             val, val_hash = D.check_images(val, workers)
+    notes: dict[str, Any] = {}
+    train, train_hash, notes["train_duplicates"] = D.within_split_duplicates(train, train_hash, rule, classes,
+                                                                             "data.train")
+    if val:
+        val, val_hash, notes["val_duplicates"] = D.within_split_duplicates(val, val_hash, rule, classes, "data.val")
     if not val:
         if dc.get("val") or not dc.get("val_fraction"):
             raise D.DataError("the validation set is empty: give data.val datasets or data.val_fraction")
-        idx = {s: i for i, s in enumerate(train)}
-        train, val = D.grouped_split(train, float(dc["val_fraction"]), int(cfg["run"]["seed"]))
-        if train_hash is not None:
-            hashes = train_hash
-            train_hash, val_hash = [hashes[idx[s]] for s in train], [hashes[idx[s]] for s in val]
+        train, train_hash, val, val_hash = _split(train, train_hash, float(dc["val_fraction"]), cfg)
     if not train:
         raise D.DataError("the training set is empty after checking images")
     if not val:
         raise D.DataError("the validation set is empty after checking images")
+    overlap, overlap_sets = None, None
     if dc.get("leakage_check", True):
-        problems = D.check_leakage(train, val, train_hash, val_hash) + D.check_groups(train, val)
-        if problems:
-            raise D.DataError("train/val leakage: " + "; ".join(problems) + " (data.leakage_check=false to accept)")
+        found = D.find_overlap(train, val, train_hash, val_hash)
+        if found.images or found.groups:
+            overlap, overlap_sets = found, (train, val)
+            if policy == "refuse":
+                problems = D.check_leakage(train, val, train_hash, val_hash) + D.check_groups(train, val)
+                raise D.DataError("train/val leakage: " + "; ".join(problems) + " (data.overlap=keep trains on the "
+                                  "split as given and reports the overlap, drop_from_val or resplit remove it; "
+                                  "data.leakage_check=false skips every check)")
+            D.log_overlap(found, train, val, policy)
+            if policy == "drop_from_val":
+                gone = set(found.val_index)
+                val = [s for i, s in enumerate(val) if i not in gone]
+                notes["dropped_from_val"] = len(gone)
+                _logger.warning("data.overlap=drop_from_val: %d validation images left out, %d remain", len(gone),
+                                len(val))
+                if not val:
+                    raise D.DataError("the validation set is empty after dropping the images training also has")
+            elif policy == "resplit":
+                if not dc.get("val_fraction"):
+                    raise D.DataError("data.overlap=resplit needs data.val_fraction (e.g. 0.2, the seed's 80/20)")
+                pool, pool_hash = train + val, (train_hash + val_hash) if train_hash and val_hash else None
+                pool, pool_hash = _unique(pool, pool_hash)
+                train, train_hash, val, val_hash = _split(pool, pool_hash, float(dc["val_fraction"]), cfg)
+                notes["resplit"] = {"pooled_unique": len(pool), "train": len(train), "val": len(val)}
+                _logger.warning("data.overlap=resplit: %d unique images re-split into %d train / %d val, groups kept "
+                                "apart", len(pool), len(train), len(val))
     _logger.info("classes: %s", ", ".join(classes))
     _logger.info("train %d images %s", len(train), D.class_counts(train, classes))
     _logger.info("val %d images %s", len(val), D.class_counts(val, classes))
-    return Prepared(classes, train, val)
+    return Prepared(classes, train, val, overlap, overlap_sets, notes)
+
+
+def _unique(samples: list[D.Sample], hashes: list[str] | None) -> tuple[list[D.Sample], list[str] | None]:
+    """One sample per (image, label): the same file listed in both splits counts once."""
+    seen: set[tuple[str, str]] = set()
+    keep = []
+    for i, s in enumerate(samples):
+        key = (hashes[i] if hashes else f"{s.source}/{s.name}", s.label)
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return [samples[i] for i in keep], None if hashes is None else [hashes[i] for i in keep]
+
+
+def _split(samples: list[D.Sample], hashes: list[str] | None, fraction: float,
+           cfg: dict[str, Any]) -> tuple[list[D.Sample], list[str] | None, list[D.Sample], list[str] | None]:
+    """A grouped stratified split; identical images share a group first, so they land on one side."""
+    merged = D.merge_pixel_groups(samples, hashes)
+    train_i, val_i = D.grouped_split_indices(merged, fraction, int(cfg["run"]["seed"]))
+    hashed = hashes is not None
+    return ([merged[i] for i in train_i], [hashes[i] for i in train_i] if hashed else None,
+            [merged[i] for i in val_i], [hashes[i] for i in val_i] if hashed else None)
 
 
 def describe_data(p: Prepared) -> dict[str, Any]:
     """Counts of a prepared train/val split: images, groups (patients/recordings) and images per class and
-    per source, and the classes without a training or validation image."""
+    per source, the classes without a training or validation image, duplicates within a split and the train/val
+    overlap (with the policy that handled it)."""
 
     def split(samples: list[D.Sample]) -> dict[str, Any]:
         return {"images": len(samples), "groups": len({s.group for s in samples}),
@@ -168,7 +231,10 @@ def describe_data(p: Prepared) -> dict[str, Any]:
 
     splits = {"train": split(p.train), "val": split(p.val)}
     empty = {k: [c for c, n in v["per_class"].items() if n == 0] for k, v in splits.items()}
-    return {"classes": p.classes, **splits, "classes_without_images": empty}
+    out = {"classes": p.classes, **splits, "classes_without_images": empty, **p.notes}
+    if p.overlap is not None and p.overlap_sets is not None:
+        out["overlap"] = p.overlap.summary(*p.overlap_sets)
+    return out
 
 
 class BalancedSampler:
@@ -204,23 +270,84 @@ class BalancedSampler:
 # Model
 
 
-def _resolve_init(path: str) -> tuple[dict[str, Any], str, list[str] | None]:
-    """Weights from a bundle folder, a run folder (its bundle) or a checkpoint file, in timm key names."""
+RANDOM_INIT = "random"
+HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def check_init(mc: dict[str, Any]) -> None:
+    """Refuse a run whose initial weights are not said: random weights only when asked for (`model.init: random`)."""
+    init = mc.get("init")
+    if mc.get("pretrained"):
+        if init:
+            raise TrainError("model.pretrained=true and model.init both give initial weights: keep one")
+        return
+    if not init:
+        raise TrainError(
+            "model.init is not set: give the initial weights (a Hugging Face snapshot folder of "
+            f"timm/{mc['arch']}.mim_in22k or another timm checkpoint, a stage-1 run or bundle folder, a .ckpt/.pt/"
+            ".safetensors file), or model.init=random to start from random weights")
+    if init != RANDOM_INIT and not Path(str(init)).exists():
+        raise TrainError(f"model.init: {init}: no such file or folder")
+
+
+def _is_hub_snapshot(p: Path) -> bool:
+    return p.is_dir() and (p / "config.json").is_file() and any((p / w).is_file() for w in HUB_WEIGHTS)
+
+
+def _hub_state_dict(p: Path, arch: str) -> dict[str, Any]:
+    """A Hugging Face hub snapshot of timm weights: `config.json` + `model.safetensors` (or `pytorch_model.bin`)."""
+    try:
+        config = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TrainError(f"{p / 'config.json'}: not valid JSON ({e})") from None
+    their = config.get("architecture") if isinstance(config, dict) else None
+    if their and their != arch:
+        raise TrainError(f"{p}: holds weights for {their}, but model.arch is {arch}")
+    weights = next(p / w for w in HUB_WEIGHTS if (p / w).is_file())
+    return read_checkpoint(weights).state_dict
+
+
+def _timm_filter(model: Any, sd: dict[str, Any]) -> dict[str, Any]:
+    """What timm applies to its own pretrained files before loading them: the model module's checkpoint filter
+    (`timm.models.eva.checkpoint_filter_fn` for EVA-02: MIM-only keys dropped, `norm` -> `fc_norm`, patch and
+    position embeddings resampled to the model's size), then the classifier dropped where its shape differs."""
+    module = sys.modules.get(type(model).__module__)
+    fn = getattr(module, "checkpoint_filter_fn", None)
+    if fn is not None:
+        sd = fn(sd, model)
+    own = model.state_dict()
+    head = [k for k in own if k.startswith("head.")]
+    if any(k in sd and tuple(sd[k].shape) != tuple(own[k].shape) for k in head):
+        sd = {k: v for k, v in sd.items() if k not in head}
+    return sd
+
+
+def _resolve_init(path: str, model: Any, arch: str) -> tuple[dict[str, Any], str, list[str] | None]:
+    """Weights from a bundle folder, a run folder (its bundle), a hub snapshot folder or a checkpoint file, in
+    timm key names (timm's checkpoint filter applied to timm-format weights)."""
     from safetensors.torch import load_file
 
     p = Path(path)
     if p.is_dir() and not (p / META_FILE).is_file() and (p / BUNDLE_DIR / META_FILE).is_file():
         p = p / BUNDLE_DIR
+    if _is_hub_snapshot(p) and not (p / META_FILE).is_file():
+        return _timm_filter(model, _hub_state_dict(p, arch)), str(p), None
     if p.is_dir():
         bundle = ModelBundle.load(p)
         bundle.verify_weights()
         return load_file(str(bundle.weights_path)), str(p), bundle.class_names
-    return read_checkpoint(p).state_dict, str(p), None
+    ckpt = read_checkpoint(p)
+    sd = ckpt.state_dict if ckpt.format == "lightning-seed" else _timm_filter(model, ckpt.state_dict)
+    return sd, str(p), None
 
 
 def build_model(cfg: dict[str, Any], classes: list[str]) -> tuple[Any, dict[str, Any]]:
-    """A timm model with the configured initial weights; the head is reused only where its shape matches."""
+    """A timm model with the configured initial weights, loaded strictly; the head is reused only where its shape
+    matches, else it starts as the seed's does (a default `nn.Linear`)."""
+    import torch
+
     mc = cfg["model"]
+    check_init(mc)
     arch, margs = mc["arch"], dict(mc.get("model_args") or {})
     info: dict[str, Any] = {"init": None}
     if mc.get("pretrained"):
@@ -228,21 +355,29 @@ def build_model(cfg: dict[str, Any], classes: list[str]) -> tuple[Any, dict[str,
 
         model = timm.create_model(arch, pretrained=True, num_classes=len(classes), **margs)
         info["init"] = f"timm:{arch}"
-    else:
-        model = create_model(arch, len(classes), margs)
-    if mc.get("init"):
-        sd, where, init_classes = _resolve_init(str(mc["init"]))
+        return model, info
+    model = create_model(arch, len(classes), margs)
+    head = model.get_classifier()
+    if mc["init"] == RANDOM_INIT:
+        _logger.warning("model.init=random: training starts from random weights (not the %s.mim_in22k weights the "
+                        "recipe starts from)", arch)
+        if isinstance(head, torch.nn.Linear):
+            head.reset_parameters()
+        return model, {"init": RANDOM_INIT}
+    sd, where, init_classes = _resolve_init(str(mc["init"]), model, arch)
+    own = model.state_dict()
+    head_keys = {k for k in own if k.startswith("head.")}
+    fits = all(k in sd and tuple(sd[k].shape) == tuple(own[k].shape) for k in head_keys)
+    reuse = bool(mc.get("reuse_head", True)) and fits
+    if init_classes is not None and reuse and init_classes != classes:
+        _logger.warning("%s: reusing a head trained for classes %s as %s", where, init_classes, classes)
+    if not reuse and isinstance(head, torch.nn.Linear):
+        head.reset_parameters()  # the seed's head: a separate nn.Linear with torch's default initialisation
         own = model.state_dict()
-        head = {k for k in own if k.startswith("head.")}
-        fits = all(k in sd and tuple(sd[k].shape) == tuple(own[k].shape) for k in head)
-        reuse = bool(mc.get("reuse_head", True)) and fits
-        if init_classes is not None and reuse and init_classes != classes:
-            _logger.warning("%s: reusing a head trained for classes %s as %s", where, init_classes, classes)
-        sd = {k: v for k, v in sd.items() if not k.startswith("head.")} | {k: sd[k] if reuse else own[k] for k in head}
-        fit_state_dict(model, sd, where, arch)
-        _logger.info("initial weights from %s (head %s)", where, "reused" if reuse else "newly initialised")
-        info = {"init": where, "head_reused": reuse}
-    return model, info
+    sd = {k: v for k, v in sd.items() if not k.startswith("head.")} | {k: sd[k] if reuse else own[k] for k in head_keys}
+    fit_state_dict(model, sd, where, arch)
+    _logger.info("initial weights from %s (head %s)", where, "reused" if reuse else "newly initialised")
+    return model, {"init": where, "head_reused": reuse}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,6 +457,7 @@ def run_training(cfg: dict[str, Any], stage: str,
     import torch
 
     rc = cfg["run"]
+    check_init(cfg["model"])  # before anything is written: a run without its initial weights is refused
     dist = setup_dist(rc["device"])
     if not dist.main:
         logging.getLogger().setLevel(logging.WARNING)
@@ -354,6 +490,8 @@ def _train(cfg: dict[str, Any], stage: str, dist: Dist, run_dir: Path,
     random.seed(int(rc["seed"]) + dist.rank)  # augmentations in the main process (run.workers=0)
 
     prepared = _broadcast(dist, prepare_data(cfg) if dist.main else None)
+    if dist.main and prepared.overlap is not None and prepared.overlap_sets is not None:
+        D.write_overlap(prepared.overlap, *prepared.overlap_sets, run_dir)
     classes = prepared.classes
     mc = cfg["model"]
     pre = make_preprocess(cfg["data"], mc["arch"], dict(mc.get("model_args") or {}))

@@ -33,12 +33,17 @@ def command() -> None:
 @click.option("--norm", type=click.Choice(["imagenet", "timm"]), default=None,
               help="Input normalisation. Default: imagenet for the seed's Lightning checkpoints, "
                    "the arch's timm config otherwise.")
+@click.option("--preprocess", "transform", type=click.Choice(["seed", "timm"]), default=None,
+              help="Resize the weights were validated with. seed: whole frame to the input size, bicubic as "
+                   "OpenCV's INTER_CUBIC, no antialiasing (the seed's infer.py); timm: the arch's eval transform "
+                   "(shorter side, crop_pct, antialiased). Default: seed for the seed's Lightning checkpoints, "
+                   "timm otherwise.")
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
               help="Extra timm.create_model argument (repeatable), e.g. depth=2.")
 @overwrite_option
 @json_option
 def import_cmd(checkpoint: Path, arch: str, out: Path, classes: str, normal_class: str, norm: str | None,
-               model_args: tuple[str, ...], overwrite: bool, as_json: bool) -> None:
+               transform: str | None, model_args: tuple[str, ...], overwrite: bool, as_json: bool) -> None:
     """Import CHECKPOINT (seed Lightning .ckpt, timm state_dict or safetensors) into a bundle.
 
     The checkpoint is read without executing pickled code, and its tensors must fit ARCH exactly.
@@ -52,12 +57,13 @@ def import_cmd(checkpoint: Path, arch: str, out: Path, classes: str, normal_clas
         raise click.BadParameter(f"{normal_class!r} is not one of the classes", param_hint="--normal-class")
     bundle = import_checkpoint(checkpoint, out, arch=arch, class_names=names, normal_class=normal_class,
                                model_args=parse_key_values(model_args, "--model-arg"), norm=norm,
-                               overwrite=overwrite)
+                               transform=transform, overwrite=overwrite)
     if as_json:
         emit_json(bundle.info())
     else:
         fmt = bundle.provenance.get("source_format")
         click.echo(f"wrote {bundle.path} ({bundle.arch}, {bundle.num_classes} classes, from a {fmt} checkpoint)")
+        click.echo(f"preprocess: {bundle.preprocess.describe()}")
 
 
 @command.command("info")
@@ -83,8 +89,7 @@ def info_cmd(bundle: Path, verify: bool, as_json: bool) -> None:
         f"arch          {b.arch}" + (f"  {b.model_args}" if b.model_args else ""),
         f"classes       {b.num_classes}: {', '.join(b.class_names)}",
         f"normal class  {b.normal_class}",
-        f"preprocess    resize {p.resize} ({p.interpolation}), {p.crop} crop {p.input_size}, "
-        f"mean {list(p.mean)}, std {list(p.std)}",
+        f"preprocess    {p.describe()}",
         "thresholds    " + (", ".join(f"{k} {v:.3f}" for k, v in b.thresholds.items()) if b.thresholds
                             else "none (flag argmax != normal class)"),
         f"weights       {info['weights_bytes'] / 1e6:.1f} MB, sha256 {b.weights_sha256}",

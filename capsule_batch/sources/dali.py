@@ -19,6 +19,12 @@ Images: `fn.readers.file` over the folder's files in natural order, the file's p
 Hand-off: DALI outputs become torch tensors through DLPack (no host copy); valid frames are then
 copied once on the device, because DALI reuses its buffers on the next run.
 
+Resize: DALI's own resize runs only where its kernel is the bundle's (the antialiased modes). DALI's cubic
+filter is Catmull-Rom (a = -0.5, `resampling_windows.h`), not OpenCV's INTER_CUBIC (a = -0.75), so for the
+fixed-kernel modes (the seed's whole-frame bicubic without antialiasing) DALI only decodes and the decoded
+uint8 frames are resized and normalized by `preprocess_batch` on the same device (the GPU, or the CPU),
+which is the definition every other source uses.
+
 DALI 2.x decodes H.264/HEVC/AV1 only on the GPU; on the CPU it reads VP8/VP9/MJPEG and JPEG/PNG.
 """
 
@@ -34,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from capsule_batch.errors import MissingPackageError, SourceError
-from capsule_batch.preprocess import Preprocess
+from capsule_batch.preprocess import Preprocess, preprocess_batch
 from capsule_batch.sources.base import (
     SOURCES,
     DecodeFailure,
@@ -56,13 +62,19 @@ TO_END = 10**9
 
 def preprocess_graph(frames: Any, pre: Preprocess, out_dtype: Any, sequence: bool, size: tuple[int, int] | None) -> Any:
     """uint8 HWC (or FHWC) frames -> normalized CHW (FCHW) per the bundle. `size` is the exact resized
-    (h, w) when every frame has the same geometry (video); else the shorter side is resized."""
+    (h, w) when every frame has the same geometry (video); else the shorter side is resized. Fixed-kernel
+    bundles get the decoded frames unchanged (resized by torch, see the module docstring)."""
     from nvidia.dali import fn, types
 
+    if pre.exact_kernel:
+        return frames
     interp = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC, "nearest": types.INTERP_NN}
     s = pre.input_size
     if pre.crop == "none":
         resized = fn.resize(frames, size=[s, s], interp_type=interp[pre.interpolation], antialias=True)
+    elif pre.resize_mode == "whole":
+        resized = fn.resize(frames, size=[pre.resize, pre.resize], interp_type=interp[pre.interpolation],
+                            antialias=True)
     elif size is not None:
         resized = fn.resize(frames, size=list(size), interp_type=interp[pre.interpolation], antialias=True)
     else:
@@ -259,14 +271,34 @@ class DaliSource(FrameSource):
                     pix, fnum, ts = outs
                     idx = _as_numpy(fnum)[:take].reshape(-1).astype(np.int64)
                     pts = _as_numpy(ts)[:take].reshape(-1).astype(np.float64)
-                t = torch.from_dlpack(pix.as_tensor())[:take]
-                t = t.reshape(-1, *t.shape[-3:])
                 valid = idx >= 0
-                # one copy out of DALI's buffer (reused on the next run); padding frames (-1) are left behind
-                frames = t.clone() if valid.all() else t[torch.from_numpy(valid).to(t.device)]
-                if t.is_cuda:  # the copy must finish before the next run may reuse DALI's buffer
-                    torch.cuda.current_stream(t.device).synchronize()
+                if self.preprocess.exact_kernel:
+                    frames = self._resize_decoded(pix, take, valid)
+                else:
+                    t = torch.from_dlpack(pix.as_tensor())[:take]
+                    t = t.reshape(-1, *t.shape[-3:])
+                    # one copy out of DALI's buffer (reused on the next run); padding frames (-1) are left behind
+                    frames = t.clone() if valid.all() else t[torch.from_numpy(valid).to(t.device)]
+                if frames.is_cuda:  # the copy must finish before the next run may reuse DALI's buffer
+                    torch.cuda.current_stream(frames.device).synchronize()
                 yield idx[valid], pts[valid], frames
+
+    def _resize_decoded(self, pix: Any, take: int, valid: np.ndarray) -> Any:
+        """Decoded uint8 frames (HWC samples, or FHWC sequences) of one run -> the bundle's preprocessing by
+        `preprocess_batch`, on DALI's device; the result is a new tensor, so DALI's buffer is free afterwards."""
+        import torch
+
+        if pix.is_dense_tensor():
+            t = torch.from_dlpack(pix.as_tensor())[:take]
+            t = t.reshape(-1, *t.shape[-3:])
+            if not valid.all():
+                t = t[torch.from_numpy(valid).to(t.device)]
+            return preprocess_batch(t, self.preprocess)
+        # image files of different sizes: one at a time
+        parts = [preprocess_batch(torch.from_dlpack(pix[i])[None], self.preprocess) for i in range(take) if valid[i]]
+        if parts:
+            return torch.cat(parts)
+        return empty_pixels(self.preprocess, torch.device("cuda", self._device_id) if self._gpu else "cpu", None)
 
     def _produce(self) -> Iterator[FrameBatch]:
         """Merge the readers' frames into index order and cut batches of `batch_size`."""

@@ -5,7 +5,7 @@ ones (variable frame rate included) and `start` is frame-exact. A damaged file t
 to index (typically a truncated recording) is decoded sequentially with PyAV instead, so the frames
 before the damage are still yielded and the cut is reported (see base.py).
 
-No resize happens in the decoder: decord's scaler is not the reference (PIL bilinear, antialiased),
+No resize happens in the decoder: decord's scaler is not the bundle's resize (see capsule_batch/preprocess.py),
 so frames are decoded at full size and preprocessed with `preprocess_batch`.
 """
 
