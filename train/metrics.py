@@ -1,6 +1,7 @@
 """The Capsule Vision 2024 challenge metrics, computed over a whole set at once (never per batch).
 
-Definitions follow the official scoring script (REFERENCE.md, `Results/gen_metrics_test.py`):
+Definitions follow the official scoring script (misahub2023/Capsule-Vision-2024-Challenge,
+`Results/gen_metrics_test.py`):
 - `mean_auc`: mean over classes of the one-vs-rest ROC AUC of that class's probability;
 - `balanced_accuracy`, macro `precision` / `recall` / `f1`, mean `specificity`: on the argmax prediction;
 - `mAP`: mean over classes of average precision, AP = sum_n (R_n - R_{n-1}) P_n over descending score
