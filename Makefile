@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch/torchvision pair that timm can import on these machines (REFERENCE.md); override for other hosts,
+# torch/torchvision pair that timm can import on these machines (README.md, "Two commands"); override for other hosts,
 # e.g. `make test TORCH_SPEC="torch torchvision"`.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 EXTRAS ?= onnx,review,train,test,dali

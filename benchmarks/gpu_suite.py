@@ -93,8 +93,8 @@ def reference_probs(bundle: Any, rec: Path, frames: list[int]) -> np.ndarray:
 def part_check(args: argparse.Namespace, ctx: dict[str, Any]) -> list[dict[str, Any]]:
     """Each GPU configuration runs the real pipeline over the first --check-frames frames; the sampled rows are
     compared with the CPU fp32 reference."""
-    from capsule_batch.backends.base import create_engine
-    from capsule_batch.pipeline import Pipeline, RunOptions
+    from capsule_batch.pipeline import RunOptions
+    from capsule_batch.runner import EngineSpec, run_recordings
     from capsule_batch.store import StudyReader
     from capsule_batch.synth import synthesize
 
@@ -108,11 +108,12 @@ def part_check(args: argparse.Namespace, ctx: dict[str, Any]) -> list[dict[str, 
     for precision in args.precisions.split(","):
         for source in ctx["sources"]:
             try:
-                eng = create_engine(bundle, backend="torch", device=ctx["device"], precision=precision,
-                                    max_batch=args.check_batch)
-                res = Pipeline(bundle, eng, RunOptions(source=source, batch_size=args.check_batch, overwrite=True,
-                                                       progress=False, probs_dtype="float32")).run(
-                    rec, ctx["workdir"] / f"check-{precision}-{source}")
+                opts = RunOptions(source=source, batch_size=args.check_batch, overwrite=True, progress=False,
+                                  probs_dtype="float32")
+                res = run_recordings([rec], bundle, ctx["workdir"] / f"check-{precision}-{source}", options=opts,
+                                     engine=EngineSpec("torch", ctx["device"], precision)).results[0]
+                if res.status != "done":
+                    raise RuntimeError(f"run {res.status}: {res.error}")
                 with StudyReader(res.output) as st:
                     probs = st.probs()[sample]
                 p = parity(probs, ref)

@@ -82,11 +82,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import timm
     import torch
 
-    from capsule_batch.backends.base import create_engine
     from capsule_batch.bundle import create_model, save_bundle
     from capsule_batch.classes import CE24_CLASSES
-    from capsule_batch.pipeline import Pipeline, RunOptions
+    from capsule_batch.pipeline import RunOptions
     from capsule_batch.preprocess import Preprocess
+    from capsule_batch.runner import EngineSpec, run_recordings
 
     for i, f in enumerate(args.imports):
         spec = importlib.util.spec_from_file_location(f"_bench_plugin{i}", f)
@@ -113,15 +113,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         source = "bench-synthetic"
         recording = work / "synthetic.json"
         recording.write_text(json.dumps({"frames": args.frames, "seed": 0}))
-    eng = create_engine(bundle, backend=args.engine, device=torch.device("cpu"), precision="fp32",
-                        max_batch=args.batch_size)
+    eng = EngineSpec(args.engine, "cpu", "fp32", args.batch_size).build(bundle)  # built before the clock starts
 
     samples: list[tuple[float, int]] = []
     done = threading.Event()
     stop = threading.Event()
     opts = RunOptions(source=source, batch_size=args.batch_size, block_frames=args.block_frames, overwrite=True,
                       progress=sys.stderr.isatty(), argv=sys.argv[:])
-    pipe = Pipeline(bundle, eng, opts, stop)
 
     def sample() -> None:
         while not done.wait(0.5):
@@ -131,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     th = threading.Thread(target=sample, daemon=True)
     th.start()
     t0 = time.perf_counter()
-    res = pipe.run(recording, work / "out")
+    res = run_recordings([recording], bundle, work / "out", engine=eng, options=opts, stop=stop).results[0]
     wall = time.perf_counter() - t0
     done.set()
     th.join()

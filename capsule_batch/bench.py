@@ -150,17 +150,18 @@ def bench_engine(engine: Any, pixels: Any, *, batch_size: int, warmup: int = 3, 
 
 def bench_e2e(recording: str | Path, bundle: Any, engine: Any, *, source: str, batch_size: int,
               workdir: str | Path, inflight: int = 2) -> dict[str, Any]:
-    """The whole `run` pipeline (decode thread, engine, writer thread, triage, thumbnails) into a study file.
+    """The whole `run` path (`run_recordings`: decode thread, engine, writer thread, triage, thumbnails) into a
+    study file, with the given engine.
 
     The calling thread's time splits into `stage_seconds` (in the engine: launching batches and waiting
     for their results; waiting for decode; waiting for the writer); `outside_engine_s` is the rest of the
     wall time. Nothing extra is synchronised, so batches stay in flight as in a real run."""
-    from capsule_batch.pipeline import Pipeline, RunOptions
+    from capsule_batch.pipeline import RunOptions
+    from capsule_batch.runner import run_recordings
 
     opts = RunOptions(source=source, batch_size=batch_size, overwrite=True, progress=False, inflight=inflight)
-    t0 = time.perf_counter()
-    res = Pipeline(bundle, engine, opts).run(recording, Path(workdir) / "e2e")
-    dt = time.perf_counter() - t0
+    res = run_recordings([recording], bundle, Path(workdir) / "e2e", engine=engine, options=opts).results[0]
+    dt = res.seconds  # the recording's own time, as `run` reports it (not the output folder's check before it)
     if res.status != "done":
         raise RuntimeError(f"{recording}: end-to-end run failed: {res.error}")
     engine_s = res.stage_seconds["engine"]
@@ -187,7 +188,7 @@ def run_benchmarks(bundle: Any, recording: str | Path | None = None, *, stages: 
                    workdir: str | Path | None = None, inflight: int = 2,
                    engine_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Run the requested stages on one configuration; one result dict per stage, each with the full config."""
-    from capsule_batch.backends.base import create_engine
+    from capsule_batch.runner import EngineSpec
 
     tmp = None
     if workdir is None:
@@ -195,8 +196,7 @@ def run_benchmarks(bundle: Any, recording: str | Path | None = None, *, stages: 
         workdir = tmp.name
     try:
         rec = Path(recording) if recording else synthetic_recording(workdir, frames)
-        engine = create_engine(bundle, backend=backend, device=device, precision=precision, max_batch=batch_size,
-                               **(engine_kwargs or {}))
+        engine = EngineSpec(backend, device, precision, batch_size, dict(engine_kwargs or {})).build(bundle)
         decode, pixels = bench_decode(rec, bundle, source=source, batch_size=batch_size, device=engine.device,
                                       dtype=engine.dtype, frames=frames)
         results = []

@@ -24,7 +24,7 @@ from typing import Any
 from capsule_batch import __version__
 from capsule_batch.classes import CE24_CLASSES, validate_class_names
 from capsule_batch.errors import BundleError
-from capsule_batch.files import publish_dir
+from capsule_batch.files import output_folder_problem, publish_dir
 from capsule_batch.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, seed_preprocess
 
 _logger = logging.getLogger(__name__)
@@ -446,10 +446,9 @@ def save_bundle(
     if out.exists() and not overwrite:
         raise BundleError(f"{out}: already exists (use --overwrite to replace it)")
     parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise BundleError(f"{parent}: output folder does not exist")
-    if not os.access(parent, os.W_OK):
-        raise BundleError(f"{parent}: not writable")
+    why = output_folder_problem(parent)
+    if why:
+        raise BundleError(f"{parent}: {why}")
     with publish_dir(out) as tmp:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
         save_file(tensors, str(tmp / WEIGHTS_FILE))

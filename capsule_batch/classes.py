@@ -6,7 +6,7 @@ from pathlib import Path
 
 from capsule_batch.errors import BundleError
 
-#: Capsule Vision 2024 classes in the official output order (REFERENCE.md).
+#: Capsule Vision 2024 classes in the official output order (the challenge's ground-truth and submission columns).
 CE24_CLASSES: tuple[str, ...] = (
     "Angioectasia",
     "Bleeding",

@@ -1,4 +1,4 @@
-"""Small file-system helpers shared by the artefact writers (bundles, engine store)."""
+"""Small file-system helpers shared by the artefact writers (bundles, engine store, studies, recordings)."""
 
 from __future__ import annotations
 
@@ -23,3 +23,33 @@ def publish_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def unwritable(folder: str | os.PathLike, *, create: bool = False) -> str | None:
+    """Why no file can be written in `folder`, or None when one can: the one writability check of every
+    command, made before any work. With `create`, the folder (and its parents) is created first. It writes a
+    real probe file, because `os.access` says yes to root on a read-only mount."""
+    folder = Path(folder)
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return e.strerror or str(e)
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".capsule-write-probe-") as f:
+            f.write(b"probe")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
+def output_folder_problem(folder: str | os.PathLike) -> str | None:
+    """What stops an output from being written into the existing `folder` ("output folder does not exist",
+    "not writable (<reason>)"), or None."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "output folder does not exist"
+    why = unwritable(folder)
+    return f"not writable ({why})" if why else None

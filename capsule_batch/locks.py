@@ -14,13 +14,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from capsule_batch.errors import StudyError
+from capsule_batch.store import LOCK_SUFFIX as RUN_LOCK_SUFFIX
+from capsule_batch.store import REVIEW_LOCK_SUFFIX, side_files
 
-RUN_LOCK_SUFFIX = ".lock"
-REVIEW_LOCK_SUFFIX = ".review.lock"
+__all__ = ["RUN_LOCK_SUFFIX", "REVIEW_LOCK_SUFFIX", "acquire", "check_not_in_review", "lock_path", "release",
+           "run_lock"]
 
 
 def lock_path(study: Path, suffix: str) -> Path:
-    return study.with_name(study.name + suffix)
+    """The lock file with `suffix` beside `study` (RUN_LOCK_SUFFIX or REVIEW_LOCK_SUFFIX; see store.SideFiles)."""
+    files = side_files(study)
+    return {RUN_LOCK_SUFFIX: files.lock, REVIEW_LOCK_SUFFIX: files.review_lock}[suffix]
 
 
 def _holder(lock: Path) -> str:
@@ -68,7 +72,7 @@ def release(lock: Path, fd: int) -> None:
 @contextlib.contextmanager
 def run_lock(study: Path) -> Iterator[None]:
     """Held while `run` writes `study` (NAME.h5): a second run on the same output is refused, not interleaved."""
-    lock = lock_path(study, RUN_LOCK_SUFFIX)
+    lock = side_files(study).lock
     fd = acquire(lock, f"{study}: another capsule-batch run is writing this study")
     try:
         yield
@@ -80,7 +84,7 @@ def check_not_in_review(study: Path) -> None:
     """Refuse to replace a study that a review app has open (its lock is taken); take nothing."""
     import fcntl
 
-    lock = lock_path(study, REVIEW_LOCK_SUFFIX)
+    lock = side_files(study).review_lock
     try:
         fd = os.open(lock, os.O_RDWR)
     except FileNotFoundError:

@@ -256,3 +256,11 @@ def preprocess_batch(frames: Any, pre: Preprocess, dtype: Any = None, device: An
     mean = torch.tensor(pre.mean, device=x.device).view(1, 3, 1, 1)
     x.mul_(1.0 / (255.0 * std)).sub_(mean / std)
     return x if dtype in (None, torch.float32) else x.to(dtype)
+
+
+def to_rgb(pixels: Any, pre: Preprocess) -> np.ndarray:
+    """One preprocessed (3, S, S) frame (numpy or torch, any float dtype and device) back to (S, S, 3) uint8 RGB
+    with the bundle's mean/std: what the model saw (the study's thumbnails)."""
+    x = pixels.detach().float().cpu().numpy() if hasattr(pixels, "detach") else np.asarray(pixels, np.float32)
+    x = (x.transpose(1, 2, 0) * np.asarray(pre.std, np.float32) + np.asarray(pre.mean, np.float32)) * 255.0
+    return np.clip(x + 0.5, 0, 255).astype(np.uint8)

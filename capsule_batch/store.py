@@ -1,10 +1,15 @@
-"""The study file (HDF5, schema `capsule-batch/1`): `StudyWriter` fills it, `StudyReader` reads it.
+"""The study file (HDF5, schema `capsule-batch/1`) and the files beside it: this module owns both.
 
-Layout (DESIGN.md): root attributes describe the run (source identity, bundle, engine, triage
-settings as JSON); `frames/{index,pts,probs,status}` hold one row per frame of the recording, in
-order; `events` is a table of flagged runs; `thumbs/{frame,event,jpeg}` hold JPEG bytes of the
-frames a reviewer needs; `review` is left for reviewer decisions. Datasets are chunked and
-gzip-compressed (with the shuffle filter), which every HDF5 reader decodes without plugins.
+`StudyWriter` fills a study, `StudyReader` reads it, `read_review_log`/`write_review_log` keep its `review`
+group; nothing else opens a study file with h5py. `ROOT_ATTRS` is the one definition of its root attributes
+(`run_attrs` and `source_attrs` build them from a run), `SideFiles` the one place the names of the files beside
+it are made (partial file, run lock, review lock, review journal). The whole layout: docs/design.md#the-study-file.
+
+Layout: root attributes describe the run (source identity, bundle, engine, triage settings as JSON);
+`frames/{index,pts,probs,status}` hold one row per frame of the recording, in order; `events` is a table of
+flagged runs; `thumbs/{frame,event,jpeg}` hold JPEG bytes of the frames a reviewer needs; `review` holds
+reviewer decisions. Datasets are chunked and gzip-compressed (with the shuffle filter), which every HDF5 reader
+decodes without plugins.
 
 Crash safety without SWMR: the file is written as `NAME.h5.partial` and renamed to `NAME.h5` when
 complete. Rows are appended per block: the datasets are resized and written, the file is flushed,
@@ -13,6 +18,7 @@ killed at any point leaves `frames_done` <= the rows that reached the disk, so a
 the datasets to `frames_done` and goes on from there. The file is created with HDF5's default
 (oldest) format, whose superblock carries no "open for writing" mark, so a file whose writer died
 reopens without `h5clear`; when it still cannot be reopened, the run starts over with a warning.
+The `review` group is only ever rewritten in a copy that replaces the study in one rename.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import hashlib
 import json
 import logging
 import os
-import sys
+import shutil
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,19 +40,96 @@ import numpy as np
 
 from capsule_batch import __version__
 from capsule_batch.errors import StudyError
+from capsule_batch.exits import skip_finalization
 from capsule_batch.triage import EVENT_DTYPE, Event, TriageConfig, events_from_table, events_to_table
 
 _logger = logging.getLogger(__name__)
 
 SCHEMA = "capsule-batch/1"
-PARTIAL_SUFFIX = ".partial"
 STATUS_OK, STATUS_DECODE_FAILED = 0, 1
 STATUS_NAMES = {STATUS_OK: "ok", STATUS_DECODE_FAILED: "decode-failed"}
 PROBS_DTYPES = ("float16", "float32")
 HASH_BYTES = 1 << 20
-#: partial files whose close failed (disk full): HDF5's exit-time cleanup crashes on them, see `exit_process`
-UNCLOSED: list[Path] = []
 CHUNK_ROWS = 8192
+
+#: Root attributes of a study file and what each holds: the one definition of them. `StudyWriter.open` writes
+#: the first group (with `run_attrs`), a resume `resumed`, `StudyWriter.finish` the rest (with `source_attrs`).
+ROOT_ATTRS: dict[str, str] = {
+    "schema": f"`{SCHEMA}`",
+    "complete": "true once the study is finished (and renamed from NAME.h5.partial to NAME.h5)",
+    "frames_done": "rows flushed so far; raised after each block, so a resume starts there",
+    "created": "when the file was created (ISO 8601, UTC)",
+    "software_version": "capsule-batch version that created it",
+    "source_path": "the recording (absolute path, or the source spec)",
+    "source_size": "its size in bytes (a folder: of all its files)",
+    "source_hash": "`sha256-ends:` hash of the size and the first and last MiB (see `recording_identity`)",
+    "bundle_name": "model bundle folder name",
+    "bundle_path": "model bundle folder (absolute)",
+    "bundle_sha256": "sha256 of the bundle's weights",
+    "arch": "timm architecture",
+    "class_names": "class names in output order (JSON list)",
+    "normal_class": "the class whose probability is not a finding",
+    "engine": "the engine's configuration (JSON: backend, device, precision, max_batch, dtype, ...)",
+    "backend": "inference backend",
+    "precision": "engine precision",
+    "probs_dtype": "storage type of frames/probs (float16 or float32)",
+    "argv": "the command line (JSON list)",
+    "shard": "I/N of this process",
+    "resumed": "how many times the run was resumed (absent when never)",
+    "source": "the frame source that decoded the recording",
+    "fps": "the container's frame rate (0: unknown)",
+    "container_frame_count": "frames the container claims (-1: unknown); the rows are what was decoded",
+    "codec": "video codec (frame folders: the file type)",
+    "width": "frame width in pixels (0: unknown)",
+    "height": "frame height in pixels (0: unknown)",
+    "decode_failures": "frames with status decode-failed",
+    "decode_tail_failure": "why decoding stopped before the end of the recording (only when it did: truncated)",
+    "triage": "every triage setting (JSON)",
+    "thresholds": "per-class thresholds (JSON)",
+    "frame_count": "rows of the finished study",
+    "flagged_frames": "frames flagged by triage",
+    "event_count": "rows of `events`",
+    "finished": "when the study was finished (ISO 8601, UTC)",
+}
+
+PARTIAL_SUFFIX = ".partial"
+LOCK_SUFFIX = ".lock"
+REVIEW_LOCK_SUFFIX = ".review.lock"
+JOURNAL_SUFFIX = ".review.jsonl"
+
+
+@dataclass(frozen=True)
+class SideFiles:
+    """The files beside a study `NAME.h5`: the only place their names are made."""
+
+    study: Path
+
+    def _beside(self, suffix: str) -> Path:
+        return self.study.with_name(self.study.name + suffix)
+
+    @property
+    def partial(self) -> Path:
+        """NAME.h5.partial: the study while it is written; renamed to NAME.h5 when finished."""
+        return self._beside(PARTIAL_SUFFIX)
+
+    @property
+    def lock(self) -> Path:
+        """NAME.h5.lock: held (flock) by the `run` writing the study (capsule_batch.locks)."""
+        return self._beside(LOCK_SUFFIX)
+
+    @property
+    def review_lock(self) -> Path:
+        """NAME.h5.review.lock: held by the review app that has the study open."""
+        return self._beside(REVIEW_LOCK_SUFFIX)
+
+    @property
+    def journal(self) -> Path:
+        """NAME.h5.review.jsonl: reviewer decisions not yet folded into the study (capsule_batch.review.decisions)."""
+        return self._beside(JOURNAL_SUFFIX)
+
+
+def side_files(study: str | os.PathLike) -> SideFiles:
+    return SideFiles(Path(study))
 #: attributes a resumed run must agree with, and what they mean in a refusal
 _IDENTITY = {"source_size": "recording size", "source_hash": "recording content hash",
              "bundle_sha256": "bundle weights", "class_names": "class names", "probs_dtype": "probabilities dtype"}
@@ -100,8 +184,26 @@ def _hash_ends(path: Path, h: Any) -> None:
             h.update(f.read(HASH_BYTES))
 
 
-def partial_path(final: Path) -> Path:
-    return final.with_name(final.name + PARTIAL_SUFFIX)
+def partial_path(final: str | os.PathLike) -> Path:
+    return side_files(final).partial
+
+
+def run_attrs(recording: str | os.PathLike, bundle: Any, engine: Any, *, probs_dtype: str, argv: list[str],
+              shard: str) -> dict[str, Any]:
+    """The attributes a study is created with: the recording's identity, the bundle, the engine and the command."""
+    d = recording_identity(recording)
+    desc = engine.describe()
+    d.update(bundle_name=bundle.name, bundle_path=str(Path(bundle.path).resolve()), bundle_sha256=bundle.sha256,
+             arch=bundle.arch, class_names=list(bundle.class_names), normal_class=bundle.normal_class,
+             probs_dtype=probs_dtype, engine=desc, backend=desc.get("backend", engine.name),
+             precision=desc.get("precision", ""), argv=list(argv), shard=shard)
+    return d
+
+
+def source_attrs(source: str, info: Any) -> dict[str, Any]:
+    """What the frame source knew about the recording (`RecordingInfo`), written when the study is finished."""
+    return {"source": source, "fps": info.fps or 0.0, "container_frame_count": info.frame_count or -1,
+            "codec": info.codec or "", "width": info.width or 0, "height": info.height or 0}
 
 
 def _write_error(path: Path, e: Exception) -> StudyError:
@@ -135,6 +237,10 @@ class StudyWriter:
         self._f = h5
         self.frames_done = frames_done
         self.resumed = resumed
+        status = h5["frames"]["status"]
+        #: rows with status decode-failed (those of a resumed file included)
+        self.decode_failures = sum(int((status[lo:lo + CHUNK_ROWS] != STATUS_OK).sum())
+                                   for lo in range(0, frames_done, CHUNK_ROWS))
 
     @classmethod
     def open(cls, final: str | os.PathLike, attrs: dict[str, Any], *, resume: bool = True) -> StudyWriter:
@@ -256,6 +362,7 @@ class StudyWriter:
         except (OSError, RuntimeError) as e:  # h5py reports failed writes as either
             raise _write_error(self.partial, e) from e
         self.frames_done = hi
+        self.decode_failures += int((np.asarray(status) != STATUS_OK).sum())
 
     def headroom(self) -> int:
         """Bytes a block may need at most: HDF5 rewrites a grown chunk at the end of the file, so one raw chunk per
@@ -289,8 +396,13 @@ class StudyWriter:
             yield g["index"][lo:hi].astype(np.int64), g["probs"][lo:hi].astype(np.float32)
 
     def finish(self, events: np.ndarray | list[Event], n_flagged: int, triage: TriageConfig,
-               thumbs: list[tuple[int, int, bytes]], attrs: dict[str, Any] | None = None) -> Path:
-        """Write events, thumbnails (frame, event, JPEG bytes) and final attributes; rename to NAME.h5."""
+               thumbs: list[tuple[int, int, bytes]], attrs: dict[str, Any] | None = None, *,
+               tail_failure: str | None = None) -> Path:
+        """Write events, thumbnails (frame, event, JPEG bytes) and the final attributes (`attrs`: e.g.
+        `source_attrs`; `tail_failure`: why decoding stopped early), then rename to NAME.h5."""
+        attrs = {**(attrs or {}), "decode_failures": self.decode_failures}
+        if tail_failure:
+            attrs["decode_tail_failure"] = tail_failure
         try:
             return self._finish(events, n_flagged, triage, thumbs, attrs)
         except (OSError, RuntimeError) as e:  # h5py reports failed writes as either
@@ -336,26 +448,9 @@ class StudyWriter:
                 self._f.close()
             except (OSError, RuntimeError) as e:
                 _logger.debug("%s: closing after a failed write: %s", self.partial, e)
-                UNCLOSED.append(self.partial)
-
-
-def exit_process(code: int) -> None:
-    """sys.exit, unless a study file could not be closed: then HDF5's own clean-up at exit would try to flush it
-    again and crash the process (SIGSEGV, seen with a full disk), so the process ends without it. Everything
-    of the study that matters is on disk already (rows up to `frames_done`, flushed before)."""
-    if UNCLOSED:
-        exit_now(code)
-    sys.exit(code)
-
-
-def exit_now(code: int) -> None:
-    """End the process at once with `code`, without interpreter finalization, after flushing the log handlers
-    and stdio. For when finalization itself would crash or hang (an unclosable HDF5 file here, gloo threads
-    in training, an engine call that never returns in the pipeline); the caller has saved what matters."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+                # HDF5's own clean-up at exit would flush it again and crash the process (SIGSEGV, seen with a
+                # full disk); what matters is on disk already (rows up to `frames_done`, flushed before)
+                skip_finalization(f"{self.partial}: closing failed")
 
 
 @dataclass
@@ -366,7 +461,8 @@ class Thumb:
 
 
 class StudyReader:
-    """Read a study file; review, report and export go through this class, never through raw h5py."""
+    """Read a study file; review, report and export go through this class (decisions through `read_review_log`),
+    never through raw h5py."""
 
     def __init__(self, path: str | os.PathLike, *, allow_partial: bool = False):
         h5py = _h5py()
@@ -550,3 +646,85 @@ class StudyReader:
         a = self.attrs
         return {"frames": len(self), "flagged_frames": a.get("flagged_frames"), "events": a.get("event_count"),
                 "output": str(self.path)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The `review` group: reviewer decisions (capsule_batch.review.decisions keeps the journal and decides when to fold)
+
+REVIEW_SCHEMA = "capsule-batch-review/1"
+#: verdict codes of the `verdict` column (index = code)
+REVIEW_VERDICTS = ("", "confirm", "reject")
+
+
+def _review_dtype() -> np.dtype:
+    s = _h5py().string_dtype("utf-8")
+    return np.dtype([("event", "<u4"), ("verdict", "u1"), ("class", "<i2"), ("time", s), ("reviewer", s),
+                     ("comment", s), ("seq", "<u8")])
+
+
+def _review_rows(log: list[dict[str, Any]]) -> np.ndarray:
+    return np.array([(d["event"], REVIEW_VERDICTS.index(d["verdict"]), -1 if d["cls"] is None else d["cls"],
+                      d["time"], d["reviewer"], d["comment"], d["seq"]) for d in log], dtype=_review_dtype())
+
+
+def _review_record(r: Any) -> dict[str, Any]:
+    def text(v: Any) -> str:
+        return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+    cls = int(r["class"])
+    return {"event": int(r["event"]), "verdict": REVIEW_VERDICTS[int(r["verdict"])], "cls": None if cls < 0 else cls,
+            "comment": text(r["comment"]), "reviewer": text(r["reviewer"]), "time": text(r["time"]),
+            "seq": int(r["seq"])}
+
+
+def read_review_log(study: str | os.PathLike) -> tuple[list[dict[str, Any]], int]:
+    """(every decision in the study's `review/log`, in order, as dicts with the keys of
+    `review.decisions.Decision`; the last journal entry folded in); ([], 0) when none was written."""
+    study = Path(study)
+    try:
+        with _h5py().File(study, "r") as f:
+            g = f.get("review")
+            if g is None or "log" not in g:
+                return [], 0
+            return [_review_record(r) for r in g["log"][:]], int(g.attrs.get("journal_seq", 0))
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StudyError(f"{study}: damaged review decisions ({msg[:200]})") from e
+
+
+def write_review_log(study: str | os.PathLike, log: list[dict[str, Any]], latest: list[dict[str, Any]]) -> None:
+    """Replace the study's `review` group with `log` (every decision, in order) and `latest` (one per event) by
+    copy-on-write: the study is copied beside itself, the copy rewritten, flushed, fsync'ed and renamed over
+    the study, so that at every instant the study is either the old or the new complete file."""
+    study = Path(study)
+    tmp = study.with_name(f".{study.name}.review-{os.getpid()}-{threading.get_ident()}.tmp")
+    try:
+        shutil.copyfile(study, tmp)
+        shutil.copymode(study, tmp)
+        with _h5py().File(tmp, "r+") as f:
+            if "review" in f:
+                del f["review"]
+            g = f.create_group("review")
+            g.attrs["schema"] = REVIEW_SCHEMA
+            g.attrs["journal_seq"] = max((d["seq"] for d in log), default=0)
+            g.attrs["updated"] = _now()
+            g.attrs["verdicts"] = json.dumps(dict(enumerate(REVIEW_VERDICTS)))
+            g.create_dataset("log", data=_review_rows(log), maxshape=(None,), chunks=True)
+            g.create_dataset("decisions", data=_review_rows(latest))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, study)
+        _fsync_dir(study.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -28,6 +28,7 @@ import numpy as np
 
 from capsule_batch.classes import CE24_CLASSES
 from capsule_batch.errors import CapsuleError
+from capsule_batch.files import output_folder_problem
 
 _logger = logging.getLogger(__name__)
 
@@ -367,10 +368,9 @@ def synthesize(
     if vfr and codec not in ("h264", "vp9"):
         raise CapsuleError("variable frame rate needs the h264 or vp9 codec")
     parent = out.parent
-    if not parent.is_dir():
-        raise CapsuleError(f"{parent}: output folder does not exist")
-    if not os.access(parent, os.W_OK):
-        raise CapsuleError(f"{parent}: not writable")
+    why = output_folder_problem(parent)
+    if why:
+        raise CapsuleError(f"{parent}: {why}")
     if out.exists() and not overwrite:
         raise CapsuleError(f"{out}: already exists (use --overwrite)")
 

@@ -1,4 +1,4 @@
-"""Triage: per-frame scores and flags, and events built from runs of flagged frames (DESIGN.md).
+"""Triage: per-frame scores and flags, and events built from runs of flagged frames (docs/run.md, "Triage").
 
 - score = 1 - p(normal class) (the highest probability when the bundle has no normal class);
 - a frame is flagged where a class probability reaches that class's threshold (the bundle's

@@ -16,8 +16,9 @@ import torch
 from conftest import ENGINE, SOURCE, TINY_SIZE, make_recording
 
 from capsule_batch.backends.base import create_engine
-from capsule_batch.pipeline import Pipeline, RunOptions, resolve_shard, select_shard
+from capsule_batch.pipeline import Pipeline, RunOptions
 from capsule_batch.preprocess import reference_preprocess
+from capsule_batch.runner import resolve_shard, select_shard
 from capsule_batch.sources.base import SOURCES, DecodeFailure, FrameBatch
 from capsule_batch.store import STATUS_DECODE_FAILED, StudyReader, StudyWriter, partial_path
 

@@ -22,8 +22,9 @@ from conftest import ENGINE, SLOW_ENGINE, cli_cmd, cli_env, make_recording
 from capsule_batch.backends.base import create_engine
 from capsule_batch.errors import StudyError
 from capsule_batch.locks import run_lock
-from capsule_batch.pipeline import Pipeline, RunOptions, check_writable
+from capsule_batch.pipeline import Pipeline, RunOptions
 from capsule_batch.review.app import _lock_study, _unlock_study
+from capsule_batch.runner import check_writable
 from capsule_batch.store import StudyReader, StudyWriter, partial_path
 
 FRAMES = 96

@@ -11,6 +11,7 @@ import pytest
 from review_studies import make_study
 
 import capsule_batch.review.decisions as decisions_mod
+import capsule_batch.store as store_mod
 from capsule_batch.errors import StudyError
 from capsule_batch.review.decisions import DecisionLog, journal_path, read_decisions, read_log
 from capsule_batch.store import StudyReader
@@ -91,7 +92,7 @@ def test_an_interrupted_copy_never_reaches_the_study(study: Path, monkeypatch: p
         Path(dst).write_bytes(Path(src).read_bytes()[:1000])
         raise OSError("disk full")
 
-    monkeypatch.setattr(decisions_mod.shutil, "copyfile", half_copy)
+    monkeypatch.setattr(store_mod.shutil, "copyfile", half_copy)
     with pytest.raises(OSError, match="disk full"):
         log.fold()
     assert study.read_bytes() == before

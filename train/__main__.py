@@ -70,6 +70,9 @@ COMMANDS: dict[str, Callable[[dict[str, Any]], Any]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command's exit code, as capsule-batch's: 0 done, 1 bad input or a failed run (one line on stderr naming
+    the file and the problem), 2 a usage error (argparse), 130 interrupted. The result is one JSON object on
+    stdout; logs go to stderr."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["score"]:  # `score PREDICTIONS --truth T` -> score.* overrides
         from train.score import translate_argv
@@ -79,21 +82,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=list(COMMANDS))
     parser.add_argument("--config", help="experiment YAML (differences from train/configs/defaults.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=3")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--json", action="store_true",
+                        help="accepted as in capsule-batch: the result is always one JSON object on stdout")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug log output on stderr")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     args = parser.parse_intermixed_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose else logging.INFO)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from train.config import load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
         result = COMMANDS[args.command](cfg)
     except CapsuleError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _error(str(e))
+    except OSError as e:  # a file the run cannot read or write (permissions, a full disk): what capsule-batch says
+        return _error(f"{e.filename}: {e.strerror or e}" if getattr(e, "filename", None) else str(e.strerror or e))
+    except KeyboardInterrupt:
+        print("interrupted: a training run continues from its last finished epoch with run.resume=true",
+              file=sys.stderr)
+        return 130
     if result:
-        print(json.dumps(result, default=str))
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
+        sys.stdout.flush()
     return 0
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Layered configuration: defaults.yaml, an experiment file of differences, then `key=value` overrides.
 
 The resolved config is written into the run folder together with the git revision, so a run describes
-itself (STYLE.md: artefacts describe themselves).
+itself, as every artefact here does (bundles: model.json, engines: meta.json, studies: their attributes).
 """
 
 from __future__ import annotations

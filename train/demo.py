@@ -3,7 +3,8 @@
 `python -m train.demo -o demo` (what `make demo` runs). Everything is generated here, nothing is downloaded:
 1. training and validation recordings from `capsule_batch.synth` (JPEG frame folders + per-frame labels);
 2. a tiny EVA-02 fine-tuned on them by the training module (the same code path as the real recipe);
-3. a separate synthetic study (H.264, unseen seed) run through `capsule_batch.pipeline` -> `<out>/study.h5`;
+3. a separate synthetic study (H.264, unseen seed) run as `capsule-batch run` runs it (`capsule_batch.runner`)
+   -> `<out>/study.h5`;
 4. the HTML report, and the study's events compared with the injected findings (`capsule_batch.groundtruth`).
 It lives in train/ because capsule_batch never imports the training module.
 """
@@ -16,7 +17,6 @@ import logging
 import os
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -73,27 +73,20 @@ def train_model(out: Path, train_frames: int, recordings: int, epochs: int, size
 
 def triage_study(bundle_dir: Path, out: Path, frames: int, size: int, seed: int, batch_size: int) -> dict[str, Any]:
     """Synthesize the study recording, run it, write the report and compare with the injected findings."""
-    from capsule_batch.backends.base import create_engine
-    from capsule_batch.bundle import ModelBundle
-    from capsule_batch.devices import resolve_device
     from capsule_batch.groundtruth import compare
-    from capsule_batch.pipeline import Pipeline, RunOptions
+    from capsule_batch.pipeline import RunOptions
     from capsule_batch.review.report import write_report
-    from capsule_batch.triage import TriageConfig
+    from capsule_batch.runner import run_recordings
+    from capsule_batch.store import StudyReader
 
     rec = _synth(out / "study.mp4", frames, size, seed, 15.0, "h264")
     _logger.info("study recording: %s (%d frames, %d injected findings)", rec.path, frames, len(rec.findings))
-    bundle = ModelBundle.load(bundle_dir)
-    engine = create_engine(bundle, backend="auto", device=resolve_device("auto"), max_batch=batch_size)
-    opts = RunOptions(batch_size=batch_size, overwrite=True, resume=False, triage=TriageConfig.from_bundle(bundle),
-                      progress=True, argv=sys.argv[:])
-    desc = engine.describe()
-    try:
-        result = Pipeline(bundle, engine, opts, threading.Event()).run(rec.path, out)
-    finally:
-        engine.close()
+    opts = RunOptions(batch_size=batch_size, overwrite=True, resume=False, progress=True, argv=sys.argv[:])
+    result = run_recordings([rec.path], bundle_dir, out, options=opts).results[0]
     if result.status != "done":
         raise CapsuleError(f"{rec.path}: run {result.status}: {result.error}")
+    with StudyReader(result.output) as rd:
+        desc = rd.attrs["engine"]
     report = write_report(result.output, out / "study.html")
     cmp = compare(result.output, rec.findings_csv)
     return {"frames": result.frames, "fps": result.fps, "flagged_frames": cmp.flagged_frames,

@@ -1,6 +1,7 @@
 """The Capsule Vision 2024 challenge metrics, computed over a whole set at once (never per batch).
 
-Definitions follow the official scoring script (REFERENCE.md, `Results/gen_metrics_test.py`):
+Definitions follow the official scoring script (misahub2023/Capsule-Vision-2024-Challenge,
+`Results/gen_metrics_test.py`):
 - `mean_auc`: mean over classes of the one-vs-rest ROC AUC of that class's probability;
 - `balanced_accuracy`, macro `precision` / `recall` / `f1`, mean `specificity`: on the argmax prediction; the macro
   averages run, as sklearn's do, over the labels present in the truth or the predictions (a class absent from

@@ -1,6 +1,6 @@
 """The training loop: the seed recipe, single process or DDP under torchrun, resumable, ending in a bundle.
 
-Recipe (REFERENCE.md): cross-entropy, class-balanced sampling with replacement, the seed's augmentations,
+Recipe (docs/training.md): cross-entropy, class-balanced sampling with replacement, the seed's augmentations,
 AdaBelief from timm's optimizer factory, lr x decay^(epoch/2), mixed precision, gradient clipping. The
 best epoch is chosen by a metric over the whole validation set (every sample scored once, across ranks);
 its weights are written as a ModelBundle whose preprocessing is the validation transform.
@@ -26,8 +26,8 @@ import numpy as np
 
 from capsule_batch.bundle import META_FILE, ModelBundle, create_model, fit_state_dict, read_checkpoint, save_bundle
 from capsule_batch.errors import CapsuleError
+from capsule_batch.exits import exit_now
 from capsule_batch.preprocess import Preprocess
-from capsule_batch.store import exit_now
 from train import data as D
 from train.config import git_revision, save_resolved
 from train.metrics import compute_metrics, save_plots

@@ -1,9 +1,10 @@
-"""The Engine contract (DESIGN.md) and backend selection.
+"""The Engine contract and backend selection.
 
 An engine is built from a `ModelBundle` for one device, precision and maximum batch, and maps
 preprocessed pixels (N, 3, S, S) to class probabilities (N, C) float32 on the same device, softmax
 applied. Backends implement `logits(pixels)` for N <= `max_batch`; `Engine.infer` adds what every
-backend needs once: chunking at `max_batch`, the softmax, and the out-of-memory back-off.
+backend needs once: calls of at most `max_batch` frames (`chunks`, which the pipeline's engine stage uses
+too), the softmax, and the out-of-memory back-off. Contracts of every stage: docs/design.md.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from capsule_batch.bundle import ModelBundle
@@ -109,9 +111,9 @@ class Engine:
         raise NotImplementedError
 
     def infer(self, pixels: Any) -> Any:
-        """(N, 3, S, S) -> probabilities (N, C) float32 on `self.device`, any N.
+        """(N, 3, S, S) -> probabilities (N, C) float32 on `self.device`, any N (in calls of `chunks`).
 
-        Out of device memory: the batch is split in halves, `max_batch` is lowered for the rest of
+        Out of device memory: the call is split in halves, `max_batch` is lowered for the rest of
         the run and a warning is logged once. An illegal memory access is re-raised at once.
         """
         import torch
@@ -121,25 +123,24 @@ class Engine:
             raise EngineError(f"{self.name} engine: expected pixels (N, 3, {size_px}, {size_px}), "
                               f"got {tuple(pixels.shape)}")
         pixels = pixels.to(self.device, self.dtype, non_blocking=True)
-        outs = []
-        start, n = 0, int(pixels.shape[0])
-        while start < n:
-            size = min(self.max_batch, n - start)
-            chunk = pixels[start:start + size]
-            try:
-                logits = self.logits(chunk)
-            except Exception as e:
-                if not is_out_of_memory(e) or size == 1:
-                    raise
-                reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            else:
-                outs.append(torch.softmax(logits.float(), dim=-1))
-                start += size
-                continue
-            self._back_off(size, reason)  # outside `except`: the traceback no longer pins the failed batch
+        outs = [self._probs(pixels[lo:hi]) for lo, hi in chunks(int(pixels.shape[0]), self)]
         if not outs:
             return torch.empty((0, self.bundle.num_classes), dtype=torch.float32, device=self.device)
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _probs(self, pixels: Any) -> Any:
+        """One backend call with softmax; out of memory: lower `max_batch` and run the same frames in smaller calls."""
+        import torch
+
+        size = int(pixels.shape[0])
+        try:
+            return torch.softmax(self.logits(pixels).float(), dim=-1)
+        except Exception as e:
+            if not is_out_of_memory(e) or size == 1:
+                raise
+            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        self._back_off(size, reason)  # outside `except`: the traceback no longer pins the failed batch
+        return torch.cat([self._probs(pixels[lo:hi]) for lo, hi in chunks(size, self)])
 
     def _back_off(self, size: int, reason: str) -> None:
         import torch
@@ -161,6 +162,16 @@ class Engine:
 
     def close(self) -> None:
         """Release resources; safe to call twice."""
+
+
+def chunks(n: int, engine: Any) -> Iterator[tuple[int, int]]:
+    """How N frames become engine calls: (lo, hi) row ranges of at most `engine.max_batch` frames, the one place
+    that cuts batches. `max_batch` is read again for every call, so an out-of-memory back-off applies at once."""
+    lo = 0
+    while lo < n:
+        hi = min(n, lo + max(1, int(engine.max_batch)))
+        yield lo, hi
+        lo = hi
 
 
 #: Built-in backend modules register themselves on import.
@@ -232,5 +243,5 @@ def create_engine(
     return engine
 
 
-__all__ = ["AUTO_ORDER", "BACKENDS", "Engine", "choose_backend", "create_engine",
+__all__ = ["AUTO_ORDER", "BACKENDS", "Engine", "choose_backend", "chunks", "create_engine",
            "is_illegal_access", "is_out_of_memory"]

@@ -3,7 +3,7 @@
 onnxruntime and TensorRT both build from this file (cached in the engine store). The legacy
 (TorchScript) exporter is the default: it exports EVA-02 several times faster than the dynamo exporter
 (0.2 s vs 3 s for a small test model here) and gives a plain opset-17 graph. It cannot trace fused
-attention (`is_causal` becomes a tensor, REFERENCE.md), so fused attention is switched off on the
+attention (`is_causal` is traced to a tensor), so fused attention is switched off on the
 exported copy's attention modules only; the math is identical. `exporter="dynamo"` uses
 torch.export and handles fused attention as is.
 The graph's float type follows `dtype`: fp32 for onnxruntime and TensorRT 10, fp16/bf16 for

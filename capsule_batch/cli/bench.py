@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from capsule_batch.cli.options import emit_json, engine_options, existing_path, resolve_run_device
+from capsule_batch.cli.options import emit_json, engine_options, existing_path
 
 
 @click.command("bench")
@@ -50,7 +50,7 @@ def command(recording: Path | None, bundle_path: Path, stage: str, frames: int, 
         kw["cuda_graphs"] = True
     try:
         results = run_benchmarks(bundle, recording, stages=STAGES if stage == "all" else (stage,), backend=engine,
-                                 source=source, device=resolve_run_device(device), precision=precision,
+                                 source=source, device=device, precision=precision,
                                  batch_size=batch_size, frames=frames, warmup=warmup, repeats=repeats,
                                  workdir=workdir, inflight=inflight, engine_kwargs=kw)
     except RuntimeError as e:

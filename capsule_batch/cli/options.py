@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,12 +24,13 @@ def output_path() -> click.Path:
 
 
 def check_writable_parent(path: Path) -> None:
-    """Fail before any work when the folder an output goes into is missing or read-only."""
+    """Fail before any work when the folder an output goes into is missing or read-only (files.unwritable)."""
+    from capsule_batch.files import output_folder_problem
+
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise click.ClickException(f"{parent}: output folder does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise click.ClickException(f"{parent}: not writable")
+    why = output_folder_problem(parent)
+    if why:
+        raise click.ClickException(f"{parent}: {why}")
 
 
 def parse_key_values(items: tuple[str, ...], what: str) -> dict[str, Any]:
@@ -77,12 +77,3 @@ def engine_options(f: Any) -> Any:
     ]):
         f = opt(f)
     return f
-
-
-def resolve_run_device(spec: str) -> Any:
-    """Like `resolve_device`, but under torchrun `auto` picks the GPU of this process's LOCAL_RANK."""
-    from capsule_batch.devices import cuda_available, resolve_device
-
-    if spec == "auto" and "LOCAL_RANK" in os.environ and cuda_available():
-        return resolve_device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
-    return resolve_device(spec)

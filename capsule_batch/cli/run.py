@@ -1,4 +1,4 @@
-"""`capsule-batch run`: classify whole recordings into HDF5 study files (see capsule_batch.pipeline)."""
+"""`capsule-batch run`: classify whole recordings into HDF5 study files (capsule_batch.runner.run_recordings)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from typing import Any
 
 import click
 
-from capsule_batch.cli.options import emit_json, engine_options, existing_path, json_option, resolve_run_device
+from capsule_batch.cli.options import emit_json, engine_options, existing_path, json_option
 
 _logger = logging.getLogger(__name__)
 
 
 def _check_shard(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """A malformed --shard is a usage error (exit 2), found before any recording is opened."""
-    from capsule_batch.pipeline import parse_shard
+    from capsule_batch.runner import parse_shard
 
     if value is not None:
         try:
@@ -74,45 +74,28 @@ def command(recordings: tuple[Path, ...], bundle_path: Path, out_dir: Path, engi
 
     Exit 0 when all succeed, 1 when any failed, 130 when interrupted (rerun the command to resume).
     """
-    from capsule_batch.isolation import Supervisor, worker_argv, worker_report
-    from capsule_batch.pipeline import check_writable, resolve_shard, select_shard
+    from capsule_batch.exits import exit_process
+    from capsule_batch.pipeline import RunOptions
+    from capsule_batch.runner import EngineSpec, resolve_shard, run_recordings
 
     rank, world = resolve_shard(shard)
-    mine = select_shard(recordings, rank, world)
-    check_writable(out_dir)
-    worker = worker_report()
-    if worker is None and (isolate if isolate is not None else len(mine) > 1):
-        results, rc = Supervisor(mine, worker_argv(), out_dir).run()
-        sys.exit(rc if rc is not None else _summarise(results, rank, world, as_json))
-    from capsule_batch.backends.base import create_engine
-    from capsule_batch.bundle import ModelBundle
-    from capsule_batch.pipeline import Pipeline, RunOptions
-    from capsule_batch.store import exit_process
-    from capsule_batch.triage import TriageConfig
-
-    bundle = ModelBundle.load(bundle_path)
-    dev = resolve_run_device(device)
-    eng = create_engine(bundle, backend=engine, device=dev, precision=precision, max_batch=batch_size)
-    triage = TriageConfig.from_bundle(bundle, merge_gap=merge_gap, min_run=min_run, smooth=smooth, top_k=top_k)
     opts = RunOptions(source=source, batch_size=batch_size, resume=resume, overwrite=not resume,
-                      probs_dtype=probs_dtype, block_frames=block_frames, triage=triage,
+                      probs_dtype=probs_dtype, block_frames=block_frames,
+                      triage_rules={"merge_gap": merge_gap, "min_run": min_run, "smooth": smooth, "top_k": top_k},
                       thumbs_per_event=thumbs_per_event, max_thumbs=max_thumbs, progress=progress,
                       argv=sys.argv[:], shard=f"{rank}/{world}", decode_timeout=decode_timeout or None,
                       engine_timeout=engine_timeout or None, inflight=inflight)
     stop = threading.Event()
-    pipe = Pipeline(bundle, eng, opts, stop)
-    _logger.info("rank %d/%d: %d of %d recordings", rank, world, len(mine), len(recordings))
-    report, skip = worker if worker is not None else (None, 0)
     with _stop_on_signals(stop):
-        results = pipe.run_many(mine[skip:], out_dir, report=report)
-    eng.close()
-    if worker is None:
-        exit_process(_summarise(results, rank, world, as_json))
-    exit_process(130 if any(r.status == "interrupted" for r in results) else 0)
+        batch = run_recordings(recordings, bundle_path, out_dir, engine=EngineSpec(engine, device, precision),
+                               options=opts, stop=stop, shard=(rank, world), isolate=isolate)
+    if not batch.worker and batch.worker_exit is None:
+        _summarise(batch.results, rank, world, as_json)
+    exit_process(batch.exit_code)
 
 
-def _summarise(results: list[Any], rank: int, world: int, as_json: bool) -> int:
-    """Print the outcome; the exit code: 1 when any recording failed, 130 when interrupted."""
+def _summarise(results: list[Any], rank: int, world: int, as_json: bool) -> None:
+    """Print the outcome (and how to resume an interrupted run)."""
     failed = [r for r in results if r.status == "failed"]
     interrupted = [r for r in results if r.status == "interrupted"]
     if as_json:
@@ -126,8 +109,6 @@ def _summarise(results: list[Any], rank: int, world: int, as_json: bool) -> int:
             click.echo(f"{r.status:11s} {r.recording} -> {r.output}: {what}")
     if interrupted:
         click.echo("interrupted: run the same command again to resume from the last flushed block", err=True)
-        return 130
-    return 1 if failed else 0
 
 
 class _stop_on_signals:

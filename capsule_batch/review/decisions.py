@@ -1,6 +1,7 @@
-"""Reviewer decisions: the study file's `review` group, written so that a crash never corrupts the file.
+"""Reviewer decisions: the journal beside a study and its `review` group, kept so that a crash never corrupts it.
 
-Schema (`review` group, attribute `schema` = `capsule-batch-review/1`):
+The group's HDF5 side is capsule_batch.store's (`read_review_log`, `write_review_log`); this module decides
+what is written when. Schema (`review` group, attribute `schema` = `capsule-batch-review/1`):
 
 - `review/decisions`: one row per reviewed event, the latest decision: `event` (u4, row of `events`),
   `verdict` (u1: 0 none, 1 confirm, 2 reject), `class` (i2: reassigned class index, -1 = keep the
@@ -12,11 +13,12 @@ Crash safety, in two steps:
 
 1. Each decision is first appended as one JSON line to the journal `NAME.h5.review.jsonl` beside the
    study, flushed and fsync'ed before the app answers. A line cut short by a crash is ignored on reading.
-2. The journal is folded into the HDF5 file by copy-on-write: the study is copied to a temporary file
-   in the same folder, the `review` group is rewritten there, the copy is flushed, fsync'ed and then
-   `os.replace`d over the study. The study file is never modified in place, so at every instant it is
-   either the old or the new complete file; HDF5 in-place writes cannot promise that. Journal entries
-   with `seq <= journal_seq` are then dropped from the journal (idempotent: replaying them is harmless).
+2. The journal is folded into the HDF5 file by copy-on-write (`capsule_batch.store.write_review_log`): the
+   study is copied to a temporary file in the same folder, the `review` group is rewritten there, the copy is
+   flushed, fsync'ed and then `os.replace`d over the study. The study file is never modified in place, so at
+   every instant it is either the old or the new complete file; HDF5 in-place writes cannot promise that.
+   Journal entries with `seq <= journal_seq` are then dropped from the journal (idempotent: replaying them
+   is harmless).
 
 Readers call `read_decisions`, which overlays journal entries not yet folded in, so a decision is never
 lost between the two steps. Copying costs about the file size (tens of MB for a 1M-frame study), so the
@@ -29,23 +31,21 @@ import datetime as _dt
 import json
 import logging
 import os
-import shutil
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from capsule_batch.errors import StudyError
+from capsule_batch.store import REVIEW_SCHEMA, REVIEW_VERDICTS, read_review_log, side_files, write_review_log
 
 _logger = logging.getLogger(__name__)
 
-REVIEW_SCHEMA = "capsule-batch-review/1"
-VERDICTS = ("", "confirm", "reject")
+VERDICTS = REVIEW_VERDICTS
 MAX_COMMENT = 4000
 MAX_REVIEWER = 200
-JOURNAL_SUFFIX = ".review.jsonl"
+__all__ = ["REVIEW_SCHEMA", "VERDICTS", "BackgroundFolder", "Decision", "DecisionLog", "journal_path", "latest",
+           "read_decisions", "read_log", "write_review_group"]
 
 
 @dataclass(frozen=True)
@@ -65,45 +65,13 @@ class Decision:
 
 
 def journal_path(study: str | os.PathLike) -> Path:
-    p = Path(study)
-    return p.with_name(p.name + JOURNAL_SUFFIX)
-
-
-def _row_dtype() -> np.dtype:
-    import h5py
-
-    s = h5py.string_dtype("utf-8")
-    return np.dtype([("event", "<u4"), ("verdict", "u1"), ("class", "<i2"), ("time", s), ("reviewer", s),
-                     ("comment", s), ("seq", "<u8")])
-
-
-def _to_rows(decisions: list[Decision]) -> np.ndarray:
-    return np.array([(d.event, VERDICTS.index(d.verdict), -1 if d.cls is None else d.cls, d.time, d.reviewer,
-                      d.comment, d.seq) for d in decisions], dtype=_row_dtype())
-
-
-def _from_row(r: Any) -> Decision:
-    def text(v: Any) -> str:
-        return v.decode("utf-8") if isinstance(v, bytes) else str(v)
-
-    cls = int(r["class"])
-    return Decision(int(r["event"]), VERDICTS[int(r["verdict"])], None if cls < 0 else cls, text(r["comment"]),
-                    text(r["reviewer"]), text(r["time"]), int(r["seq"]))
+    return side_files(study).journal
 
 
 def _read_h5(study: Path) -> tuple[list[Decision], int]:
     """(the log in order, journal_seq) from the study's `review` group; empty when none was written."""
-    import h5py
-
-    try:
-        with h5py.File(study, "r") as f:
-            g = f.get("review")
-            if g is None or "log" not in g:
-                return [], 0
-            return [_from_row(r) for r in g["log"][:]], int(g.attrs.get("journal_seq", 0))
-    except (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StudyError(f"{study}: damaged review decisions ({msg[:200]})") from e
+    log, seq = read_review_log(study)
+    return [Decision(**d) for d in log], seq
 
 
 def _read_journal(path: Path) -> list[Decision]:
@@ -143,42 +111,10 @@ def read_decisions(study: str | os.PathLike) -> dict[int, Decision]:
     return latest(read_log(study))
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_review_group(study: str | os.PathLike, log: list[Decision]) -> None:
     """Copy-on-write `study` with its `review` group replaced by `log` (see the module docstring)."""
-    import h5py
-
-    study = Path(study)
-    tmp = study.with_name(f".{study.name}.review-{os.getpid()}-{threading.get_ident()}.tmp")
-    try:
-        shutil.copyfile(study, tmp)
-        shutil.copymode(study, tmp)
-        with h5py.File(tmp, "r+") as f:
-            if "review" in f:
-                del f["review"]
-            g = f.create_group("review")
-            g.attrs["schema"] = REVIEW_SCHEMA
-            g.attrs["journal_seq"] = max((d.seq for d in log), default=0)
-            g.attrs["updated"] = _now()
-            g.attrs["verdicts"] = json.dumps(dict(enumerate(VERDICTS)))
-            g.create_dataset("log", data=_to_rows(log), maxshape=(None,), chunks=True)
-            g.create_dataset("decisions", data=_to_rows(sorted(latest(log).values(), key=lambda d: d.event)))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, study)
-        _fsync_dir(study.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+    latest_first = sorted(latest(log).values(), key=lambda d: d.event)
+    write_review_log(study, [d.to_json() for d in log], [d.to_json() for d in latest_first])
 
 
 def _now() -> str:

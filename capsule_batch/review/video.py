@@ -2,25 +2,21 @@
 
 `open_recording` first checks that the recording is the one the study was made from (its content hash,
 `capsule_batch.store.recording_identity`): a re-encoded or different recording would show a reviewer other
-frames than the model saw. Video: a seek lands on the keyframe before the target; frames are then decoded
-forward until one whose timestamp reaches the target's (REFERENCE.md: the first frame after a seek is
-usually not it). Frame folder: frame i is the i-th file in natural order, as the `images` source reads it.
+frames than the model saw. Video: found by the study's timestamp with `capsule_batch.sources.video.VideoFrames`
+(the one single-frame reader). Frame folder: frame i is the i-th file in natural order, as the `images` source
+reads it.
 """
 
 from __future__ import annotations
 
 import io
-import logging
 import os
-import threading
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from capsule_batch.errors import SourceError
+from capsule_batch.sources.video import VideoFrames as SourceVideoFrames
 from capsule_batch.store import recording_identity
-
-_logger = logging.getLogger(__name__)
 
 
 def _jpeg(img: Any, quality: int = 92) -> bytes:
@@ -29,56 +25,16 @@ def _jpeg(img: Any, quality: int = 92) -> bytes:
     return buf.getvalue()
 
 
-class VideoFrames:
-    """Decode single frames of one video file by timestamp; one open container, guarded by a lock."""
-
-    def __init__(self, path: str | os.PathLike):
-        import av
-
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise SourceError(f"{self.path}: no such recording")
-        try:
-            self._c = av.open(str(self.path))
-        except av.error.FFmpegError as e:
-            raise SourceError(f"{self.path}: cannot open the recording ({e})") from e
-        if not self._c.streams.video:
-            raise SourceError(f"{self.path}: no video stream")
-        self._s = self._c.streams.video[0]
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        self._c.close()
+class VideoFrames(SourceVideoFrames):
+    """Frames of one video file as JPEGs, found by the study's timestamps (`sources.video.VideoFrames.read_at`)."""
 
     def frame_jpeg(self, pts: float) -> bytes:
         """JPEG of the frame shown at `pts` seconds (the stored timestamp of a study frame)."""
-        with self._lock:
-            return _jpeg(self._decode_at(pts))
+        return _jpeg(self.read_at(pts).to_image())
 
     def jpeg(self, frame: int, pts: float) -> bytes:
         """JPEG of study frame `frame`, whose stored timestamp is `pts` (a video finds it by timestamp)."""
         return self.frame_jpeg(pts)
-
-    def _decode_at(self, pts: float) -> Any:
-        tb = self._s.time_base or Fraction(1, 90000)
-        rate = self._s.average_rate or self._s.guessed_rate or 30
-        half = float(1 / (2 * Fraction(rate)))  # tolerance: half a frame interval
-        target = int(pts / tb)
-        self._c.seek(max(0, target), stream=self._s, backward=True, any_frame=False)
-        last = None
-        for frame in self._c.decode(self._s):
-            if frame.pts is None:
-                continue
-            t = float(frame.pts * tb)
-            if t >= pts - half:
-                if t > pts + half and last is not None:
-                    _logger.debug("%s: no frame at %.4f s; showing %.4f s", self.path, pts, float(last.pts * tb))
-                    return last.to_image()
-                return frame.to_image()
-            last = frame
-        if last is None:
-            raise SourceError(f"{self.path}: no frame at {pts:.3f} s")
-        return last.to_image()
 
 
 class FolderFrames:

@@ -1,4 +1,4 @@
-"""The FrameSource contract (DESIGN.md).
+"""The FrameSource contract (docs/design.md#framesource).
 
 A source reads one recording (a video file or a folder of frames) and yields `FrameBatch`es:
 - `pixels`: (N, 3, S, S) already preprocessed per the bundle's `Preprocess`, in the engine's dtype,
@@ -19,7 +19,10 @@ too). Frame-count metadata that disagrees with a clean decode is not a failure: 
 truth, `info().frame_count` keeps the container's claim and `frames_decoded` the real count.
 
 `start` (resume from a frame number) is frame-exact for every source: the first frame yielded has
-index `start`.
+index `start`. `reopen(start)` gives the same recording from another frame (a resume, the thumbnail pass).
+
+A source decodes in the thread that iterates it; in a run that is the pipeline's one decode thread
+(capsule_batch.stages.DecodeStage), so sources start no thread of their own to hand batches on.
 """
 
 from __future__ import annotations
@@ -76,9 +79,15 @@ class RecordingInfo:
 
 
 class FrameSource(abc.ABC):
-    """Base class of sources; construct with `open_source` rather than directly."""
+    """Base class of sources; construct with `open_source` rather than directly (or directly, to hand an
+    object to `capsule_batch.runner.run_recordings`)."""
 
     name: ClassVar[str] = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> FrameSource:
+        self = super().__new__(cls)
+        self._opened_with = (args, kwargs)  # what `reopen` constructs again (subclasses add their own options)
+        return self
 
     def __init__(
         self,
@@ -127,6 +136,15 @@ class FrameSource(abc.ABC):
 
     @abc.abstractmethod
     def __iter__(self) -> Iterator[FrameBatch]: ...
+
+    def reopen(self, start: int, batch_size: int | None = None) -> FrameSource:
+        """The same recording from frame `start`: a new source of this class, opened with this one's arguments
+        and `start` (and `batch_size`, when given) replaced."""
+        args, kwargs = self._opened_with
+        kwargs = {**kwargs, "start": int(start)}
+        if batch_size is not None:
+            kwargs["batch_size"] = int(batch_size)
+        return type(self)(*args, **kwargs)
 
     def close(self) -> None:  # noqa: B027 - optional hook, sources without resources keep it
         """Release decoder resources; safe to call twice."""

@@ -1,4 +1,4 @@
-"""`decord`: CPU video decode (any FFmpeg codec) with batched sequential reads in a prefetch thread.
+"""`decord`: CPU video decode (any FFmpeg codec) with batched sequential reads.
 
 decord indexes the whole file when it opens it, so its frame numbers and timestamps are the real
 ones (variable frame rate included) and `start` is frame-exact. A damaged file that decord refuses
@@ -6,7 +6,8 @@ to index (typically a truncated recording) is decoded sequentially with PyAV ins
 before the damage are still yielded and the cut is reported (see base.py).
 
 No resize happens in the decoder: decord's scaler is not the bundle's resize (see capsule_batch/preprocess.py),
-so frames are decoded at full size and preprocessed with `preprocess_batch`.
+so frames are decoded at full size and preprocessed with `preprocess_batch`. Batches are decoded in the
+thread that iterates the source (in a run: the pipeline's decode thread, capsule_batch.stages).
 """
 
 from __future__ import annotations
@@ -29,29 +30,24 @@ from capsule_batch.sources.base import (
     empty_pixels,
     to_pixels,
 )
-from capsule_batch.sources.prefetch import PrefetchedSource, Prefetcher
 from capsule_batch.sources.video import check_video_path, probe_video, pyav_frames
 
 _logger = logging.getLogger(__name__)
 
 
 @SOURCES.register("decord")
-class DecordSource(PrefetchedSource, FrameSource):
-    """CPU video source; `num_threads` is decord's decoder threads (0 = FFmpeg's choice), `prefetch` the
-    number of ready batches the worker may hold."""
+class DecordSource(FrameSource):
+    """CPU video source; `num_threads` is decord's decoder threads (0 = FFmpeg's choice)."""
 
     requires = ("decord", "pip install decord")
 
-    def __init__(self, path: str | Path, preprocess: Preprocess, *, num_threads: int = 0, prefetch: int = 2,
-                 **kw: Any):
+    def __init__(self, path: str | Path, preprocess: Preprocess, *, num_threads: int = 0, **kw: Any):
         super().__init__(path, preprocess, **kw)
         try:
             import decord
         except ImportError:
             raise MissingPackageError("decord", "decord", "the decord source") from None
         self._info = probe_video(self.path)  # raises SourceError for files that are no video at all
-        self.prefetch = prefetch
-        self._prefetcher: Prefetcher | None = None
         try:
             self._reader = decord.VideoReader(str(self.path), ctx=decord.cpu(0), num_threads=num_threads)
         except decord.DECORDError as e:
@@ -105,17 +101,18 @@ class DecordSource(PrefetchedSource, FrameSource):
         if buf:
             yield np.stack(buf), np.asarray(idx, np.int64), np.asarray(pts), ()
 
-    def _produce(self) -> Iterator[FrameBatch]:
+    def __iter__(self) -> Iterator[FrameBatch]:
         if self._reader is None and not self._salvage:
             raise SourceError(f"{self.path}: source is closed")
+        self.frames_decoded = 0
         raw = self._salvage_batches() if self._salvage else self._decord_batches()
         for frames, idx, pts, failures in raw:
             if len(idx):
                 pixels = to_pixels(frames, self.preprocess, self.device, self.dtype)
             else:
                 pixels = empty_pixels(self.preprocess, self.device, self.dtype)
+            self.frames_decoded += len(idx)
             yield FrameBatch(pixels, idx, pts, failures)
 
     def close(self) -> None:
-        self.close_prefetcher()
         self._reader = None

@@ -1,4 +1,4 @@
-"""`images`: folders of frames (JPEG/PNG) in natural sort order, decoded with PIL in a prefetch thread.
+"""`images`: folders of frames (JPEG/PNG) in natural sort order, decoded with PIL in a small thread pool.
 
 Frame i is the i-th file in natural order (`frame_2` before `frame_10`). Grayscale, palette, RGBA
 (alpha dropped, as the reference does) and 16-bit images (scaled to 8 bits, not clipped) become RGB.
@@ -27,7 +27,6 @@ from capsule_batch.sources.base import (
     list_frames,
     to_pixels,
 )
-from capsule_batch.sources.prefetch import PrefetchedSource, Prefetcher
 
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
@@ -48,18 +47,16 @@ def load_rgb(path: Path) -> np.ndarray:
 
 
 @SOURCES.register("images")
-class ImageFolderSource(PrefetchedSource, FrameSource):
-    """`workers` decode threads (PIL releases the GIL while decoding); `prefetch` ready batches ahead;
-    `fps` the capture rate, if known, for timestamps."""
+class ImageFolderSource(FrameSource):
+    """`workers` decode threads (PIL releases the GIL while decoding); `fps` the capture rate, if known, for
+    timestamps."""
 
-    def __init__(self, path: str | Path, preprocess: Preprocess, *, workers: int = 2, prefetch: int = 2,
-                 fps: float | None = None, **kw: Any):
+    def __init__(self, path: str | Path, preprocess: Preprocess, *, workers: int = 2, fps: float | None = None,
+                 **kw: Any):
         super().__init__(path, preprocess, **kw)
         self.fps = fps
         self.files = list_frames(self.path)
         self.workers = max(1, int(workers))
-        self.prefetch = prefetch
-        self._prefetcher: Prefetcher | None = None
 
     @classmethod
     def accepts(cls, path: Path) -> tuple[bool, str]:
@@ -78,7 +75,7 @@ class ImageFolderSource(PrefetchedSource, FrameSource):
         return RecordingInfo(path=self.path, kind="frames", frame_count=len(self.files), fps=self.fps,
                              width=w, height=h, codec=self.files[0].suffix.lower().lstrip("."))
 
-    def _produce(self) -> Iterator[FrameBatch]:
+    def __iter__(self) -> Iterator[FrameBatch]:
         def load(i: int) -> tuple[int, np.ndarray | None, str]:
             try:
                 return i, load_rgb(self.files[i]), ""
@@ -86,6 +83,7 @@ class ImageFolderSource(PrefetchedSource, FrameSource):
                 return i, None, f"{self.files[i].name}: cannot decode ({e})"
 
         failures: list[DecodeFailure] = []
+        self.frames_decoded = 0
         with ThreadPoolExecutor(self.workers, thread_name_prefix="images") as pool:
             for lo in range(self.start, len(self.files), self.batch_size):
                 hi = min(lo + self.batch_size, len(self.files))
@@ -98,6 +96,7 @@ class ImageFolderSource(PrefetchedSource, FrameSource):
                 if not ok and hi < len(self.files):
                     continue  # failures ride with the next batch that has frames
                 idx = np.asarray([i for i, _ in ok], np.int64)
+                self.frames_decoded += len(idx)
                 yield FrameBatch(self._pixels([img for _, img in ok]), idx, self._pts(idx),
                                  tuple(failures))
                 failures = []
@@ -114,5 +113,3 @@ class ImageFolderSource(PrefetchedSource, FrameSource):
             return to_pixels(np.stack(imgs), self.preprocess, self.device, self.dtype)
         return torch.cat([to_pixels(im[None], self.preprocess, self.device, self.dtype) for im in imgs])
 
-    def close(self) -> None:
-        self.close_prefetcher()

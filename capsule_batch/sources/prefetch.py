@@ -1,23 +1,30 @@
-"""Run a producer generator in a thread behind a bounded queue, so decoding overlaps the consumer.
+"""Run a producer generator in a thread behind a bounded queue, so producing overlaps the consumer.
 
-A worker exception is re-raised in the consumer (never a hang), and `close()` stops the thread even
-when the consumer stops early: the worker checks a stop flag between items and never blocks forever
-on a full queue.
+The pipeline's decode stage is one of these around a `FrameSource` (capsule_batch.stages): the only thread
+a recording is decoded in. A worker exception is re-raised in the consumer (never a hang), a worker that ends
+without a result is an error, and `close()` stops the thread even when the consumer stops early: the worker
+checks a stop flag between items and never blocks forever on a full queue.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-_DONE = object()
+#: what `Prefetcher.get` returns once the producer is exhausted
+END = object()
 
 
 class _Raised:
     def __init__(self, exc: BaseException):
         self.exc = exc
+
+
+class WorkerDied(RuntimeError):
+    """The worker thread ended without handing on an end or an error."""
 
 
 class Prefetcher:
@@ -44,26 +51,34 @@ class Prefetcher:
             for item in self._produce():
                 if not self._put(item):
                     return
-            self._put(_DONE)
+            self._put(END)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
             self._put(_Raised(e))
 
-    def __iter__(self) -> Iterator[Any]:
+    def get(self, timeout: float | None = None) -> Any:
+        """The next item, or `END` after the last one. Re-raises the worker's exception; `queue.Empty` when
+        nothing came within `timeout` seconds (None: wait); `WorkerDied` when the worker is gone without a result."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            wait = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
             try:
-                item = self._queue.get(timeout=0.5)
+                item = self._queue.get(timeout=wait)
             except queue.Empty:
                 if not self._thread.is_alive() and self._queue.empty():
-                    raise RuntimeError("prefetch worker died without a result") from None
+                    raise WorkerDied(f"{self._thread.name}: the worker thread ended without a result") from None
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
                 continue
-            if item is _DONE:
-                return
             if isinstance(item, _Raised):
                 raise item.exc
+            return item
+
+    def __iter__(self) -> Iterator[Any]:
+        while (item := self.get()) is not END:
             yield item
 
-    def close(self) -> None:
-        """Stop the worker and wait for it (it finishes its current item first)."""
+    def close(self, timeout: float = 30) -> None:
+        """Stop the worker and wait for it up to `timeout` seconds (it finishes its current item first)."""
         self._stop.set()
         while True:  # unblock a worker waiting on a full queue
             try:
@@ -71,35 +86,4 @@ class Prefetcher:
             except queue.Empty:
                 break
         if self._thread is not threading.current_thread():
-            self._thread.join(timeout=30)
-
-
-class PrefetchedSource:
-    """Mixin for sources whose `_produce()` generator of FrameBatches runs in a prefetch thread.
-
-    The host class sets `prefetch` (queue depth) and `_prefetcher = None` in its constructor; iterating
-    counts `frames_decoded`, and stopping early or closing ends the thread.
-    """
-
-    prefetch: int
-    _prefetcher: Prefetcher | None
-
-    def _produce(self) -> Iterator[Any]:
-        raise NotImplementedError
-
-    def __iter__(self) -> Iterator[Any]:
-        self.close_prefetcher()
-        self.frames_decoded = 0
-        name = f"{getattr(self, 'name', 'source')}:{getattr(getattr(self, 'path', None), 'name', '')}"
-        self._prefetcher = Prefetcher(self._produce, depth=self.prefetch, name=name)
-        try:
-            for batch in self._prefetcher:
-                self.frames_decoded += len(batch)
-                yield batch
-        finally:
-            self.close_prefetcher()
-
-    def close_prefetcher(self) -> None:
-        if self._prefetcher is not None:
-            self._prefetcher.close()
-            self._prefetcher = None
+            self._thread.join(timeout=timeout)

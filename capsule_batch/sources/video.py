@@ -1,14 +1,22 @@
-"""What video sources share: probing the container with PyAV, and a sequential PyAV decode that salvages
-the frames before the damage in a file that an indexing decoder refuses (a truncated recording)."""
+"""What video sources share: probing the container with PyAV, a sequential PyAV decode that salvages the
+frames before the damage in a file that an indexing decoder refuses (a truncated recording), and `VideoFrames`,
+the one way to read single frames (the review app by timestamp, training by frame number)."""
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+import threading
 from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from capsule_batch.errors import SourceError
 from capsule_batch.sources.base import RecordingInfo, is_synthetic_spec
+
+_logger = logging.getLogger(__name__)
 
 
 def check_video_path(path: Path) -> tuple[bool, str]:
@@ -63,3 +71,114 @@ def pyav_frames(path: Path, start: int, claimed: int | None) -> Iterator[tuple[A
         return
     if claimed and i < claimed:
         yield None, max(i, start), f"decoding stopped after {i} of the {claimed} frames the container lists"
+
+
+_pts_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=64)
+def _timestamps(path: str) -> tuple[int, ...]:
+    import av
+
+    try:
+        with av.open(path) as c:
+            stream = c.streams.video[0]
+            return tuple(sorted(p.pts for p in c.demux(stream) if p.pts is not None and p.size > 0))
+    except (av.error.FFmpegError, IndexError, OSError) as e:
+        raise SourceError(f"{path}: cannot read video ({e})") from e
+
+
+def frame_timestamps(path: str | os.PathLike) -> tuple[int, ...]:
+    """Presentation timestamps (stream time base) of every frame of the first video stream, in frame order, from
+    the demuxer without decoding: frame i is the i-th in presentation order. Cached per path (64 files)."""
+    with _pts_lock:
+        return _timestamps(str(path))
+
+
+class VideoFrames:
+    """Single frames of one video file, frame-exact: one open container, reads guarded by a lock.
+
+    A read seeks to the keyframe before the target and decodes forward to the frame whose timestamp reaches the
+    target's: the first frame after a seek is usually not the target."""
+
+    def __init__(self, path: str | os.PathLike):
+        import av
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SourceError(f"{self.path}: no such recording")
+        try:
+            self._c = av.open(str(self.path))
+        except av.error.FFmpegError as e:
+            raise SourceError(f"{self.path}: cannot open the recording ({e})") from e
+        if not self._c.streams.video:
+            self._c.close()
+            raise SourceError(f"{self.path}: no video stream")
+        self._s = self._c.streams.video[0]
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._c.close()
+
+    def __enter__(self) -> VideoFrames:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def frame_count(self) -> int:
+        return len(frame_timestamps(self.path))
+
+    def read(self, index: int) -> Any:
+        """Frame `index` (0-based, presentation order) as an av.VideoFrame."""
+        import av
+
+        pts = frame_timestamps(self.path)
+        if not 0 <= index < len(pts):
+            raise SourceError(f"{self.path}: frame {index} out of range (the video has {len(pts)} frames)")
+        try:
+            with self._lock:
+                for frame in self._decode_from(pts[index]):
+                    if frame.pts >= pts[index]:
+                        return frame
+        except (av.error.FFmpegError, OSError) as e:
+            raise SourceError(f"{self.path}: cannot decode frame {index} ({e})") from e
+        raise SourceError(f"{self.path}: frame {index} (pts {pts[index]}) not found after seeking")
+
+    def read_at(self, seconds: float) -> Any:
+        """The frame shown at `seconds` (a study's stored timestamp) as an av.VideoFrame: the frame whose timestamp
+        is nearest to it (a stored timestamp is a frame's own, up to float rounding; frame rates may vary)."""
+        tb = self._s.time_base or Fraction(1, 90000)
+        last = None
+        with self._lock:
+            for frame in self._decode_from(int(seconds / tb)):
+                t = float(frame.pts * tb)
+                if t >= seconds:
+                    if last is not None and seconds - float(last.pts * tb) < t - seconds:
+                        return last
+                    if last is not None and t - seconds > 1e-3:
+                        _logger.debug("%s: no frame at %.4f s; showing %.4f s", self.path, seconds, t)
+                    return frame
+                last = frame
+        if last is None:
+            raise SourceError(f"{self.path}: no frame at {seconds:.3f} s")
+        return last
+
+    def _decode_from(self, target: int) -> Iterator[Any]:
+        """Frames (with a timestamp) decoded forward from a keyframe at or before `target` (stream time base).
+
+        FFmpeg seeks by decode timestamps, which run ahead of presentation timestamps where there are B-frames:
+        a seek to `target` can land on the keyframe just after it (seen with variable frame rate H.264). Then an
+        earlier point is sought, twice as far back each time, until the first frame is not past the target."""
+        at, back = target, 1
+        while True:
+            self._c.seek(max(0, at), stream=self._s, backward=True, any_frame=False)
+            frames = (f for f in self._c.decode(self._s) if f.pts is not None)
+            first = next(frames, None)
+            if first is None or first.pts <= target or at <= 0:
+                if first is not None:
+                    yield first
+                yield from frames
+                return
+            back = max(2 * back, first.pts - target)
+            at = target - back

@@ -1,0 +1,170 @@
+"""One way through: recordings -> study files. `capsule-batch run`, the demo, `bench` and the benchmark scripts
+all run recordings with `run_recordings`.
+
+Layers, as nnU-Net's entry points (files -> sources -> a stream of batches):
+- `run_recordings(recordings, bundle, out_dir, engine=..., options=...)` does what every batch of recordings
+  needs once: this process's shard of them (`select_shard`), the output folder's writability probe, a worker
+  process when asked (capsule_batch.isolation: a native crash then fails one recording, not the batch), the
+  bundle loaded and the engine built (`EngineSpec`, or an engine the caller built), then `Pipeline.run_many`;
+- `Pipeline.run` (capsule_batch.pipeline) runs one recording into one study file, sequencing the stages of
+  capsule_batch.stages (decode thread -> engine -> writer thread).
+A recording is a path (video file, frame folder, `synthetic:` spec), opened with `open_source`, or a
+`FrameSource` object used as it is, so that a test or a script can feed frames without registering a source.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from capsule_batch.errors import CapsuleError, StudyError
+from capsule_batch.files import unwritable
+from capsule_batch.pipeline import Pipeline, Recording, RunOptions, StudyResult, recording_path
+from capsule_batch.sources.base import FrameSource
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineSpec:
+    """How to build a run's engine (`create_engine`'s arguments); built only where recordings are run, never in a
+    supervisor process. `device` `auto` under torchrun is the GPU of LOCAL_RANK; `max_batch` None: the run's
+    batch size; `options` go to the backend (compile, cuda_graphs, threads, store, rebuild)."""
+
+    backend: str = "auto"
+    device: Any = "auto"
+    precision: str = "auto"
+    max_batch: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, bundle: Any, batch_size: int = 64) -> Any:
+        from capsule_batch.backends.base import create_engine
+
+        return create_engine(bundle, backend=self.backend, device=run_device(self.device), precision=self.precision,
+                             max_batch=self.max_batch or batch_size, **self.options)
+
+
+@dataclass
+class Batch:
+    """What `run_recordings` did: one result per recording of this shard."""
+
+    results: list[StudyResult]
+    rank: int = 0
+    world_size: int = 1
+    #: this process is a worker of capsule_batch.isolation (its supervisor reports the results)
+    worker: bool = False
+    #: a worker process ended before its first recording with this exit code (it said why on stderr)
+    worker_exit: int | None = None
+
+    @property
+    def failed(self) -> list[StudyResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+    @property
+    def interrupted(self) -> list[StudyResult]:
+        return [r for r in self.results if r.status == "interrupted"]
+
+    @property
+    def exit_code(self) -> int:
+        """The command's exit code: 130 interrupted, 1 a recording failed (a worker: 0, its supervisor says), 0."""
+        if self.worker_exit is not None:
+            return self.worker_exit
+        if self.interrupted:
+            return 130
+        return 1 if self.failed and not self.worker else 0
+
+
+def run_recordings(recordings: Sequence[Recording], bundle: Any, out_dir: str | os.PathLike, *,
+                   engine: Any = None, options: RunOptions | None = None, stop: threading.Event | None = None,
+                   shard: tuple[int, int] = (0, 1), isolate: bool | None = False) -> Batch:
+    """Run this shard of `recordings` into OUT_DIR/<stem>.h5 each (see the module docstring).
+
+    `bundle`: a ModelBundle or its folder. `engine`: an `EngineSpec` (default: all `auto`), built here and closed
+    at the end, or an engine object the caller keeps. `stop` ends the run cleanly (the CLI sets it on SIGINT).
+    `isolate`: run in worker processes started with this process's own command line (for command-line programs
+    whose run is all they do); None: when the shard has more than one recording. Raises CapsuleError for what
+    stops the whole batch (an unwritable folder, a bundle or engine that cannot load); a recording that fails
+    is a failed result and the others go on."""
+    from capsule_batch.isolation import Supervisor, worker_argv, worker_report
+
+    options = options or RunOptions()
+    stop = stop or threading.Event()
+    rank, world = shard
+    mine = select_shard(recordings, rank, world)
+    check_writable(out_dir)
+    worker = worker_report()
+    if worker is None and (isolate if isolate is not None else len(mine) > 1):
+        if any(isinstance(r, FrameSource) for r in mine):
+            raise CapsuleError("a FrameSource object cannot go to a worker process: pass its path, or isolate=False")
+        if stop.is_set():
+            return Batch([StudyResult(str(r), "interrupted", error="not started: interrupted") for r in mine],
+                         rank, world)
+        results, rc = Supervisor([str(r) for r in mine], worker_argv(), out_dir).run()
+        return Batch(results, rank, world, worker_exit=rc)
+    from capsule_batch.bundle import ModelBundle
+
+    if not isinstance(bundle, ModelBundle):
+        bundle = ModelBundle.load(bundle)
+    own = engine is None or isinstance(engine, EngineSpec)
+    eng = (engine or EngineSpec()).build(bundle, options.batch_size) if own else engine
+    try:
+        _logger.info("rank %d/%d: %d of %d recordings", rank, world, len(mine), len(recordings))
+        report, skip = worker if worker is not None else (None, 0)
+        results = Pipeline(bundle, eng, options, stop).run_many(mine[skip:], out_dir, report=report)
+    finally:
+        if own:
+            eng.close()
+    return Batch(results, rank, world, worker=worker is not None)
+
+
+def run_device(spec: Any) -> Any:
+    """A device spec for `create_engine`; under torchrun `auto` is the GPU of this process's LOCAL_RANK."""
+    from capsule_batch.devices import cuda_available, resolve_device
+
+    if spec == "auto" and "LOCAL_RANK" in os.environ and cuda_available():
+        return resolve_device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+    return resolve_device(spec if spec is None or isinstance(spec, str) else str(spec))
+
+
+def check_writable(out_dir: str | os.PathLike) -> None:
+    """Create `out_dir` and prove a file can be written there, before any work (capsule_batch.files.unwritable)."""
+    why = unwritable(out_dir, create=True)
+    if why:
+        raise StudyError(f"{out_dir}: cannot write study files here ({why}); choose another -o folder")
+
+
+def select_shard(recordings: Iterable[Recording], rank: int, world_size: int) -> list[Any]:
+    """Recordings sorted (by path), then every `world_size`-th from `rank`: each goes to exactly one process.
+    Paths come back as strings, FrameSource objects as themselves."""
+    if not 0 <= rank < world_size:
+        raise CapsuleError(f"shard {rank}/{world_size}: need 0 <= I < N")
+    ordered = sorted(recordings, key=lambda r: str(recording_path(r)))
+    return [r if isinstance(r, FrameSource) else str(r) for i, r in enumerate(ordered) if i % world_size == rank]
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """`I/N` -> (I, N); ValueError with the reason when it is not a valid shard."""
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError("expected I/N, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError("need N >= 1 and 0 <= I < N")
+    return i, n
+
+
+def resolve_shard(spec: str | None, env: dict[str, str] | None = None) -> tuple[int, int]:
+    """`--shard I/N` wins; else torchrun's RANK/WORLD_SIZE; else (0, 1)."""
+    env = os.environ if env is None else env
+    if spec:
+        try:
+            return parse_shard(spec)
+        except ValueError as e:
+            raise CapsuleError(f"--shard {spec!r}: {e}") from None
+    if "WORLD_SIZE" in env:
+        return int(env.get("RANK", "0")), int(env["WORLD_SIZE"])
+    return 0, 1
