@@ -151,7 +151,24 @@ def augment(x: Any, rng: np.random.Generator, ac: dict[str, Any]) -> Any:
     return torch.stack(out)
 
 
-def _optimizer(student: Any, tc: dict[str, Any]) -> Any:
+def train_step(student: Any, teacher: Any, optimizer: Any, scaler: Any, x: Any, mask: Any, params: list[Any],
+               grad_clip: float, dtype: Any) -> Any:
+    """One update: the teacher's targets for the whole frames, the student's loss on the masked patches, the
+    optimizer step (gradients unscaled, then clipped); returns the loss, detached."""
+    import torch
+
+    with _autocast(x.device, dtype):
+        loss = mim_loss(student(x, mask), teacher_targets(teacher, x), mask)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
+def make_optimizer(student: Any, tc: dict[str, Any]) -> Any:
     from timm.optim import create_optimizer_v2
 
     name = str(tc["optimizer"]).lower()
@@ -196,7 +213,7 @@ def _adapt(start: Start, dist: Dist, run_dir: Path,
     _logger.info("teacher: the starting weights (%s), frozen; not trained (off the features' path): %s",
                  init_info.get("init"), ", ".join(frozen) or "-")
     dtype = _precision(rc["precision"], dist.device)
-    optimizer = _optimizer(student, tc)
+    optimizer = make_optimizer(student, tc)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=dtype == torch.float16)
     rec_list = [[str(r.path), r.frames] for r in recordings]
 
@@ -250,19 +267,12 @@ def _adapt(start: Start, dist: Dist, run_dir: Path,
                 g["lr"] = lr
             x = augment(x.to(dist.device, non_blocking=True), aug_rng, ac)
             mask = batch_masks(len(x), grid, float(ac["mask_ratio"]), mask_rng, int(ac["min_block"])).to(dist.device)
-            with _autocast(dist.device, dtype):
-                loss = mim_loss(ddp(x, mask), teacher_targets(teacher, x), mask)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, float(tc["grad_clip"]))
-            scaler.step(optimizer)
-            scaler.update()
+            loss = float(train_step(ddp, teacher, optimizer, scaler, x, mask, params, float(tc["grad_clip"]), dtype))
             step_total += 1
-            stats[0] += float(loss.detach()) * len(x)
+            stats[0] += loss * len(x)
             stats[1] += len(x)
             if dist.main and step % int(rc["log_every"]) == 0:
-                _logger.info("epoch %d step %d/%d loss %.4f lr %.3g", epoch, step, steps, float(loss.detach()), lr)
+                _logger.info("epoch %d step %d/%d loss %.4f lr %.3g", epoch, step, steps, loss, lr)
             wait = time.perf_counter()
         c = stream.counts
         counts = torch.tensor([c.visits, c.decoded, c.left_out, c.failures], dtype=torch.float64)
