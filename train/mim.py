@@ -2,10 +2,10 @@
 
 EVA-02's recipe with the starting weights as the teacher: the student sees a frame whose patches are
 replaced, in rectangular blocks, by a learned mask token, and predicts through a linear head what the
-frozen teacher computes for those patches on the whole frame (its final, normalised patch features);
-the loss is 1 - cosine similarity, over the masked patches only. The teacher never changes, so the
-targets cannot collapse and the features stay in the space the classifier was trained on, while the
-student learns the look of the new recordings (why this objective: docs/training.md).
+frozen teacher computes for those patches on the whole frame (its final patch features, standardised
+over the frame's patches); the loss is 1 - cosine similarity, over the masked patches only. The teacher
+never changes, so the targets cannot collapse and the features stay in the space the classifier was
+trained on, while the student learns the look of the new recordings (why this objective: docs/training.md).
 """
 
 from __future__ import annotations
@@ -114,11 +114,21 @@ def make_teacher(backbone: Any) -> Any:
 
 
 def teacher_targets(teacher: Any, x: Any) -> Any:
-    """The teacher's final patch features of the unmasked frames: (B, N, dim)."""
+    """The teacher's final patch features of the unmasked frames, standardised per channel over each frame's
+    patches: (B, N, dim).
+
+    A ViT's patch features share a large common component (their cosine similarity is near 1 whatever the
+    content), which would let a student score almost perfectly by predicting it; removing each frame's mean
+    over its patches (and scaling each channel to unit variance, data2vec's instance norm) leaves what is
+    specific to each patch.
+    """
     import torch
 
     with torch.no_grad():
-        return teacher.forward_features(x)[:, teacher.num_prefix_tokens :]
+        feats = teacher.forward_features(x)[:, teacher.num_prefix_tokens :].float()
+        mean = feats.mean(1, keepdim=True)
+        var = feats.var(1, unbiased=False, keepdim=True)
+        return (feats - mean) / torch.sqrt(var + 1e-6)
 
 
 def mim_loss(pred: Any, targets: Any, mask: Any) -> Any:
