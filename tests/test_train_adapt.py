@@ -231,7 +231,7 @@ def test_filter_leaves_out_frames_the_bundle_calls_uninformative(data: dict[str,
         mid = np.sort(p)[len(p) // 4 : 3 * len(p) // 4]
         k = int(np.argmax(np.diff(mid)))
         threshold = float(mid[k] + mid[k + 1]) / 2
-        flt = FrameFilter(fb, ["Angioectasia", "Foreign Body"], threshold, "cpu", 8)
+        flt = FrameFilter(fb, ["Angioectasia", "Foreign Body"], threshold, "cpu")
         stream = FrameStream(recs, PRE, source="decord", clip=8, visits=20, seed=1, epoch=0, buffer=16,
                              frame_filter=flt)
         frames = [int(f) for _, _, fr in stream.batches(8, 12) for f in fr]
@@ -241,7 +241,7 @@ def test_filter_leaves_out_frames_the_bundle_calls_uninformative(data: dict[str,
         assert c.left_out > 0 and c.decoded == 8 * c.visits
         assert c.decoded - c.left_out >= 96
     with pytest.raises(Exception, match=r"adapt.filter.classes: \['Bubbles'\] are not classes of"):
-        FrameFilter(fb, ["Bubbles"], 0.5, "cpu", 8)
+        FrameFilter(fb, ["Bubbles"], 0.5, "cpu")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,6 +315,7 @@ def test_cli_adapt_then_finetune_from_its_run(data: dict[str, Path], tmp_path: P
     (["adapt.recordings=['/no/such/*.mp4']"], "matches no file or folder"),
     (["model.init=null"], "adapt: give the starting weights"),
     (["adapt.mask_ratio=1.5"], "adapt.mask_ratio: must be in (0, 1)"),
+    (["adapt.crop_scale=half"], "adapt.crop_scale: must be [min, max] area fractions"),
     (["adapt.frames_per_epoch=8"], "adapt.frames_per_epoch: must be an integer >= train.batch_size"),
     (["adapt.filter.bundle=START", "adapt.filter.classes=[]"], "adapt.filter.classes: name the classes"),
     (["adapt.maskratio=0.5"], "unknown config key 'adapt.maskratio'"),

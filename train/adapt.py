@@ -102,25 +102,32 @@ def resolve_start(cfg: dict[str, Any]) -> Start:
 
 
 def _check(cfg: dict[str, Any], world: int) -> None:
+    """The adapt keys, checked before anything starts: a bad value is a message naming the key."""
     ac, tc = cfg["adapt"], cfg["train"]
+    batch = int(tc["batch_size"])
 
-    def need(ok: bool, key: str, what: str) -> None:
-        if not ok:
+    def integer(v: Any, lo: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+    checks: list[tuple[str, Callable[[Any], bool], str]] = [
+        ("clip", lambda v: integer(v, 1), "must be an integer >= 1"),
+        ("frames_per_epoch", lambda v: integer(v, batch * world),
+         f"must be an integer >= train.batch_size x ranks ({batch * world})"),
+        ("mask_ratio", lambda v: 0 < float(v) < 1, "must be in (0, 1)"),
+        ("min_block", lambda v: integer(v, 1), "must be an integer >= 1"),
+        ("crop_scale", lambda v: len(v) == 2 and 0 < float(v[0]) <= float(v[1]) <= 1,
+         "must be [min, max] area fractions with 0 < min <= max <= 1"),
+        *[(k, lambda v: 0 <= float(v) <= 1, "must be a probability in [0, 1]") for k in ("hflip", "vflip", "rot90")],
+        ("warmup_steps", lambda v: integer(v, 0), "must be an integer >= 0"),
+        ("shuffle_frames", lambda v: integer(v, 1), "must be an integer >= 1"),
+    ]
+    for key, ok, what in checks:
+        try:
+            good = bool(ok(ac[key]))
+        except (TypeError, ValueError):
+            good = False
+        if not good:
             raise TrainError(f"adapt.{key}: {what}, got {ac[key]!r}")
-
-    need(isinstance(ac["clip"], int) and ac["clip"] >= 1, "clip", "must be an integer >= 1")
-    need(isinstance(ac["frames_per_epoch"], int) and ac["frames_per_epoch"] >= int(tc["batch_size"]) * world,
-         "frames_per_epoch", f"must be an integer >= train.batch_size x ranks ({int(tc['batch_size']) * world})")
-    need(0 < float(ac["mask_ratio"]) < 1, "mask_ratio", "must be in (0, 1)")
-    need(isinstance(ac["min_block"], int) and ac["min_block"] >= 1, "min_block", "must be an integer >= 1")
-    cs = ac["crop_scale"]
-    need(isinstance(cs, list) and len(cs) == 2 and 0 < float(cs[0]) <= float(cs[1]) <= 1, "crop_scale",
-         "must be [min, max] area fractions with 0 < min <= max <= 1")
-    for k in ("hflip", "vflip", "rot90"):
-        need(0 <= float(ac[k]) <= 1, k, "must be a probability in [0, 1]")
-    need(isinstance(ac["warmup_steps"], int) and ac["warmup_steps"] >= 0, "warmup_steps", "must be an integer >= 0")
-    need(isinstance(ac["shuffle_frames"], int) and ac["shuffle_frames"] >= 1, "shuffle_frames",
-         "must be an integer >= 1")
 
 
 def augment(x: Any, rng: np.random.Generator, ac: dict[str, Any]) -> Any:
@@ -197,12 +204,12 @@ def _adapt(start: Start, dist: Dist, run_dir: Path,
     random.seed(seed)
     entries = ac["recordings"] or []
     entries = [entries] if isinstance(entries, str) else list(entries)
-    recordings: list[Recording] = _broadcast(dist, find_recordings(entries, pre, ac["source"]) if dist.main else None)
+    recordings: list[Recording] = _broadcast(
+        dist, find_recordings(entries, pre, ac["source"], dist.device) if dist.main else None)
     fc = ac["filter"]
     frame_filter = None
     if fc.get("bundle"):
-        frame_filter = FrameFilter(fc["bundle"], list(fc.get("classes") or []), float(fc["threshold"]), dist.device,
-                                   int(ac["clip"]))
+        frame_filter = FrameFilter(fc["bundle"], list(fc.get("classes") or []), float(fc["threshold"]), dist.device)
 
     model, init_info = build_model(cfg, classes)
     model.to(dist.device)

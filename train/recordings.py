@@ -54,7 +54,7 @@ class Counts:
     per_recording: dict[int, int] = field(default_factory=dict)  # frames used, by recording index
 
 
-def find_recordings(entries: list[Any], pre: Preprocess, source: str) -> list[Recording]:
+def find_recordings(entries: list[Any], pre: Preprocess, source: str, device: Any = "cpu") -> list[Recording]:
     """The recordings named by `entries` (paths or glob patterns), each opened once to learn its length."""
     from capsule_batch.sources import open_source
 
@@ -65,7 +65,7 @@ def find_recordings(entries: list[Any], pre: Preprocess, source: str) -> list[Re
     for e in entries:
         if not isinstance(e, str) or not e:
             raise RecordingError(f"adapt.recordings: expected a path or glob pattern, got {e!r}")
-        if glob.has_magic(e):
+        if any(c in e for c in "*?["):  # a glob pattern
             found = sorted(glob.glob(e))
             if not found:
                 raise RecordingError(f"adapt.recordings: {e!r} matches no file or folder")
@@ -78,7 +78,7 @@ def find_recordings(entries: list[Any], pre: Preprocess, source: str) -> list[Re
         if p.resolve() in seen:
             raise RecordingError(f"{p}: listed twice in adapt.recordings")
         seen.add(p.resolve())
-        with open_source(p, pre, source=source, batch_size=64) as src:
+        with open_source(p, pre, source=source, batch_size=64, device=device) as src:
             n = src.info().frame_count
             if not n:  # the container does not say: count by decoding once
                 _logger.warning("%s: no frame count in the container; decoding it once to count", p)
@@ -129,7 +129,7 @@ class FrameFilter:
     visit is read a second time with the bundle's (the same frames, by number).
     """
 
-    def __init__(self, bundle_path: str | Path, classes: list[str], threshold: float, device: Any, batch_size: int):
+    def __init__(self, bundle_path: str | Path, classes: list[str], threshold: float, device: Any):
         import torch
 
         from capsule_batch.bundle import ModelBundle
@@ -148,7 +148,7 @@ class FrameFilter:
         if not 0 < threshold <= 1:
             raise RecordingError(f"adapt.filter.threshold: must be in (0, 1], got {threshold}")
         self.columns = [self.bundle.class_names.index(c) for c in classes]
-        self.threshold, self.device, self.batch_size = float(threshold), device, batch_size
+        self.threshold, self.device = float(threshold), device
         self.model = self.bundle.create_model().to(device)
         self.pre = self.bundle.preprocess
         self._torch = torch
