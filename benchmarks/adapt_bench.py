@@ -1,6 +1,6 @@
 """Does `python -m train adapt` help under a domain shift? Source-only fine-tuning vs adapt + the same fine-tuning.
 
-    python benchmarks/adapt_bench.py --seeds 0,1,2 --out benchmarks/results/adapt_cpu.jsonl
+    python benchmarks/adapt_bench.py --seeds 0,1,2,3 --work runs/adapt-bench --out benchmarks/results/adapt_cpu.jsonl
 
 The set-up a hospital is in, on synthetic recordings (`capsule_batch.synth`, a tiny EVA-02, CPU):
 - a labelled **source** domain (the default look): training recordings and a validation recording;
@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                    "adapt_frames_per_epoch": args.adapt_frames, "adapt_lr": args.adapt_lr,
                    "target_test_frames": lines[0]["target_test"]["count"] if lines else 0},
         "seconds": round(time.perf_counter() - t_start, 1),
+        "cpu_seconds": round(time.process_time(), 1),  # all threads of this process: wall / cpu shows the sharing
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()},
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
