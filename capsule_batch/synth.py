@@ -8,6 +8,11 @@ them. Recordings are written with real encoders (PyAV's FFmpeg: libx264, MJPEG, 
 PNG/JPEG frame folders, with `<stem>.labels.csv` (frame -> class) and `<stem>.findings.csv` (one
 row per injected finding) beside them.
 
+A `Style` changes how the camera sees the same scene (overall lighting, a colour cast, the texture's
+scale, the strength of the vignetting) without changing its schedule of findings: recordings of one
+seed in two styles show the same findings on the same frames in two visual domains. The default
+style is the original look, byte for byte.
+
 An optional stamp encodes the frame number as 20 black/white cells in the top-left corner, sized
 relative to the frame so it survives resizing; `read_stamp` reads it back.
 """
@@ -58,6 +63,40 @@ class Finding:
     ty: float
     radius: float
     seed: int
+
+
+@dataclass(frozen=True)
+class Style:
+    """How the camera renders a scene: one visual domain. The defaults are the original look.
+
+    `lighting` scales the illumination, `color_cast` multiplies R, G, B (white balance of another sensor),
+    `texture_scale` > 1 magnifies the mucosa texture about the frame centre (a closer or wider-angle camera;
+    findings keep their size), `vignette` scales the darkening towards the edge (0: none, 1: the original).
+    """
+
+    lighting: float = 1.0
+    color_cast: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    texture_scale: float = 1.0
+    vignette: float = 1.0
+
+    def __post_init__(self) -> None:
+        cast = tuple(float(c) for c in self.color_cast)
+        object.__setattr__(self, "color_cast", cast)
+        if not 0 < self.lighting <= 4:
+            raise CapsuleError(f"lighting must be in (0, 4], got {self.lighting}")
+        if len(cast) != 3 or not all(0 < c <= 4 for c in cast):
+            raise CapsuleError(f"color cast must be three gains in (0, 4], got {self.color_cast}")
+        if not 0.25 <= self.texture_scale <= 8:
+            raise CapsuleError(f"texture scale must be in [0.25, 8], got {self.texture_scale}")
+        if not 0 <= self.vignette <= 4:
+            raise CapsuleError(f"vignette must be in [0, 4], got {self.vignette}")
+
+    def to_dict(self) -> dict[str, object]:
+        return {"lighting": self.lighting, "color_cast": list(self.color_cast), "texture_scale": self.texture_scale,
+                "vignette": self.vignette}
+
+
+DEFAULT_STYLE = Style()
 
 
 @dataclass
@@ -114,8 +153,8 @@ class Scene:
     """Renders frame i of a recording; all randomness comes from the seed."""
 
     def __init__(self, size: int, frames: int, seed: int, fps: float, findings_per_1000: float,
-                 classes: tuple[str, ...] = FINDING_CLASSES, stamp: bool = False):
-        self.size, self.frames, self.seed, self.stamp = size, frames, seed, stamp
+                 classes: tuple[str, ...] = FINDING_CLASSES, stamp: bool = False, style: Style = DEFAULT_STYLE):
+        self.size, self.frames, self.seed, self.stamp, self.style = size, frames, seed, stamp, style
         rng = np.random.default_rng(seed)
         self.tex_size = t = 4 * size
         n1 = _smooth_noise(rng, t, (6, 12, 24, 48, 96))
@@ -132,10 +171,12 @@ class Scene:
         kernel = np.ones(k, np.float32) / k
         vel = np.stack([np.convolve(vel[:, j], kernel, mode="same") for j in range(2)], 1) * 6.0
         self.path = np.cumsum(vel, 0) + rng.uniform(0, t, 2).astype(np.float32)
-        self.light = 0.9 + 0.1 * np.sin(np.arange(max(frames, 1)) / (fps * 20.0) + rng.uniform(0, 6.3))
+        # the style multiplies by exactly 1.0 by default, which leaves every value unchanged
+        light = 0.9 + 0.1 * np.sin(np.arange(max(frames, 1)) / (fps * 20.0) + rng.uniform(0, 6.3))
+        self.light = light * style.lighting
         yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
         r = np.hypot(xx - size / 2 + 0.5, yy - size / 2 + 0.5) / (size / 2)
-        self.vignette = (np.clip(1.05 - 0.55 * r**2, 0, 1) * (r < 0.98))[..., None].astype(np.float32)
+        self.vignette = (np.clip(1.05 - 0.55 * style.vignette * r**2, 0, 1) * (r < 0.98))[..., None].astype(np.float32)
         self.findings = self._schedule(rng, frames, fps, findings_per_1000, classes)
         self._patches: dict[Finding, tuple[np.ndarray, np.ndarray, int]] = {}
         self._by_frame: dict[int, Finding] = {}
@@ -174,20 +215,46 @@ class Scene:
 
     def render(self, i: int) -> np.ndarray:
         """Frame i as (size, size, 3) uint8 RGB."""
-        s, t = self.size, self.tex_size
+        s, t, scale = self.size, self.tex_size, self.style.texture_scale
         ox, oy = (int(v) % t for v in self.path[i])
-        if ox + s <= t and oy + s <= t:
+        if scale != 1.0:
+            img = self._magnified(ox, oy)
+        elif ox + s <= t and oy + s <= t:
             img = self.texture[oy : oy + s, ox : ox + s]
         else:
             img = self.texture[((oy + np.arange(s)) % t)[:, None], ((ox + np.arange(s)) % t)[None, :]]
         img = img * (self.light[i] * self.vignette)
         f = self._by_frame.get(i)
         if f is not None:
-            self._overlay(img, f, (f.tx - ox) % t, (f.ty - oy) % t, self.light[i])
+            if scale != 1.0:  # the texture point under the finding, seen through the magnification
+                c = s / 2
+                cx = c + (((f.tx - ox - c + t / 2) % t) - t / 2) * scale
+                cy = c + (((f.ty - oy - c + t / 2) % t) - t / 2) * scale
+            else:
+                cx, cy = (f.tx - ox) % t, (f.ty - oy) % t
+            self._overlay(img, f, cx, cy, self.light[i])
+        if self.style.color_cast != (1.0, 1.0, 1.0):
+            img = img * np.asarray(self.style.color_cast, np.float32)
         out = np.clip(img, 0, 255).astype(np.uint8)
         if self.stamp:
             draw_stamp(out, i)
         return out
+
+    def _magnified(self, ox: int, oy: int) -> np.ndarray:
+        """The texture under the frame magnified `texture_scale` times about the frame centre (bilinear, wrapping)."""
+        s, t, scale = self.size, self.tex_size, self.style.texture_scale
+        rel = (np.arange(s, dtype=np.float64) - s / 2) / scale + s / 2
+
+        def axis(o: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            pos = o + rel
+            lo = np.floor(pos)
+            frac = (pos - lo).astype(np.float32)
+            return lo.astype(np.int64) % t, (lo.astype(np.int64) + 1) % t, frac
+
+        y0, y1, fy = axis(oy)
+        x0, x1, fx = axis(ox)
+        rows = self.texture[y0] * (1 - fy)[:, None, None] + self.texture[y1] * fy[:, None, None]
+        return rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
 
     def _overlay(self, img: np.ndarray, f: Finding, cx: float, cy: float, light: float) -> None:
         """Apply the finding's cached affine patch (out = img * A + B) centred at (cx, cy), clipped to the frame.
@@ -341,6 +408,7 @@ def synthesize(
     fps: float = 4.0,
     seed: int = 0,
     stamp: bool = False,
+    style: Style = DEFAULT_STYLE,
     findings_per_1000: float = 15.0,
     classes: tuple[str, ...] = FINDING_CLASSES,
     vfr: bool = False,
@@ -352,7 +420,8 @@ def synthesize(
     """Write a synthetic recording and its ground truth; returns where everything went.
 
     `workers` > 1 renders frames in that many processes (each builds the same seeded scene, so the
-    output is identical); encoding stays in this process, in frame order.
+    output is identical); encoding stays in this process, in frame order. `style` picks the visual domain;
+    the findings and labels of a seed are the same in every style.
     """
     out = Path(out)
     codec = codec_for(out, codec)
@@ -374,7 +443,7 @@ def synthesize(
     if out.exists() and not overwrite:
         raise CapsuleError(f"{out}: already exists (use --overwrite)")
 
-    scene_args = (size, frames, seed, fps, findings_per_1000, tuple(classes), stamp)
+    scene_args = (size, frames, seed, fps, findings_per_1000, tuple(classes), stamp, style)
     scene = Scene(*scene_args)
     rng = np.random.default_rng(seed + 1)
     pts = _vfr_pts(frames, fps, rng) if vfr else [Fraction(i) / Fraction(fps).limit_denominator(1000)

@@ -1,4 +1,4 @@
-"""`python -m train {data,pretrain,finetune,evaluate,calibrate,predict} --config FILE [key=value ...]`;
+"""`python -m train {data,pretrain,finetune,adapt,evaluate,calibrate,predict} --config FILE [key=value ...]`;
 `python -m train score PREDICTIONS.xlsx --truth TRUTH` (see train/score.py)."""
 
 from __future__ import annotations
@@ -33,6 +33,12 @@ def _finetune(cfg: dict[str, Any]) -> Any:
     return run_training(cfg, "finetune")
 
 
+def _adapt(cfg: dict[str, Any]) -> Any:
+    from train.adapt import run_adapt
+
+    return run_adapt(cfg)
+
+
 def _evaluate(cfg: dict[str, Any]) -> Any:
     from train.commands import evaluate
 
@@ -62,6 +68,7 @@ COMMANDS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "data": _data,
     "pretrain": _pretrain,
     "finetune": _finetune,
+    "adapt": _adapt,
     "evaluate": _evaluate,
     "calibrate": _calibrate,
     "predict": _predict,

@@ -16,8 +16,8 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -454,6 +454,14 @@ def _history(run_dir: Path) -> list[dict[str, Any]]:
 def run_training(cfg: dict[str, Any], stage: str,
                  on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train, validate every epoch, keep the best bundle; returns the run summary (also summary.json)."""
+    with run_folder(cfg, stage) as (dist, run_dir):
+        return _train(cfg, stage, dist, run_dir, on_epoch_end)
+
+
+@contextmanager
+def run_folder(cfg: dict[str, Any], stage: str) -> Iterator[tuple[Dist, Path]]:
+    """A stage's process group and run folder (the same on every rank): a folder that holds a run is refused
+    unless resuming; rank 0 writes config.yaml and train.log; the process group is left at the end."""
     import torch
 
     rc = cfg["run"]
@@ -470,13 +478,26 @@ def run_training(cfg: dict[str, Any], stage: str,
         save_resolved(cfg, run_dir, stage)
     log_handler = _add_file_log(run_dir) if dist.main else None
     try:
-        return _train(cfg, stage, dist, run_dir, on_epoch_end)
+        yield dist, run_dir
     finally:
         if log_handler is not None:
             logging.getLogger().removeHandler(log_handler)
             log_handler.close()
         if dist.active and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def epoch_lr(tc: dict[str, Any], epoch: int) -> float:
+    """The recipe's learning rate for an epoch: train.lr x train.lr_decay^(epoch/2)."""
+    return float(tc["lr"]) * float(tc["lr_decay"]) ** (epoch / 2)
+
+
+def save_last(run_dir: Path, state: dict[str, Any]) -> None:
+    """Write the resume state `last.pt` atomically (a crash mid-write keeps the previous one)."""
+    import torch
+
+    torch.save(state, run_dir / (LAST + ".tmp"))
+    os.replace(run_dir / (LAST + ".tmp"), run_dir / LAST)
 
 
 def _train(cfg: dict[str, Any], stage: str, dist: Dist, run_dir: Path,
@@ -534,7 +555,7 @@ def _train(cfg: dict[str, Any], stage: str, dist: Dist, run_dir: Path,
         _logger.info("%s: all %d epochs are done already", run_dir, epochs)
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
-        lr = float(tc["lr"]) * float(tc["lr_decay"]) ** (epoch / 2)
+        lr = epoch_lr(tc, epoch)
         for g in optimizer.param_groups:
             g["lr"] = lr
         sampler.set_epoch(epoch)
@@ -578,10 +599,9 @@ def _train(cfg: dict[str, Any], stage: str, dist: Dist, run_dir: Path,
             record["best_epoch"] = best_epoch
             with open(run_dir / "history.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch,
-                        "classes": classes}, run_dir / (LAST + ".tmp"))
-            os.replace(run_dir / (LAST + ".tmp"), run_dir / LAST)
+            save_last(run_dir, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "scaler": scaler.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch,
+                                "classes": classes})
             _logger.info("epoch %d: loss %.4f val %s %.4f (%d images), best %.4f at epoch %d, %.1fs", epoch,
                          record["train_loss"], tc["best_metric"], score, record["val_count"], best, best_epoch,
                          record["seconds"])
