@@ -2,8 +2,10 @@
 
 - score = 1 - p(normal class) (the highest probability when the bundle has no normal class);
 - a frame is flagged where a class probability reaches that class's threshold (the bundle's
-  calibrated thresholds; a threshold on the normal class is read as a threshold on the score), and,
-  for a bundle without thresholds, where argmax != normal. The frame's class is the flagged class
+  calibrated thresholds; a threshold on the normal class is read as a threshold on the score, which
+  covers every class), and, for a bundle without thresholds, where argmax != normal. A class that has
+  no threshold in a bundle that has some (calibration found no validation positives for it) is
+  flagged where it wins the argmax, as without thresholds. The frame's class is the flagged class
   with the highest probability;
 - frames flagged with the same class whose gap (unflagged or other-class frames between them) is at
   most `merge_gap` form one event; `min_run` (drop events with fewer flagged frames) and `smooth`
@@ -103,6 +105,11 @@ def classify(probs: np.ndarray, cfg: TriageConfig) -> tuple[np.ndarray, np.ndarr
                 hit = (score >= cfg.thresholds[cfg.normal_class])[:, None]
                 best = np.where(np.arange(p.shape[1]) == normal, -1.0, p).argmax(axis=1)
                 over |= hit & (np.arange(p.shape[1])[None, :] == best[:, None])
+            else:  # a class the calibration left without a threshold (no validation positives) keeps argmax
+                top = p.argmax(axis=1)
+                for c in range(p.shape[1]):
+                    if c != normal and cfg.class_names[c] not in cfg.thresholds:
+                        over[:, c] = top == c
         flagged = over.any(axis=1)
         cls = np.where(over, p, -1.0).argmax(axis=1)
     else:

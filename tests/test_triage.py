@@ -78,6 +78,17 @@ def test_thresholds_from_bundle_replace_argmax() -> None:
     assert flagged.tolist() == [False, False, True] and cls[2] == B
 
 
+def test_a_class_left_without_a_threshold_flags_on_argmax() -> None:
+    """Calibration leaves a class without validation positives without a threshold: it keeps the uncalibrated
+    rule (argmax), never silently unflaggable."""
+    p = np.array([[0.3, 0.1, 0.6],   # Normal wins: not flagged (A's 0.35 threshold not reached)
+                  [0.2, 0.5, 0.3],   # B wins the argmax: flagged as B although B has no threshold
+                  [0.4, 0.35, 0.25]], np.float32)  # A over its threshold
+    _, flagged, cls = classify(p, TriageConfig(NAMES, "Normal", thresholds={"A": 0.35}))
+    assert flagged.tolist() == [False, True, True]
+    assert cls[[1, 2]].tolist() == [B, A]
+
+
 def test_min_run_and_top_k() -> None:
     p = seq("a.....bbb.....aaaaa")
     p[16] = [0.97, 0.02, 0.01]
