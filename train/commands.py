@@ -14,7 +14,7 @@ import numpy as np
 from capsule_batch.bundle import ModelBundle, save_bundle
 from capsule_batch.devices import resolve_device
 from train import data as D
-from train.metrics import calibrate_thresholds, compute_metrics, save_plots
+from train.metrics import calibrate_thresholds, compute_metrics, save_plots, write_metrics
 from train.trainer import TrainError, _precision, predict_probs
 
 _logger = logging.getLogger(__name__)
@@ -62,14 +62,7 @@ def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
     bundle, samples, probs, labels = _scored_set(cfg, "evaluate")
     m = compute_metrics(labels, probs, bundle.class_names)
     out = Path(cfg["evaluate"].get("out") or bundle.path.parent / "eval")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(m, indent=2), encoding="utf-8")
-    with open(out / "per_class.csv", "w", newline="", encoding="utf-8") as fh:
-        cols = list(next(iter(m["per_class"].values())))
-        w = csv.writer(fh)
-        w.writerow(["class", *cols])
-        for name, row in m["per_class"].items():
-            w.writerow([name, *[row[c] for c in cols]])
+    write_metrics(m, out)
     with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["image", "frame", "label", *bundle.class_names])

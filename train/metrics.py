@@ -17,6 +17,8 @@ the set has no AUC/AP: it is left out of the means and reported as null.
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -145,6 +147,18 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str
         "confusion": cm.tolist(),
         "classes_without_samples": [c for c, p in zip(class_names, present, strict=True) if not p],
     }
+
+
+def write_metrics(m: dict[str, Any], out_dir: Path) -> None:
+    """`compute_metrics`' result as `metrics.json` and its per-class table as `per_class.csv` in `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(m, indent=2), encoding="utf-8")
+    with open(out_dir / "per_class.csv", "w", newline="", encoding="utf-8") as fh:
+        cols = list(next(iter(m["per_class"].values())))
+        w = csv.writer(fh)
+        w.writerow(["class", *cols])
+        for name, row in m["per_class"].items():
+            w.writerow([name, *[row[c] for c in cols]])
 
 
 def save_plots(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], out_dir: Path) -> list[Path]:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
-import json
 import logging
 import re
 from pathlib import Path
@@ -28,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from train import data as D
-from train.metrics import compute_metrics
+from train.metrics import compute_metrics, write_metrics
 
 _logger = logging.getLogger(__name__)
 
@@ -174,14 +172,7 @@ def score(cfg: dict[str, Any]) -> dict[str, Any]:
     probs = np.stack([preds[n] for n, _ in truth])
     m = compute_metrics(y, probs, classes)
     out_dir = Path(str(sc.get("out") or pred_path.with_name(pred_path.stem + "_metrics")))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(m, indent=2), encoding="utf-8")
-    with open(out_dir / "per_class.csv", "w", newline="", encoding="utf-8") as fh:
-        cols = list(next(iter(m["per_class"].values())))
-        w = csv.writer(fh)
-        w.writerow(["class", *cols])
-        for name, row in m["per_class"].items():
-            w.writerow([name, *[row[c] for c in cols]])
+    write_metrics(m, out_dir)
     _logger.info("scored %d listings (%d images): mean AUC %s, balanced accuracy %.4f, macro F1 %.4f -> %s",
                  m["count"], len(set(n for n, _ in truth)), m["mean_auc"], m["balanced_accuracy"], m["f1"], out_dir)
     summary = {k: v for k, v in m.items() if k not in ("per_class", "confusion")}
