@@ -124,8 +124,9 @@ class TorchEngine(Engine):
             self._back_off(self.max_batch, f"capturing the CUDA graph: {reason}")
 
     def _capture(self) -> None:
-        """Record one CUDA graph at max_batch after a warm-up on a side stream (torch's recipe). The graph's
-        capture stream is made on the current device, which the base class made this engine's."""
+        """Record one CUDA graph at max_batch after a warm-up on a side stream (torch's recipe), captured on that
+        stream of this engine's GPU: torch.cuda.graph's default capture stream is made once per process on whatever
+        GPU was current then (torch/cuda/graphs.py, `default_capture_stream`)."""
         import torch
 
         static_in = self._static_input()
@@ -136,8 +137,8 @@ class TorchEngine(Engine):
                 self._run(static_in)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.inference_mode(), self.numerics(self.device.type, self.precision,
-                                                                            self._dtype):
+        with torch.cuda.graph(graph, stream=side), torch.inference_mode(), self.numerics(
+                self.device.type, self.precision, self._dtype):
             static_out = self._fn(static_in)
         self._graph = (graph, static_in, static_out)
 
