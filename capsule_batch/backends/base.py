@@ -124,6 +124,8 @@ class Engine:
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, size_px, size_px):
             raise EngineError(f"{self.name} engine: expected pixels (N, 3, {size_px}, {size_px}), "
                               f"got {tuple(pixels.shape)}")
+        if getattr(self.device, "type", None) == "cuda":
+            use_cuda_device(self.device)  # also when called from another thread than the one that built it
         pixels = pixels.to(self.device, self.dtype, non_blocking=True)
         outs = [self._probs(pixels[lo:hi]) for lo, hi in chunks(int(pixels.shape[0]), self)]
         if not outs:
