@@ -232,8 +232,8 @@ class DaliSource(FrameSource):
         return (False, why) if why else (True, "")
 
     def _frames(self) -> int:
-        """Frames in the file, counted from its packets (no decode); a file PyAV cannot read counts as 0 frames
-        and is reported by the caller."""
+        """Frames in the file, counted from its packets (no decode, once per source); a file whose packets PyAV
+        cannot read is a SourceError naming it."""
         if self._packet_count is None:
             try:
                 self._packet_count = scan_video(self.path)[0]
@@ -248,8 +248,10 @@ class DaliSource(FrameSource):
         """One pipeline per reader (images: one)."""
         from nvidia.dali import pipeline_def
 
+        # exec_dynamic (DALI 2.4's default, stated because the zero-copy hand-off depends on it): every run gets new
+        # output buffers, each kept alive while torch references it
         pdef = pipeline_def(batch_size=self._pipe_batch, num_threads=self.num_threads, device_id=self._device_id,
-                            prefetch_queue_depth=2)
+                            prefetch_queue_depth=2, exec_dynamic=True)
         if self.path.is_dir():
             files = [str(p) for p in self.files[self.start:]]
             if not files:
