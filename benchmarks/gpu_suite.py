@@ -146,17 +146,19 @@ class Suite:
         self.part, self.part_started = "", started
         self._lock = threading.Lock()
         out.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(out, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run, closed by finish()
+        self._fh = open(out, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run, closed by close()
         self.printed = False
+        self.common: dict[str, Any] = {}  # fields every line carries (arch, device)
 
-    def emit(self, line: dict[str, Any], **common: Any) -> None:
+    def emit(self, line: dict[str, Any]) -> None:
         now = time.monotonic()
-        line = {"part": self.part, **line, **common, "run_id": self.run_id,
+        line = {"part": self.part, **line, **self.common, "run_id": self.run_id,
                 "part_seconds": round(now - self.part_started, 1), "t": round(now - self.started, 1)}
         with self._lock:
             self.lines.append(line)
-            self._fh.write(json.dumps(line, default=str) + "\n")
-            self._fh.flush()
+            if not self._fh.closed:
+                self._fh.write(json.dumps(line, default=str) + "\n")
+                self._fh.flush()
         _logger.info("%s", table_row(line) or json.dumps(line, default=str)[:300])
 
     def print_table(self) -> None:
@@ -554,11 +556,11 @@ def run_parts(ctx: Context, suite: Suite, names: list[str], fail: str | None) ->
             continue
         _logger.info("part %s", name)
         try:
-            ctx.check_time()
             if name == fail_part:  # --fail-part: how tests prove the guards
                 while how == "hang":
                     time.sleep(1)
                 raise RuntimeError(f"--fail-part {name}")
+            ctx.check_time()
             for ln in PARTS[name](ctx):
                 suite.emit(ln)
         except OutOfTime as e:
@@ -625,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         suite.part = "setup"
         ctx = Context(args, deadline)
+        suite.common = {"arch": args.arch if args.bundle is None else str(args.bundle), "device": str(ctx.device)}
         rc = run_parts(ctx, suite, names, args.fail_part)
     except Exception as e:  # the device cannot even be resolved: still a line and a table
         _logger.error("setup failed:\n%s", traceback.format_exc())
