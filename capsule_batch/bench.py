@@ -149,25 +149,33 @@ def bench_engine(engine: Any, pixels: Any, *, batch_size: int, warmup: int = 3, 
 
 
 def bench_e2e(recording: str | Path, bundle: Any, engine: Any, *, source: str, batch_size: int,
-              workdir: str | Path, inflight: int = 2) -> dict[str, Any]:
+              workdir: str | Path, inflight: int = 2, max_thumbs: int | None = None) -> dict[str, Any]:
     """The whole `run` path (`run_recordings`: decode thread, engine, writer thread, triage, thumbnails) into a
     study file, with the given engine.
 
-    The calling thread's time splits into `stage_seconds` (in the engine: launching batches and waiting
-    for their results; waiting for decode; waiting for the writer); `outside_engine_s` is the rest of the
-    wall time. Nothing extra is synchronised, so batches stay in flight as in a real run."""
+    `frames_per_s` is the recording's whole time, as `run` reports it; `stream_frames_per_s` the streaming part
+    alone (decode -> engine -> writer, `stream_s`), the figure to hold against engine-only, and `finish_s` what came
+    after it (events over the whole table, thumbnails decoded again: it grows with the flagged frames, not with the
+    recording). The calling thread's streaming time splits into `stage_seconds` (in the engine: launching batches
+    and waiting for their results; waiting for decode; waiting for the writer); `outside_engine_s` is the rest of
+    the wall time. Nothing extra is synchronised, so batches stay in flight as in a real run. `max_thumbs` None:
+    `run`'s default."""
     from capsule_batch.pipeline import RunOptions
     from capsule_batch.runner import run_recordings
 
     opts = RunOptions(source=source, batch_size=batch_size, overwrite=True, progress=False, inflight=inflight)
+    if max_thumbs is not None:
+        opts.max_thumbs = max_thumbs
     res = run_recordings([recording], bundle, Path(workdir) / "e2e", engine=engine, options=opts).results[0]
     dt = res.seconds  # the recording's own time, as `run` reports it (not the output folder's check before it)
     if res.status != "done":
         raise RuntimeError(f"{recording}: end-to-end run failed: {res.error}")
-    engine_s = res.stage_seconds["engine"]
+    engine_s, stream_s = res.stage_seconds["engine"], res.stream_seconds
     return {"stage": "e2e", "frames": res.frames, "seconds": round(dt, 4), "frames_per_s": res.frames / dt,
-            "inflight": inflight, "stage_seconds": res.stage_seconds, "engine_s": round(engine_s, 4),
-            "outside_engine_s": round(dt - engine_s, 4),
+            "stream_s": round(stream_s, 4), "stream_frames_per_s": res.frames / stream_s if stream_s else None,
+            "finish_s": round(dt - stream_s, 4), "flagged_frames": res.flagged_frames, "events": res.events,
+            "max_thumbs": opts.max_thumbs, "inflight": inflight, "stage_seconds": res.stage_seconds,
+            "engine_s": round(engine_s, 4), "outside_engine_s": round(dt - engine_s, 4),
             "engine_frames_per_s_in_run": res.frames / engine_s if engine_s else None}
 
 
@@ -218,6 +226,8 @@ def run_benchmarks(bundle: Any, recording: str | Path | None = None, *, stages: 
         engine.close()
         for r in results:
             r["frames_per_s"] = round(r["frames_per_s"], 3)
+            if r.get("stream_frames_per_s"):
+                r["stream_frames_per_s"] = round(r["stream_frames_per_s"], 3)
             r["config"] = config
         return results
     finally:

@@ -81,6 +81,8 @@ class StudyResult:
     seconds: float = 0.0
     error: str | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    #: wall time of step 3 alone (decode -> engine -> writer); `seconds` also holds the open and the finish
+    stream_seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -275,6 +277,7 @@ class Pipeline:
         engine = EngineStage(self.engine, len(self.bundle.class_names), opts.inflight, self._watch)
         write = WriterStage(writer, opts.block_frames, opts.prefetch)
         expected, tail = writer.frames_done, None
+        t0 = time.perf_counter()
 
         def hand_on(rows: Iterable[Rows]) -> bool:
             """Rows to the writer; False when the writer has died."""
@@ -309,6 +312,7 @@ class Pipeline:
             bar.close()
             res.stage_seconds = {"engine": round(engine.seconds, 3), "decode_wait": round(decode.seconds, 3),
                                  "write_wait": round(write.seconds, 3)}
+            res.stream_seconds = round(time.perf_counter() - t0, 3)
         if write.error is not None:
             raise write.error
         res.frames = writer.frames_done

@@ -249,13 +249,37 @@ def preprocess_batch(frames: Any, pre: Preprocess, dtype: Any = None, device: An
     top, left = pre.crop_box(h, w)
     s = pre.input_size
     x = x[:, :, top : top + s, left : left + s]
-    if device is not None:
-        x = x.to(device)
+    if device is not None and torch.device(device) != x.device:
+        if torch.device(device).type == "cuda" and x.device.type == "cpu":
+            from capsule_batch.devices import to_device_async
+
+            x = to_device_async(x, device)  # pinned and non-blocking: a pageable copy would wait for the engine
+        else:
+            x = x.to(device)
     x = x.contiguous().float()
-    std = torch.tensor(pre.std, device=x.device).view(1, 3, 1, 1)
-    mean = torch.tensor(pre.mean, device=x.device).view(1, 3, 1, 1)
-    x.mul_(1.0 / (255.0 * std)).sub_(mean / std)
+    scale, shift = _normalisation(pre, x.device)
+    x.mul_(scale).sub_(shift)
     return x if dtype in (None, torch.float32) else x.to(dtype)
+
+
+_NORMALISATION: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+
+
+def _normalisation(pre: Preprocess, device: Any) -> tuple[Any, Any]:
+    """(scale, shift) with x * scale - shift = (x / 255 - mean) / std, as (1, 3, 1, 1) float32 tensors on `device`.
+    On a GPU they are made once per device and bundle statistics: `torch.tensor(..., device=cuda)` copies from
+    pageable memory, which synchronises the current stream (every batch would wait for the engine)."""
+    import torch
+
+    key = (str(device), pre.mean, pre.std)
+    if key in _NORMALISATION:
+        return _NORMALISATION[key]
+    std = torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1)
+    mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    pair = ((1.0 / (255.0 * std)).to(device), (mean / std).to(device))
+    if torch.device(device).type == "cuda":
+        _NORMALISATION[key] = pair  # once per process and device: this one copy may synchronise
+    return pair
 
 
 def to_rgb(pixels: Any, pre: Preprocess) -> np.ndarray:

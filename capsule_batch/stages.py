@@ -212,6 +212,11 @@ class EngineStage:
             self._start = int(lay.rows.index[0])
         outputs = []
         t = time.perf_counter()
+        if getattr(batch.pixels, "is_cuda", False):
+            import torch
+
+            # the batch may have been made on the decode thread's stream: tell the caching allocator it is read here
+            batch.pixels.record_stream(torch.cuda.current_stream(batch.pixels.device))
         for lo, hi in chunks(len(batch), self.engine):
             with self.watch.call(self._start):  # launching can block too (a full device queue)
                 outputs.append((lo, *_start_host_copy(self.engine.infer(batch.pixels[lo:hi]))))
@@ -258,7 +263,7 @@ def _start_host_copy(x: Any) -> tuple[Any, Any]:
         host = torch.empty(x.shape, dtype=torch.float32, pin_memory=True)
         host.copy_(x, non_blocking=True)
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(x.device))  # the stream the copy was queued on, on x's GPU
         return host, done
     return _to_numpy(x), None
 

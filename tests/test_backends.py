@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import warnings
 
 import pytest
 import torch
@@ -141,6 +142,34 @@ def test_onnx_export_interface(bundle, tmp_path):
         check_onnx(tmp_path / "junk.onnx")
 
 
+def test_half_export_keeps_layernorm_and_softmax_in_fp32(bundle, tmp_path, inputs, reference):
+    """TensorRT 11 builds strongly typed networks: each op runs in the type the graph gives it. The fp16 export
+    casts every LayerNormalization's and Softmax's inputs to fp32 and its result back (as torch's autocast keeps
+    them fp32), and everything else stays fp16; ONNX Runtime runs the graph as it is, close to eager fp32."""
+    import onnx
+    import onnxruntime as ort
+
+    path = export_onnx(bundle, tmp_path / "h.onnx", dtype="fp16")
+    graph = onnx.load(str(path)).graph
+    made_by = {o: n for n in graph.node for o in n.output}
+    kept = [n for n in graph.node if n.op_type in ("LayerNormalization", "Softmax")]
+    assert {n.op_type for n in kept} == {"LayerNormalization", "Softmax"}  # 5 and 2 in this 2-block model
+    for node in kept:
+        for name in [i for i in node.input if i]:
+            cast = made_by[name]
+            assert cast.op_type == "Cast" and cast.attribute[0].i == onnx.TensorProto.FLOAT, (node.name, name)
+        users = [n for n in graph.node if node.output[0] in n.input]
+        assert [(u.op_type, u.attribute[0].i) for u in users] == [("Cast", onnx.TensorProto.FLOAT16)]
+    matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm", "Conv")]
+    assert matmuls and not any(made_by.get(i) is not None and made_by[i].op_type == "Cast"
+                               and made_by[i].attribute[0].i == onnx.TensorProto.FLOAT
+                               for n in matmuls for i in n.input)  # the products stay half
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = torch.from_numpy(sess.run(None, {"pixels": inputs[:64].half().numpy()})[0]).float()
+    assert (out.argmax(1) == reference[:64].argmax(1)).all()
+    assert (out - reference[:64]).abs().max().item() <= 0.05  # fp16 rounding of logits of scale ~10
+
+
 def test_dynamo_exporter_matches(bundle, tmp_path, inputs, reference):
     import onnxruntime as ort
 
@@ -218,6 +247,92 @@ def test_torch_cuda_precisions_and_graphs(bundle, inputs, reference):
                                 cuda_graphs=graphs)
             probs = eng.infer(inputs.cuda().to(eng.dtype)).cpu()
             assert (probs.argmax(1) == ref.argmax(1)).float().mean() >= 0.99
+
+
+def test_an_engine_on_cuda_n_makes_gpu_n_current(bundle, monkeypatch):
+    """cudaSetDevice is per thread: without it, on every torchrun rank but 0, the engine's result events and CUDA
+    graph captures would be made on GPU 0. The decode thread's side stream is made on its GPU too."""
+    import capsule_batch.devices as devices
+
+    calls: list = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    Engine(bundle, device=torch.device("cuda", 3), precision="fp16", max_batch=4)
+    assert calls == [("set_device", 3)]
+    Engine(bundle, device=torch.device("cpu"), precision="fp32", max_batch=4)
+    assert calls == [("set_device", 3)]  # nothing for a CPU engine
+
+    made: list = []
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: made.append(device) or object())
+    monkeypatch.setattr(devices, "_local", __import__("threading").local())
+    first = devices.side_stream(torch.device("cuda", 2))
+    assert devices.side_stream(torch.device("cuda", 2)) is first  # one per thread and GPU
+    assert calls[1:] == [("set_device", 2), ("set_device", 2)] and made == [torch.device("cuda", 2)]
+
+
+def test_fp32_engines_run_with_tf32_off_on_cuda():
+    """torch lets cuDNN convolutions (EVA-02's patch embedding) use TF32 by default: an fp32 engine is the parity
+    reference, so its calls run with TF32 off for convolutions and matrix products, and the flags come back."""
+    from capsule_batch.backends.torch_engine import TorchEngine
+
+    assert torch.backends.cudnn.allow_tf32  # torch's default, the reason for this
+    before = torch.backends.cuda.matmul.allow_tf32
+    with TorchEngine.numerics("cuda", "fp32", torch.float32):
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32 == before
+    with TorchEngine.numerics("cpu", "fp32", torch.float32):
+        assert torch.backends.cudnn.allow_tf32  # a CPU has no TF32: left alone
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA is not available ... Disabling autocast" on a machine without one
+        assert isinstance(TorchEngine.numerics("cuda", "fp16", torch.float16), torch.autocast)
+
+
+def test_auto_on_cuda_is_what_the_gpu_suite_measures_as_run(bundle, monkeypatch):
+    """`run` with nothing given on a GPU: the torch backend (no TensorRT here) in fp16 with CUDA graphs, batch 256
+    (backends.base.CUDA_AUTO_OPTIONS / AUTO_BATCH_SIZE); an option given explicitly wins."""
+    import capsule_batch.backends.base as base
+    from capsule_batch.backends.torch_engine import TorchEngine
+    from capsule_batch.cli.options import resolve_batch_size
+
+    built: list = []
+
+    class Built(Exception):
+        pass
+
+    def record(self, bundle, **kw):
+        built.append(kw)
+        raise Built
+
+    monkeypatch.setattr(base, "resolve_device", lambda spec: torch.device("cuda", 0))
+    monkeypatch.setattr(TensorRTEngine, "requires", (("no_such_package_xyz", "tensorrt"),))
+    monkeypatch.setattr(TorchEngine, "__init__", record)
+    for kwargs in ({}, {"cuda_graphs": False}):
+        with pytest.raises(Built):
+            create_engine(bundle, device="cuda", **kwargs)
+    assert built == [{"device": torch.device("cuda", 0), "precision": "fp16", "max_batch": 64, "cuda_graphs": True},
+                     {"device": torch.device("cuda", 0), "precision": "fp16", "max_batch": 64, "cuda_graphs": False}]
+    assert resolve_batch_size(None, "cpu") == 64 and resolve_batch_size(32, "cpu") == 32
+    monkeypatch.setattr("capsule_batch.runner.run_device", lambda spec: torch.device("cuda", 1))
+    assert resolve_batch_size(None, "auto") == 256 and resolve_batch_size(16, "auto") == 16
+
+
+def test_a_compiled_engine_compiles_when_built_and_never_in_a_run(bundle, inputs):
+    """torch.compile compiles on the first call and again for each new shape (the shorter last batch): inside a
+    run that is a call the engine watch may end at --engine-timeout. So it compiles while the engine is built and
+    pads every call to max_batch."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    engine = create_engine(bundle, backend="torch", device="cpu", max_batch=8, compile=True,
+                           compile_options={"backend": "eager", "dynamic": False})
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled >= 1  # compiled while it was built
+    probs = engine.infer(inputs[:11])  # calls of 8 and 3 frames
+    assert counters["stats"]["unique_graphs"] == compiled  # the call of 3 did not compile again
+    with torch.inference_mode():
+        model = bundle.create_model()
+        eager = torch.cat([model(inputs[:8]), model(inputs[8:11])]).softmax(-1)
+    assert torch.allclose(probs, eager, atol=1e-5, rtol=0)  # the padding rows are not in the result
 
 
 def test_torch_compile_path(bundle, inputs, reference):

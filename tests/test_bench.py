@@ -40,6 +40,9 @@ def test_bench_cli_prints_one_json_line_per_stage_with_configuration(tiny_bundle
     assert engine["warmup_s"] > 0
     assert e2e["frames"] == 48 and 0 <= e2e["outside_engine_s"] < e2e["seconds"]
     assert e2e["inflight"] == 2 and e2e["engine_s"] == e2e["stage_seconds"]["engine"] > 0
+    # the streaming part (decode -> engine -> writer) apart from the finish (events, thumbnails decoded again)
+    assert 0 < e2e["stream_s"] < e2e["seconds"] and e2e["finish_s"] == round(e2e["seconds"] - e2e["stream_s"], 4)
+    assert e2e["stream_frames_per_s"] > e2e["frames_per_s"] and e2e["max_thumbs"] == 200
 
 
 def test_bench_without_recording_uses_a_synthetic_one(tiny_bundle, tmp_path):

@@ -348,16 +348,30 @@ def test_cli_names_the_extra_for_a_missing_backend(trt_bundle, tmp_path):
     assert "pip install 'capsule-batch[tensorrt]'" in res.output and "Traceback" not in res.output
 
 
+class FakeStream:
+    """A CUDA stream stand-in that records the waits between streams (`log`: (waiting, waited for))."""
+
+    def __init__(self, handle: int, log: list):
+        self.cuda_stream, self.log = handle, log
+
+    def wait_stream(self, other: FakeStream) -> None:
+        self.log.append(("wait", self.cuda_stream, other.cuda_stream))
+
+
 @pytest.mark.parametrize("version", ["10.13.0", "11.4.1"])
 def test_trt_engine_runs_on_tensor_addresses(tmp_path, trt_bundle, monkeypatch, version):
-    """The run path: shapes, addresses, dtype from the engine, stream handle, chunking, softmax."""
+    """The run path: shapes, addresses, dtype from the engine, stream handle, chunking, softmax. TensorRT runs on
+    a stream of its own (not torch's current one: in a run that is the default stream, which TensorRT answers with
+    extra device synchronisations), after torch's stream and before it."""
     import capsule_batch.backends.trt_engine as trt_engine
 
     calls: list = []
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(version, calls))
     monkeypatch.setattr(trt_engine, "gpu_info", lambda device: GPU)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=1234))
+    current = FakeStream(1234, calls)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream(5678, calls))
     engine = trt_engine.TensorRTEngine(trt_bundle, device=torch.device("cpu"), precision="fp16", max_batch=8,
                                        store=EngineStore(tmp_path))
     assert engine.dtype == (torch.float32 if version.startswith("10") else torch.float16)
@@ -367,8 +381,9 @@ def test_trt_engine_runs_on_tensor_addresses(tmp_path, trt_bundle, monkeypatch, 
     expected = torch.softmax(x.to(engine.dtype).float().mean(dim=(2, 3)).repeat(1, 4)[:, :10], -1)
     assert probs.dtype == torch.float32 and probs.shape == (11, 10)
     assert torch.allclose(probs, expected, atol=2e-3)
-    assert [c for c in calls if c[0] == "execute"] == [("execute", (8, 3, 56, 56), 1234),
-                                                       ("execute", (3, 3, 56, 56), 1234)]
+    assert [c for c in calls if c[0] in ("execute", "wait")] == [
+        ("wait", 5678, 1234), ("execute", (8, 3, 56, 56), 5678), ("wait", 1234, 5678),
+        ("wait", 5678, 1234), ("execute", (3, 3, 56, 56), 5678), ("wait", 1234, 5678)]
     assert engine.describe()["profile"] == {"min": 1, "opt": 8, "max": 8}
 
 

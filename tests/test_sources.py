@@ -261,6 +261,76 @@ def test_dali_cpu_refuses_h264_and_suggests_decord(rec: Path) -> None:
         open_source(rec / "h264.mp4", PRE, source="dali")
 
 
+def test_dali_tells_a_file_it_skipped_from_the_end_of_the_recording(rec: Path, tmp_path: Path) -> None:
+    """DALI reports "input samples: 0" both when nothing is left from `start` on and when it skipped a file it could
+    not open or decode (checked with DALI 2.4: it logs the file and goes on). A resume or a thumbnail pass then must
+    fail with the file named, not end the study short; the file's own packets tell the two apart."""
+    liar = tmp_path / "liar.avi"  # the container claims 40 frames more than there are
+    data = bytearray((rec / "mjpeg.avi").read_bytes())
+    for tag, offset in ((b"avih", 16), (b"strh", 32)):
+        struct.pack_into("<I", data, data.find(tag) + 8 + offset, FRAMES + 40)
+    liar.write_bytes(bytes(data))
+    for start in (FRAMES, FRAMES + 10):  # at or past the real end: nothing, and no failure
+        index, _, _, failures, _ = read_all(liar, "dali", start=start)
+        assert index == [] and failures == []
+    assert read_all(liar, "dali", start=50)[0] == list(range(50, FRAMES))
+
+    resumed = tmp_path / "study.webm"
+    resumed.write_bytes((rec / "vp9.webm").read_bytes())
+    src = open_source(resumed, PRE, source="dali", batch_size=BATCH, start=37)
+    resumed.write_bytes((rec / "h264.mp4").read_bytes())  # now a file DALI's CPU decoder skips (60 packets)
+    with pytest.raises(SourceError, match=r"study\.webm: DALI read no frames from frame 37 on, but the file has 60"):
+        list(src)
+
+
+def test_auto_picks_dali_on_a_gpu_only_where_nvdec_loads(rec: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container started without the driver's video capability has CUDA but not libnvcuvid.so.1: `auto` then
+    decodes video with decord, and an explicit --source dali says why it cannot."""
+    import capsule_batch.sources.dali as dali
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(dali, "nvdec_problem", lambda: None)
+    assert choose_source(rec / "h264.mp4", gpu) == "dali"
+    monkeypatch.setattr(dali, "nvdec_problem", lambda: "libnvcuvid.so.1 (NVDEC) cannot be loaded: not found")
+    assert choose_source(rec / "h264.mp4", gpu) == "decord"
+    assert choose_source(rec / "png", gpu) == "dali"  # images decode with nvJPEG, not NVDEC
+    with pytest.raises(SourceError, match=r"h264\.mp4: DALI decodes video on the GPU with NVDEC, but libnvcuvid"
+                                          r".*--source decord"):
+        open_source(rec / "h264.mp4", PRE, source="dali", device=gpu)
+
+
+def test_dali_hand_off_cuts_batches_without_copying_the_pending_frames() -> None:
+    """The merge of several readers keeps decoded runs as they came: a batch is a view when its frames are
+    consecutive rows of one run, one gather of exactly its frames otherwise; duplicates never leave; a run is let go
+    once none of its frames is pending."""
+    from capsule_batch.sources.dali import Pending, take_rows
+
+    def run(first: int, n: int) -> torch.Tensor:
+        return torch.arange(first, first + n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 2, 2).contiguous()
+
+    p = Pending()
+    a, b = run(0, 4), run(4, 4)
+    p.add(np.arange(4, 8), np.arange(4, 8) / 4.0, b)  # the second reader first
+    p.add(np.arange(0, 4), np.arange(0, 4) / 4.0, a)
+    p.add(np.arange(3, 5), np.arange(3, 5) / 4.0, run(3, 2))  # two frames again: dropped
+    p.order(0)
+    assert len(p) == 8 and p.contiguous_from(0) == 8
+    idx, pts, pix = p.take(3)
+    assert idx.tolist() == [0, 1, 2] and pix.data_ptr() == a.data_ptr()  # a view of the run
+    idx, pts, pix = p.take(3)
+    assert idx.tolist() == [3, 4, 5] and pts.tolist() == [0.75, 1.0, 1.25]
+    assert pix[:, 0, 0, 0].tolist() == [3.0, 4.0, 5.0]  # gathered across two runs
+    # the run consumed and the one of duplicates are let go
+    assert len(p.chunks) == 1 and next(iter(p.chunks.values())) is b
+    p.order(6)
+    assert p.take(2)[0].tolist() == [6, 7] and not p.chunks and len(p) == 0
+
+    t = run(0, 6)
+    assert take_rows(t, np.ones(6, bool)) is t
+    assert take_rows(t, np.array([1, 1, 1, 1, 0, 0], bool)).data_ptr() == t.data_ptr()
+    assert take_rows(t, np.array([1, 0, 1, 1, 0, 1], bool))[:, 0, 0, 0].tolist() == [0.0, 2.0, 3.0, 5.0]
+
+
 def test_explicit_source_that_cannot_read_the_input_says_why(rec: Path) -> None:
     with pytest.raises(SourceError, match="source images cannot read it"):
         open_source(rec / "h264.mp4", PRE, source="images")

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from capsule_batch.bundle import ModelBundle
-from capsule_batch.devices import PRECISIONS, resolve_device
+from capsule_batch.devices import PRECISIONS, resolve_device, use_cuda_device
 from capsule_batch.errors import EngineError, MissingPackageError
 from capsule_batch.registry import Registry
 
@@ -55,6 +55,8 @@ class Engine:
     def __init__(self, bundle: ModelBundle, *, device: Any, precision: str, max_batch: int):
         self.bundle = bundle
         self.device = device
+        if getattr(device, "type", None) == "cuda":
+            use_cuda_device(device)  # the calling thread's streams, events and graph captures are this GPU's
         self.precision = precision
         self.max_batch = int(max_batch)
         if self.max_batch < 1:
@@ -122,6 +124,8 @@ class Engine:
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, size_px, size_px):
             raise EngineError(f"{self.name} engine: expected pixels (N, 3, {size_px}, {size_px}), "
                               f"got {tuple(pixels.shape)}")
+        if getattr(self.device, "type", None) == "cuda":
+            use_cuda_device(self.device)  # also when called from another thread than the one that built it
         pixels = pixels.to(self.device, self.dtype, non_blocking=True)
         outs = [self._probs(pixels[lo:hi]) for lo, hi in chunks(int(pixels.shape[0]), self)]
         if not outs:
@@ -190,6 +194,20 @@ AUTO_ORDER: tuple[tuple[str, str], ...] = (
 )
 
 
+#: What `auto` means on CUDA, beyond the backend (AUTO_ORDER) and its first precision: the options each backend
+#: gets unless the caller sets them, and the batch size `run` and `bench` use unless --batch-size is given. These
+#: are the measured best of benchmarks/gpu_suite.py's engine part (the fastest configuration whose outputs pass
+#: the parity check); its `as-run` lines measure exactly this, and it says when another configuration was faster.
+#: Until a GPU run has measured them they are the prior stated in docs/gpu.md.
+CUDA_AUTO_OPTIONS: dict[str, dict[str, Any]] = {"torch": {"cuda_graphs": True}}
+AUTO_BATCH_SIZE: dict[str, int] = {"cuda": 256, "cpu": 64}
+
+
+def auto_batch_size(device_type: str) -> int:
+    """The batch size of a run that gives none: large enough on a GPU to keep it busy between launches."""
+    return AUTO_BATCH_SIZE.get(device_type, 64)
+
+
 def choose_backend(device_type: str) -> str:
     """The `auto` backend for a device type, by AUTO_ORDER; the reasons are logged at debug level."""
     for name, dev in AUTO_ORDER:
@@ -219,6 +237,7 @@ def create_engine(
     `device` is a torch.device or a spec (`auto`, `cpu`, `cuda:N`); `precision` `auto` is fp32 on
     CPU and fp16/bf16 on CUDA (per backend). Extra keyword arguments go to the backend: `store` and
     `rebuild` to those that use the engine store; `compile`, `cuda_graphs` to torch; `threads` to onnxruntime.
+    On CUDA a backend gets `CUDA_AUTO_OPTIONS` for the options not given (torch: CUDA graphs).
     """
     dev = resolve_device(device if device is None or isinstance(device, str) else str(device))
     name = choose_backend(dev.type) if backend == "auto" else backend
@@ -233,6 +252,8 @@ def create_engine(
     if not ok:
         raise EngineError(f"backend {name} cannot run on {dev}: {why}")
     prec = cls.resolve_precision(precision, dev.type)
+    if dev.type == "cuda":
+        kwargs = {**CUDA_AUTO_OPTIONS.get(name, {}), **kwargs}
     if not cls.uses_store:
         for k in ("store", "rebuild"):
             kwargs.pop(k, None)
@@ -243,5 +264,5 @@ def create_engine(
     return engine
 
 
-__all__ = ["AUTO_ORDER", "BACKENDS", "Engine", "choose_backend", "chunks", "create_engine",
-           "is_illegal_access", "is_out_of_memory"]
+__all__ = ["AUTO_BATCH_SIZE", "AUTO_ORDER", "BACKENDS", "CUDA_AUTO_OPTIONS", "Engine", "auto_batch_size",
+           "choose_backend", "chunks", "create_engine", "is_illegal_access", "is_out_of_memory"]

@@ -7,7 +7,12 @@ attention (`is_causal` is traced to a tensor), so fused attention is switched of
 exported copy's attention modules only; the math is identical. `exporter="dynamo"` uses
 torch.export and handles fused attention as is.
 The graph's float type follows `dtype`: fp32 for onnxruntime and TensorRT 10, fp16/bf16 for
-TensorRT 11's strongly typed networks, whose precision comes from the graph.
+TensorRT 11's strongly typed networks, whose precision comes from the graph's types alone. So a half export
+states the mixed precision torch's autocast applies: every op in the half type (matrix products and the patch
+convolution on tensor cores, elementwise ops) except `FP32_OPS`, which get Cast nodes to fp32 around them
+(`fp32_islands`): LayerNormalization squares its input (fp16 overflows above |x| = 256, and a residual stream
+after attention reaches that; TensorRT itself warns "Running layernorm after self-attention in FP16 may cause
+overflow") and Softmax sums exponentials.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ MIN_OPSET = 17
 DEFAULT_OPSET = 17
 EXPORTERS = ("legacy", "dynamo")
 ONNX_DTYPES = ("fp32", "fp16", "bf16")
+#: ops a half-precision export computes in fp32 (see the module docstring); torch's autocast keeps both in fp32
+FP32_OPS = ("LayerNormalization", "Softmax")
 
 
 def _disable_fused_attn(model: Any) -> int:
@@ -96,8 +103,49 @@ def export_onnx(
     except Exception as e:  # the exporters raise many types; the user needs the model and the reason
         raise EngineError(f"{bundle.path}: ONNX export ({exporter}, opset {opset}, {dtype}) failed: "
                           f"{type(e).__name__}: {str(e)[:500]}") from e
+    if dtype != "fp32":
+        import onnx
+
+        proto = onnx.load(str(path))
+        n = fp32_islands(proto, dtype)
+        onnx.save(proto, str(path))
+        _logger.debug("ONNX export: %d %s nodes computed in fp32", n, "/".join(FP32_OPS))
     check_onnx(path)
     return path
+
+
+def fp32_islands(proto: Any, dtype: str, ops: tuple[str, ...] = FP32_OPS) -> int:
+    """Make every node of `ops` in a half-precision graph compute in fp32: its float inputs cast to fp32, its first
+    output computed in fp32 and cast back to `dtype`. Returns how many nodes were changed."""
+    from onnx import TensorProto, helper
+
+    half = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}[dtype]
+    graph = proto.graph
+    int_inputs = {i.name for i in graph.initializer if i.data_type not in (TensorProto.FLOAT16, TensorProto.BFLOAT16)}
+    nodes, changed = [], 0
+    for node in graph.node:
+        if node.op_type not in ops:
+            nodes.append(node)
+            continue
+        tag = f"{node.name or node.op_type}_{changed}"
+        inputs = []
+        for k, name in enumerate(node.input):
+            if not name or name in int_inputs:
+                inputs.append(name)
+                continue
+            wide = f"{name}__fp32_{tag}_{k}"
+            nodes.append(helper.make_node("Cast", [name], [wide], to=TensorProto.FLOAT, name=f"{tag}/to_fp32_{k}"))
+            inputs.append(wide)
+        out = node.output[0]
+        wide_out = f"{out}__fp32_{tag}"
+        node.input[:] = inputs
+        node.output[0] = wide_out
+        nodes.append(node)
+        nodes.append(helper.make_node("Cast", [wide_out], [out], to=half, name=f"{tag}/to_{dtype}"))
+        changed += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return changed
 
 
 def check_onnx(path: str | os.PathLike) -> Any:
@@ -137,7 +185,8 @@ def ensure_onnx(
     exported on first use; onnxruntime and TensorRT share it."""
     from capsule_batch.engine_store import bundle_identity
 
-    expected = {"kind": "onnx", **bundle_identity(bundle), "dtype": dtype, "opset": opset, "exporter": exporter}
+    expected = {"kind": "onnx", **bundle_identity(bundle), "dtype": dtype, "opset": opset, "exporter": exporter,
+                "fp32_ops": [] if dtype == "fp32" else list(FP32_OPS)}
 
     def build(tmp: Path) -> tuple[str, dict[str, Any]]:
         import onnx

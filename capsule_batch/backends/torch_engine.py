@@ -1,9 +1,13 @@
 """The `torch` backend: the bundle's timm model, eager or `torch.compile`, CPU or CUDA.
 
 fp32 runs the model exactly as built (no autocast: it is the reference every other backend is checked
-against). bf16/fp16 run under autocast with fp32 weights, which keeps LayerNorm and softmax in fp32.
+against); on CUDA with TF32 off for its calls (`exact_fp32`), since torch lets cuDNN convolutions use TF32 by
+default (`torch.backends.cudnn.allow_tf32` is True), which rounds the patch embedding's inputs to 10 mantissa bits.
+bf16/fp16 run under autocast with fp32 weights, which keeps LayerNorm and softmax in fp32.
 On CUDA, `cuda_graphs` captures one graph at `max_batch` (smaller batches are padded into its static
 input) or, with `compile`, uses torch.compile's `reduce-overhead` mode, which manages graphs itself.
+A compiled engine is warmed up (compiled) when it is built, outside any run's engine watch, and pads every call
+to `max_batch`, so a run never compiles again for the shorter last batch.
 `compile_options` go to torch.compile as they are (e.g. {"mode": "max-autotune"}).
 """
 
@@ -11,19 +15,43 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
-from capsule_batch.backends.base import BACKENDS, Engine
+from capsule_batch.backends.base import BACKENDS, Engine, is_out_of_memory
 from capsule_batch.bundle import ModelBundle
 from capsule_batch.devices import torch_dtype
 from capsule_batch.errors import EngineError
 
 _logger = logging.getLogger(__name__)
 
+#: calls made while a compiled engine is built: torch.compile compiles on the first, reduce-overhead records its
+#: CUDA graphs on the following ones
+COMPILE_WARMUP_CALLS = 3
+
+
+@contextlib.contextmanager
+def exact_fp32() -> Iterator[None]:
+    """TF32 off for cuBLAS matrix products and cuDNN convolutions while inside, restored after (the flags are the
+    process's; only the engine's thread runs products and convolutions in a run)."""
+    import torch
+
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
+
 
 @BACKENDS.register("torch")
 class TorchEngine(Engine):
-    precisions = {"cuda": ("bf16", "fp16", "fp32"), "cpu": ("fp32", "bf16", "fp16")}
+    # fp16 first on CUDA: the same tensor-core rate as bf16 on Ampere and later, three more mantissa bits (closer
+    # to the fp32 reference), and the seed trained with fp16 mixed precision, so its activations fit fp16 under
+    # autocast; docs/gpu.md says how the measured choice replaces this
+    precisions = {"cuda": ("fp16", "bf16", "fp32"), "cpu": ("fp32", "bf16", "fp16")}
 
     def __init__(self, bundle: ModelBundle, *, device: Any, precision: str, max_batch: int,
                  compile: bool = False, cuda_graphs: bool = False, compile_options: dict[str, Any] | None = None,
@@ -45,43 +73,63 @@ class TorchEngine(Engine):
             self._fn = module
         self._graph: tuple[Any, Any, Any] | None = None
         if cuda_graphs and not compile:
-            self._capture()
-
-    @classmethod
-    def resolve_precision(cls, precision: str, device_type: str) -> str:
-        """`auto` on a GPU without bf16 (before Ampere) is fp16."""
-        resolved = super().resolve_precision(precision, device_type)
-        if precision == "auto" and resolved == "bf16" and device_type == "cuda":
-            import torch
-
-            if not torch.cuda.is_bf16_supported():
-                return "fp16"
-        return resolved
+            self._capture_backing_off()
+        elif compile:
+            self._warm_up()
 
     @property
     def dtype(self) -> Any:
         return self._dtype
 
-    def _autocast(self) -> Any:
+    @staticmethod
+    def numerics(device_type: str, precision: str, dtype: Any) -> Any:
+        """The context a forward pass runs in: autocast for bf16/fp16; for fp32 on CUDA, TF32 off (parity is the
+        point of an fp32 engine); nothing for fp32 on a CPU."""
         import torch
 
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
+        if precision == "fp32":
+            return exact_fp32() if device_type == "cuda" else contextlib.nullcontext()
         # no weight-cast cache: each weight is used once per forward, and CUDA graph capture needs it off
-        return torch.autocast(self.device.type, dtype=self._dtype, cache_enabled=False)
+        return torch.autocast(device_type, dtype=dtype, cache_enabled=False)
 
     def _run(self, pixels: Any) -> Any:
         import torch
 
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self.numerics(self.device.type, self.precision, self._dtype):
             return self._fn(pixels)
 
-    def _capture(self) -> None:
-        """Record one CUDA graph at max_batch after a warm-up on a side stream (torch's recipe)."""
+    def _static_input(self) -> Any:
         import torch
 
         size = self.bundle.preprocess.input_size
-        static_in = torch.randn((self.max_batch, 3, size, size), device=self.device).to(self._dtype)
+        return torch.randn((self.max_batch, 3, size, size), device=self.device).to(self._dtype)  # never zeros
+
+    def _warm_up(self) -> None:
+        """Compile now, at the one shape every call will have (see `logits`)."""
+        x = self._static_input()
+        for _ in range(COMPILE_WARMUP_CALLS):
+            self._run(x)
+
+    def _capture_backing_off(self) -> None:
+        """Capture the graph; out of device memory, at half the batch (as `Engine.infer` backs off)."""
+        while True:
+            try:
+                self._capture()
+                return
+            except Exception as e:
+                if not is_out_of_memory(e) or self.max_batch == 1:
+                    raise
+                reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            self._graph = None
+            self._back_off(self.max_batch, f"capturing the CUDA graph: {reason}")
+
+    def _capture(self) -> None:
+        """Record one CUDA graph at max_batch after a warm-up on a side stream (torch's recipe), captured on that
+        stream of this engine's GPU: torch.cuda.graph's default capture stream is made once per process on whatever
+        GPU was current then (torch/cuda/graphs.py, `default_capture_stream`)."""
+        import torch
+
+        static_in = self._static_input()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -89,21 +137,29 @@ class TorchEngine(Engine):
                 self._run(static_in)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.inference_mode(), self._autocast():
+        with torch.cuda.graph(graph, stream=side), torch.inference_mode(), self.numerics(
+                self.device.type, self.precision, self._dtype):
             static_out = self._fn(static_in)
         self._graph = (graph, static_in, static_out)
 
     def logits(self, pixels: Any) -> Any:
-        if self._graph is None:
-            return self._run(pixels)
-        graph, static_in, static_out = self._graph
+        import torch
+
         n = int(pixels.shape[0])
-        static_in[:n].copy_(pixels)
-        graph.replay()
-        return static_out[:n].clone()
+        if self._graph is not None:
+            graph, static_in, static_out = self._graph
+            static_in[:n].copy_(pixels)
+            graph.replay()
+            return static_out[:n].clone()
+        if self.compiled and n < self.max_batch:
+            # one shape only: a shorter batch would make torch.compile compile again, inside a watched call
+            pad = pixels.new_zeros((self.max_batch - n, *pixels.shape[1:]))
+            return self._run(torch.cat([pixels, pad]))[:n]
+        return self._run(pixels)
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
-        d.update(compile=self.compiled, cuda_graphs=self.cuda_graphs,
-                 autocast=self.precision != "fp32")
+        d.update(compile=self.compiled, cuda_graphs=self.cuda_graphs, autocast=self.precision != "fp32")
+        if self.device.type == "cuda" and self.precision == "fp32":
+            d["tf32"] = False
         return d

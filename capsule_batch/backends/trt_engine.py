@@ -9,8 +9,12 @@ real path is covered only by GPU tests marked `tensorrt` (see docs/engines.md fo
 - Precision (the only version difference, isolated in `trt_recipe`): TensorRT 10 parses the fp32 export
   and sets BuilderFlag.FP16/BF16; TensorRT 11 removed those flags and networks are strongly typed, so it
   parses an fp16/bf16 export and creates the network with NetworkDefinitionCreationFlag.STRONGLY_TYPED.
-- Run: tensors are torch CUDA tensors; their addresses go to `set_tensor_address` and the engine runs
-  on torch's current stream with `execute_async_v3`, so no copies and no extra synchronisation.
+- Run: tensors are torch CUDA tensors; their addresses go to `set_tensor_address` and `execute_async_v3` runs
+  on the engine's own stream, ordered after torch's current stream (where the pixels were made) and before it
+  (where the logits are read) with stream waits, so no copies and no host synchronisation. Not torch's current
+  stream itself: in a run that is the legacy default stream (handle 0), and TensorRT documents that it answers
+  the default stream with extra `cudaDeviceSynchronize` calls ("Please use non-default stream instead",
+  `IExecutionContext.execute_async_v3`).
 """
 
 from __future__ import annotations
@@ -170,6 +174,7 @@ class TensorRTEngine(Engine):
                     trt.DataType.BF16: torch.bfloat16}
         self._dtype = to_torch[self._engine.get_tensor_dtype(INPUT_NAME)]
         self._out_dtype = to_torch[self._engine.get_tensor_dtype(OUTPUT_NAME)]
+        self._stream = torch.cuda.Stream(self.device)  # non-default (see the module docstring)
 
     @property
     def dtype(self) -> Any:
@@ -184,8 +189,13 @@ class TensorRTEngine(Engine):
         ctx.set_tensor_address(INPUT_NAME, pixels.data_ptr())
         out = torch.empty(tuple(ctx.get_tensor_shape(OUTPUT_NAME)), dtype=self._out_dtype, device=self.device)
         ctx.set_tensor_address(OUTPUT_NAME, out.data_ptr())
-        if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+        current = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(current)  # the pixels (and `out`'s memory) are ready in torch's order
+        if not ctx.execute_async_v3(self._stream.cuda_stream):
             raise EngineError(f"{self.plan_path}: TensorRT execution failed (its log above says why)")
+        current.wait_stream(self._stream)  # whoever reads the logits on torch's stream waits for TensorRT
+        if pixels.is_cuda:
+            pixels.record_stream(self._stream)  # the caller may drop the pixels before TensorRT has read them
         return out
 
     def describe(self) -> dict[str, Any]:

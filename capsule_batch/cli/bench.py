@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from capsule_batch.cli.options import emit_json, engine_options, existing_path
+from capsule_batch.cli.options import emit_json, engine_options, existing_path, resolve_batch_size
 
 
 @click.command("bench")
@@ -19,7 +19,8 @@ from capsule_batch.cli.options import emit_json, engine_options, existing_path
               help="Frames of the synthetic recording made when none is given; cap on frames timed for decode.")
 @engine_options
 @click.option("--compile", "compile_", is_flag=True, help="torch backend: torch.compile the model.")
-@click.option("--cuda-graphs", is_flag=True, help="torch backend on CUDA: replay CUDA graphs.")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=None,
+              help="torch backend on CUDA: replay CUDA graphs (default: on, as `run`).")
 @click.option("--inflight", type=click.IntRange(min=1), default=2, show_default=True,
               help="e2e: batches queued on the device at once (as `run --inflight`).")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed engine calls.")
@@ -30,7 +31,8 @@ from capsule_batch.cli.options import emit_json, engine_options, existing_path
               help="Also append the JSON lines to this .jsonl file.")
 @click.option("--json", "as_json", is_flag=True, help="Accepted for symmetry: the JSON lines are always printed.")
 def command(recording: Path | None, bundle_path: Path, stage: str, frames: int, engine: str, source: str, device: str,
-            precision: str, batch_size: int, compile_: bool, cuda_graphs: bool, inflight: int, warmup: int,
+            precision: str, batch_size: int | None, compile_: bool, cuda_graphs: bool | None, inflight: int,
+            warmup: int,
             repeats: int,
             workdir: Path | None, out: Path | None, as_json: bool) -> None:
     """Measure frames/s of decode only, engine only and end to end on RECORDING (a synthetic 336x336 H.264
@@ -46,12 +48,13 @@ def command(recording: Path | None, bundle_path: Path, stage: str, frames: int, 
     kw = {}
     if compile_:
         kw["compile"] = True
-    if cuda_graphs:
-        kw["cuda_graphs"] = True
+    if cuda_graphs is not None:
+        kw["cuda_graphs"] = cuda_graphs
     try:
         results = run_benchmarks(bundle, recording, stages=STAGES if stage == "all" else (stage,), backend=engine,
                                  source=source, device=device, precision=precision,
-                                 batch_size=batch_size, frames=frames, warmup=warmup, repeats=repeats,
+                                 batch_size=resolve_batch_size(batch_size, device), frames=frames, warmup=warmup,
+                                 repeats=repeats,
                                  workdir=workdir, inflight=inflight, engine_kwargs=kw)
     except RuntimeError as e:
         raise CapsuleError(str(e)) from e

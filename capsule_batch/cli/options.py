@@ -72,8 +72,18 @@ def engine_options(f: Any) -> Any:
         click.option("--source", default="auto", show_default=True, help="Frame source: auto, dali, decord, images."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True),
-        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
-                     help="Frames per decode batch and engine call."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                     help="Frames per decode batch and engine call (default: 256 on a GPU, 64 on a CPU)."),
     ]):
         f = opt(f)
     return f
+
+
+def resolve_batch_size(batch_size: int | None, device: str) -> int:
+    """--batch-size, or the auto batch size of the device the run will use (backends.base.AUTO_BATCH_SIZE)."""
+    if batch_size is not None:
+        return batch_size
+    from capsule_batch.backends.base import auto_batch_size
+    from capsule_batch.runner import run_device
+
+    return auto_batch_size(run_device(device).type)

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from capsule_batch.cli.options import emit_json, engine_options, existing_path, json_option
+from capsule_batch.cli.options import emit_json, engine_options, existing_path, json_option, resolve_batch_size
 
 _logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def _check_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
                    "(default: when there is more than one recording).")
 @json_option
 def command(recordings: tuple[Path, ...], bundle_path: Path, out_dir: Path, engine: str, source: str, device: str,
-            precision: str, batch_size: int, resume: bool, shard: str | None, top_k: int | None, merge_gap: int,
+            precision: str, batch_size: int | None, resume: bool, shard: str | None, top_k: int | None, merge_gap: int,
             min_run: int, smooth: int, probs_dtype: str, block_frames: int, thumbs_per_event: int, max_thumbs: int,
             progress: bool | None, decode_timeout: float, engine_timeout: float, inflight: int, isolate: bool | None,
             as_json: bool) -> None:
@@ -79,7 +79,8 @@ def command(recordings: tuple[Path, ...], bundle_path: Path, out_dir: Path, engi
     from capsule_batch.runner import EngineSpec, resolve_shard, run_recordings
 
     rank, world = resolve_shard(shard)
-    opts = RunOptions(source=source, batch_size=batch_size, resume=resume, overwrite=not resume,
+    opts = RunOptions(source=source, batch_size=resolve_batch_size(batch_size, device), resume=resume,
+                      overwrite=not resume,
                       probs_dtype=probs_dtype, block_frames=block_frames,
                       triage_rules={"merge_gap": merge_gap, "min_run": min_run, "smooth": smooth, "top_k": top_k},
                       thumbs_per_event=thumbs_per_event, max_thumbs=max_thumbs, progress=progress,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ import numpy as np
 from capsule_batch.errors import SourceError
 from capsule_batch.preprocess import Preprocess, preprocess_batch
 from capsule_batch.registry import Registry
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,11 @@ class FrameSource(abc.ABC):
         """(can read this kind of input, why not) — cheap checks on the path only."""
         return True, ""
 
+    @classmethod
+    def usable_on_gpu(cls, path: Path) -> tuple[bool, str]:
+        """(can decode this input on a GPU here, why not) — what `auto` asks before choosing a GPU source."""
+        return True, ""
+
     @abc.abstractmethod
     def info(self) -> RecordingInfo: ...
 
@@ -194,11 +202,23 @@ def list_frames(folder: Path) -> list[Path]:
 
 
 def to_pixels(frames: Any, preprocess: Preprocess, device: Any, dtype: Any) -> Any:
-    """uint8 (N,H,W,3) numpy/torch frames -> preprocessed (N,3,S,S) tensor on `device` in `dtype` (CPU sources)."""
+    """uint8 (N,H,W,3) numpy/torch frames -> preprocessed (N,3,S,S) tensor on `device` in `dtype` (CPU sources).
+
+    For a CUDA device the copy and the normalisation run on the decode thread's own stream (`side_stream`),
+    which is waited for here: the batch is ready on any stream when it is handed on, and nothing here waits
+    for the engine's work on the default stream."""
     import torch
 
     t = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
-    return preprocess_batch(t, preprocess, dtype, device)
+    if torch.device(device).type != "cuda":
+        return preprocess_batch(t, preprocess, dtype, device)
+    from capsule_batch.devices import side_stream
+
+    stream = side_stream(device)
+    with torch.cuda.stream(stream):
+        pixels = preprocess_batch(t, preprocess, dtype, device)
+    stream.synchronize()  # this thread's own copies and kernels only
+    return pixels
 
 
 def empty_pixels(preprocess: Preprocess, device: Any, dtype: Any) -> Any:
@@ -209,13 +229,18 @@ def empty_pixels(preprocess: Preprocess, device: Any, dtype: Any) -> Any:
 
 
 def choose_source(path: Path, device: Any) -> str:
-    """`auto`: dali on a GPU where installed, else decord for video and images for folders."""
+    """`auto`: dali on a GPU where installed and able to decode this input there (NVDEC for video), else decord
+    for video and images for folders."""
     names = SOURCES.names()
     on_gpu = getattr(device, "type", str(device)).startswith("cuda")
     if on_gpu and "dali" in names:
-        ok, _ = SOURCES.get("dali").available()
-        if ok and SOURCES.get("dali").accepts(path)[0]:
-            return "dali"
+        dali = SOURCES.get("dali")
+        ok, _ = dali.available()
+        if ok and dali.accepts(path)[0]:
+            gpu_ok, why = dali.usable_on_gpu(path)
+            if gpu_ok:
+                return "dali"
+            _logger.info("%s: not choosing dali: %s", path, why)
     candidates = ["images"] if is_frame_folder(path) else ["decord"]
     for name in candidates + [n for n in names if n not in candidates]:
         if name not in names:

@@ -16,8 +16,14 @@ taken from it, so the wrap-around of the last batch never duplicates frames.
 Images: `fn.readers.file` over the folder's files in natural order, the file's position as its label
 (= frame index), `fn.decoders.image` (`mixed` = nvJPEG on the GPU).
 
-Hand-off: DALI outputs become torch tensors through DLPack (no host copy); valid frames are then
-copied once on the device, because DALI reuses its buffers on the next run.
+Hand-off (GPU): DALI outputs become torch tensors through DLPack, without a copy. DALI 2.4's default executor
+(`exec_dynamic`, on whenever the pipeline is asynchronous and pipelined with one prefetch queue, as here) gives
+every run new output buffers and keeps each alive while a consumer references it, and `__dlpack__(stream)` makes
+the consumer's stream wait for DALI's work on it. So nothing is cloned and nothing is synchronised on the
+engine's stream: the decode thread works on its own stream (`devices.side_stream`), takes padding frames out
+with `index_select` on an index copied from pinned memory (a boolean mask would synchronise to learn its size),
+keeps decoded runs in the chunks they arrived in until a batch is cut from them, and waits only for its own
+stream before a batch is handed on.
 
 Resize: DALI's own resize runs only where its kernel is the bundle's (the antialiased modes). DALI's cubic
 filter is Catmull-Rom (a = -0.5, `resampling_windows.h`), not OpenCV's INTER_CUBIC (a = -0.75), so for the
@@ -39,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from capsule_batch.devices import nvdec_problem, side_stream, to_device_async
 from capsule_batch.errors import MissingPackageError, SourceError
 from capsule_batch.preprocess import Preprocess, preprocess_batch
 from capsule_batch.sources.base import (
@@ -174,6 +181,7 @@ class DaliSource(FrameSource):
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._pipes: list[Any] = []
         self._expected_end: int | None = None
+        self._packet_count: int | None = None
         if self.path.is_dir():
             self.files = list_frames(self.path)
             self._info = RecordingInfo(self.path, "frames", len(self.files), None, None, None,
@@ -188,19 +196,24 @@ class DaliSource(FrameSource):
                 f"{self.path}: DALI {_dali_version()} decodes {codec} video only on a GPU (its CPU decoder reads "
                 f"{'/'.join(c.upper() for c in CPU_VIDEO_CODECS)}); use --source decord on this machine"
             )
+        if self._gpu:
+            why = nvdec_problem()
+            if why:
+                raise SourceError(f"{self.path}: DALI decodes video on the GPU with NVDEC, but {why}; "
+                                  "use --source decord")
         self.sequence_length = max(1, int(sequence_length))
         frames = self._info.frame_count or 0
         if readers is None:
             readers = 4 if self._gpu and frames > chunk * 8 else 1
         if readers > 1:
             n, keyframes = scan_video(self.path)
-            self._expected_end = n
+            self._expected_end = self._packet_count = n
             chunks = plan_chunks(self.start, n, keyframes, chunk)
             plan = [chunks[k::readers] for k in range(readers)]
             self._readers_plan = [p for p in plan if p]
-        elif not self._info.frame_count or self.start < self._info.frame_count:
+        elif not self._info.frame_count or self.start < self._info.frame_count or self.start < self._frames():
             self._readers_plan = [[(self.start, TO_END)]]
-        else:  # resuming at the end: nothing left to read
+        else:  # resuming at the end (the packets say so, not only the container's claim): nothing left to read
             self._readers_plan = []
         self._info.extra["dali_readers"] = len(self._readers_plan)
 
@@ -210,6 +223,24 @@ class DaliSource(FrameSource):
             return False, "a synthetic spec, not a recording"
         return True, ""
 
+    @classmethod
+    def usable_on_gpu(cls, path: Path) -> tuple[bool, str]:
+        """Video on a GPU needs NVDEC's driver library; frame folders (nvJPEG) do not."""
+        if path.is_dir():
+            return True, ""
+        why = nvdec_problem()
+        return (False, why) if why else (True, "")
+
+    def _frames(self) -> int:
+        """Frames in the file, counted from its packets (no decode, once per source); a file whose packets PyAV
+        cannot read is a SourceError naming it."""
+        if self._packet_count is None:
+            try:
+                self._packet_count = scan_video(self.path)[0]
+            except Exception as e:  # PyAV raises several types for an unreadable file
+                raise SourceError(f"{self.path}: cannot read its packets ({type(e).__name__}: {e})"[:400]) from None
+        return self._packet_count
+
     def info(self) -> RecordingInfo:
         return self._info
 
@@ -217,8 +248,10 @@ class DaliSource(FrameSource):
         """One pipeline per reader (images: one)."""
         from nvidia.dali import pipeline_def
 
+        # exec_dynamic (DALI 2.4's default, stated because the zero-copy hand-off depends on it): every run gets new
+        # output buffers, each kept alive while torch references it
         pdef = pipeline_def(batch_size=self._pipe_batch, num_threads=self.num_threads, device_id=self._device_id,
-                            prefetch_queue_depth=2)
+                            prefetch_queue_depth=2, exec_dynamic=True)
         if self.path.is_dir():
             files = [str(p) for p in self.files[self.start:]]
             if not files:
@@ -241,10 +274,16 @@ class DaliSource(FrameSource):
             try:
                 pipe.build()
             except RuntimeError as e:
-                if self.start > 0 and "input samples: 0" in str(e):  # resuming at or past the last frame
+                if "input samples: 0" not in str(e):
+                    raise SourceError(f"{self.path}: DALI cannot read it ({_short(e)})") from None
+                # DALI says this both when nothing is left from `start` on and when it skipped a file it could not
+                # open or decode: only the file's own frame count tells them apart
+                if self.path.is_dir() or self.start >= self._frames():
                     _logger.info("%s: no frames from %d on", self.path, self.start)
                     return []
-                raise SourceError(f"{self.path}: DALI cannot read it ({_short(e)})") from None
+                raise SourceError(f"{self.path}: DALI read no frames from frame {self.start} on, but the file has "
+                                  f"{self._frames()}: it skipped the file (it could not open or decode it; DALI's "
+                                  "log above says why)") from None
         return pipes
 
     @property
@@ -275,25 +314,19 @@ class DaliSource(FrameSource):
                 if self.preprocess.exact_kernel:
                     frames = self._resize_decoded(pix, take, valid)
                 else:
+                    # no copy: DALI's default executor does not reuse an output while it is referenced
                     t = torch.from_dlpack(pix.as_tensor())[:take]
-                    t = t.reshape(-1, *t.shape[-3:])
-                    # one copy out of DALI's buffer (reused on the next run); padding frames (-1) are left behind
-                    frames = t.clone() if valid.all() else t[torch.from_numpy(valid).to(t.device)]
-                if frames.is_cuda:  # the copy must finish before the next run may reuse DALI's buffer
-                    torch.cuda.current_stream(frames.device).synchronize()
+                    frames = take_rows(t.reshape(-1, *t.shape[-3:]), valid)  # padding frames (-1) are left behind
                 yield idx[valid], pts[valid], frames
 
     def _resize_decoded(self, pix: Any, take: int, valid: np.ndarray) -> Any:
         """Decoded uint8 frames (HWC samples, or FHWC sequences) of one run -> the bundle's preprocessing by
-        `preprocess_batch`, on DALI's device; the result is a new tensor, so DALI's buffer is free afterwards."""
+        `preprocess_batch`, on DALI's device (the result is a new tensor)."""
         import torch
 
         if pix.is_dense_tensor():
             t = torch.from_dlpack(pix.as_tensor())[:take]
-            t = t.reshape(-1, *t.shape[-3:])
-            if not valid.all():
-                t = t[torch.from_numpy(valid).to(t.device)]
-            return preprocess_batch(t, self.preprocess)
+            return preprocess_batch(take_rows(t.reshape(-1, *t.shape[-3:]), valid), self.preprocess)
         # image files of different sizes: one at a time
         parts = [preprocess_batch(torch.from_dlpack(pix[i])[None], self.preprocess) for i in range(take) if valid[i]]
         if parts:
@@ -302,12 +335,8 @@ class DaliSource(FrameSource):
 
     def _produce(self) -> Iterator[FrameBatch]:
         """Merge the readers' frames into index order and cut batches of `batch_size`."""
-        import torch
-
         nxt = self.start
-        pend_idx = np.empty((0,), np.int64)
-        pend_pts = np.empty((0,), np.float64)
-        pend_pix: Any = None
+        pending = Pending()
         failures: list[DecodeFailure] = []
         stopped: DecodeFailure | None = None
         done = False
@@ -315,37 +344,23 @@ class DaliSource(FrameSource):
         while True:
             try:
                 idx, pts, pix = next(runs)
+                pending.add(idx, pts, pix)
             except StopIteration:
                 done = True
             except RuntimeError as e:
                 done, self._expected_end = True, None
                 stopped = DecodeFailure(nxt, f"decoding stopped: {_short(e)}", final=True)
-            if not done:
-                pend_idx = np.concatenate([pend_idx, idx])
-                pend_pts = np.concatenate([pend_pts, pts])
-                pend_pix = pix if pend_pix is None or not len(pend_pix) else torch.cat([pend_pix, pix])
-            if len(pend_idx) > 1 and (np.diff(pend_idx) <= 0).any():  # several readers: restore the order
-                order = np.argsort(pend_idx, kind="stable")
-                pend_idx, pend_pts = pend_idx[order], pend_pts[order]
-                pend_pix = pend_pix[torch.from_numpy(order).to(pend_pix.device)]
-                fresh = np.concatenate([[True], pend_idx[1:] != pend_idx[:-1]])
-            else:
-                fresh = np.ones(len(pend_idx), bool)
-            fresh &= pend_idx >= nxt  # duplicates never leave the source
-            if not fresh.all():
-                pend_idx, pend_pts = pend_idx[fresh], pend_pts[fresh]
-                pend_pix = pend_pix[torch.from_numpy(fresh).to(pend_pix.device)]
+            pending.order(nxt)  # several readers: restore the order; duplicates never leave the source
             # frames ready: the contiguous run from nxt (at the end: everything, gaps reported)
-            ready = int(np.sum(pend_idx == nxt + np.arange(len(pend_idx)))) if not done else len(pend_idx)
+            ready = pending.contiguous_from(nxt) if not done else len(pending)
             while ready >= self.batch_size or (done and ready > 0):
                 n = min(ready, self.batch_size)
-                idx_out = pend_idx[:n]
+                idx_out, pts_out, pix_out = pending.take(n)
                 gaps = np.setdiff1d(np.arange(nxt, int(idx_out[-1]) + 1), idx_out)
                 failures += [DecodeFailure(int(i), "frame not produced by the decoder") for i in gaps]
-                yield FrameBatch(pend_pix[:n], idx_out, pend_pts[:n], tuple(sorted(failures, key=lambda f: f.index)))
+                yield FrameBatch(pix_out, idx_out, pts_out, tuple(sorted(failures, key=lambda f: f.index)))
                 failures = []
                 nxt = int(idx_out[-1]) + 1
-                pend_idx, pend_pts, pend_pix = pend_idx[n:], pend_pts[n:], pend_pix[n:]
                 ready -= n
             if done:
                 break
@@ -373,6 +388,8 @@ class DaliSource(FrameSource):
                              np.empty((0,), np.float64), tuple(failures))
 
     def __iter__(self) -> Iterator[FrameBatch]:
+        import contextlib
+
         import torch
 
         self.close()
@@ -380,12 +397,21 @@ class DaliSource(FrameSource):
         self._pipes = self._build()
         if not self._pipes:
             return
+        stream = side_stream(torch.device("cuda", self._device_id)) if self._gpu else None
         try:
-            for batch in self._produce():
-                if self.dtype is not None and batch.pixels.dtype != self.dtype:
-                    batch.pixels = batch.pixels.to(self.dtype)
-                if not self._gpu and torch.device(self.device) != batch.pixels.device:
-                    batch.pixels = batch.pixels.to(self.device)
+            batches = self._produce()
+            while True:
+                # the work of this thread goes to its own stream, not the engine's (see the module docstring)
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    batch = next(batches, None)
+                    if batch is None:
+                        break
+                    if self.dtype is not None and batch.pixels.dtype != self.dtype:
+                        batch.pixels = batch.pixels.to(self.dtype)
+                    if not self._gpu and torch.device(self.device) != batch.pixels.device:
+                        batch.pixels = batch.pixels.to(self.device)
+                if stream is not None:
+                    stream.synchronize()  # this thread's own work only: the batch is ready on any stream
                 self.frames_decoded += len(batch)
                 yield batch
         finally:
@@ -420,3 +446,80 @@ def _dali_version() -> str:
     import nvidia.dali
 
     return nvidia.dali.__version__
+
+
+def take_rows(t: Any, valid: np.ndarray) -> Any:
+    """The rows of `t` where `valid` (a host mask): the tensor itself, a slice when they are a prefix, else one
+    `index_select` with the index staged through pinned memory. Never `t[mask]`, which synchronises on a GPU."""
+    import torch
+
+    if valid.all():
+        return t
+    k = int(valid.sum())
+    if valid[:k].all():
+        return t[:k]
+    rows = torch.from_numpy(np.flatnonzero(valid))
+    return t.index_select(0, to_device_async(rows, t.device) if t.is_cuda else rows)
+
+
+class Pending:
+    """Frames decoded but not yet handed on. Index and pts live on the host; the pixels stay in the runs they came
+    in (`chunks`) until a batch is cut from them, so a merge never copies more than the batch it hands on (not the
+    whole pending buffer, thousands of frames with several readers, on every run)."""
+
+    def __init__(self) -> None:
+        self.idx = np.empty((0,), np.int64)
+        self.pts = np.empty((0,), np.float64)
+        self.chunk = np.empty((0,), np.int64)  # which run each pending frame is in
+        self.row = np.empty((0,), np.int64)  # and at which row of it
+        self.chunks: dict[int, Any] = {}
+        self._next = 0
+
+    def __len__(self) -> int:
+        return int(self.idx.shape[0])
+
+    def add(self, idx: np.ndarray, pts: np.ndarray, pix: Any) -> None:
+        if not len(idx):
+            return
+        k, self._next = self._next, self._next + 1
+        self.chunks[k] = pix
+        self.idx = np.concatenate([self.idx, idx])
+        self.pts = np.concatenate([self.pts, pts])
+        self.chunk = np.concatenate([self.chunk, np.full(len(idx), k, np.int64)])
+        self.row = np.concatenate([self.row, np.arange(len(idx), dtype=np.int64)])
+
+    def order(self, nxt: int) -> None:
+        """Frame order (stable), the first of duplicate frames kept, frames before `nxt` dropped."""
+        if not len(self):
+            return
+        keep = np.argsort(self.idx, kind="stable")
+        fresh = np.concatenate([[True], self.idx[keep][1:] != self.idx[keep][:-1]]) & (self.idx[keep] >= nxt)
+        self._select(keep[fresh])
+
+    def contiguous_from(self, nxt: int) -> int:
+        """How many pending frames run without a gap from frame `nxt`."""
+        return int(np.sum(self.idx == nxt + np.arange(len(self))))
+
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray, Any]:
+        """The first `n` pending frames: index, pts and pixels (a view when they are consecutive rows of one run,
+        else one gather of exactly these frames)."""
+        import torch
+
+        chunk, row = self.chunk[:n], self.row[:n]
+        parts = []
+        start = 0
+        for end in [*(np.flatnonzero((np.diff(chunk) != 0) | (np.diff(row) != 1)) + 1).tolist(), n]:
+            c, a = int(chunk[start]), int(row[start])
+            parts.append(self.chunks[c][a:a + (end - start)])
+            start = end
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        idx, pts = self.idx[:n], self.pts[:n]
+        self._select(np.arange(n, len(self)))
+        return idx, pts, out
+
+    def _select(self, keep: np.ndarray) -> None:
+        self.idx, self.pts, self.chunk, self.row = self.idx[keep], self.pts[keep], self.chunk[keep], self.row[keep]
+        live = set(np.unique(self.chunk).tolist())
+        for k in [k for k in self.chunks if k not in live]:
+            del self.chunks[k]  # no frame of this run is pending any more: DALI may free its buffer
+
