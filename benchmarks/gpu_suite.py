@@ -89,6 +89,7 @@ class Context:
         self.recording = self.workdir / f"gpu_h264_{args.frames}_336.mp4"
         self.as_run: dict[str, Any] | None = None  # describe() of the as-run engine, once built
         self.checked: dict[str, bool] = {}  # precision -> passed the parity check
+        self.step_delay = 0.0  # --fail-part PART:slow: seconds added before each step of that part (tests)
         self._bundle: Any = None
 
     @property
@@ -104,6 +105,8 @@ class Context:
     def check_time(self, need: float = 0.0) -> None:
         """Raise OutOfTime when --time-limit has passed, or when less than `need` seconds (what the next step
         usually takes on the GPU machine) are left: better a step not started than one the watchdog cuts off."""
+        if self.step_delay:
+            time.sleep(self.step_delay)
         if self.deadline is None:
             return
         left = self.deadline - time.monotonic()
@@ -559,7 +562,9 @@ def run_parts(ctx: Context, suite: Suite, names: list[str], fail: str | None) ->
             if name == fail_part:  # --fail-part: how tests prove the guards
                 while how == "hang":
                     time.sleep(1)
-                raise RuntimeError(f"--fail-part {name}")
+                if how != "slow":
+                    raise RuntimeError(f"--fail-part {name}")
+            ctx.step_delay = 0.5 if (name == fail_part and how == "slow") else 0.0
             ctx.check_time()
             for ln in PARTS[name](ctx):
                 suite.emit(ln)
@@ -603,7 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "gpu_suite.jsonl")
     ap.add_argument("--log", type=Path, default=None, help="default: gpu_suite.log beside --out")
     ap.add_argument("--table", type=Path, default=None, help="print the table of the last run in this file, only")
-    ap.add_argument("--fail-part", default=None, help="PART or PART:hang: make a part raise or hang (tests)")
+    ap.add_argument("--fail-part", default=None,
+                    help="PART, PART:hang or PART:slow: make a part raise, hang, or take 0.5 s a step (tests)")
     args = ap.parse_args(argv)
     if args.table is not None:
         print(table(last_run(args.table)))

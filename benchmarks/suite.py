@@ -75,20 +75,26 @@ def run_suite(args: argparse.Namespace) -> list[dict[str, Any]]:
             base["suite_tag"] = args.tag
             lines.append(base)
             _logger.info("%s seed-style baseline: %.2f frames/s (extraction included)", arch, base["frames_per_s"])
-        for source, backend, precision, batch in itertools.product(
-                args.sources.split(","), args.backends.split(","), args.precisions.split(","),
-                [int(b) for b in args.batch_sizes.split(",")]):
+        pairs = ([tuple(c.split("/")) for c in args.configs.split(",")] if args.configs
+                 else list(itertools.product(args.backends.split(","), args.precisions.split(","))))
+        e2e_lines = []
+        for source, (backend, precision), batch in itertools.product(
+                args.sources.split(","), pairs, [int(b) for b in args.batch_sizes.split(",")]):
             try:
+                # the CPU choice behind `auto` is stored in the suite's own engine store, measured once per bundle
                 results = run_benchmarks(bundle, rec, backend=backend, source=source, device=device,
                                          precision=precision, batch_size=batch, frames=args.frames,
-                                         warmup=args.warmup, repeats=args.repeats, workdir=work)
+                                         warmup=args.warmup, repeats=args.repeats, workdir=work,
+                                         engine_kwargs={"store": work / "engines"})
             except Exception as e:  # a combination this machine cannot run is noted and skipped
                 _logger.warning("skipped %s/%s/%s/b%d: %s", source, backend, precision, batch, e)
                 continue
             engine_fps = next((r["frames_per_s"] for r in results if r["stage"] == "engine"), None)
             for r in results:
                 r["suite_tag"] = args.tag
+                r["asked"] = f"{backend}/{precision}"
                 if r["stage"] == "e2e":
+                    e2e_lines.append(r)
                     if engine_fps:
                         r["e2e_over_engine"] = round(r["frames_per_s"] / engine_fps, 3)
                     if base is not None:
@@ -98,7 +104,34 @@ def run_suite(args: argparse.Namespace) -> list[dict[str, Any]]:
                 lines.append(r)
                 _logger.info("%s %s/%s/%s/b%d %s: %.2f frames/s", arch, source, backend, precision, batch,
                              r["stage"], r["frames_per_s"])
+        v = verdict(arch, e2e_lines, base)
+        if v:
+            v["suite_tag"] = args.tag
+            lines.append(v)
+            _logger.info("%s verdict: %s", arch, v["summary"])
     return lines
+
+
+def verdict(arch: str, e2e: list[dict[str, Any]], base: dict[str, Any] | None) -> dict[str, Any] | None:
+    """How `auto` compares with the fastest configuration measured in this run (and with the seed-style baseline)."""
+    autos = [r for r in e2e if "auto" in r["asked"]]
+    if not autos or len(e2e) < 2:
+        return None
+    fastest = max(e2e, key=lambda r: r["frames_per_s"])
+    auto = max(autos, key=lambda r: r["frames_per_s"])
+    chosen = (auto["config"].get("choice") or {}).get("label", f"{auto['config']['backend']} "
+                                                             f"{auto['config']['precision']}")
+    out = {"stage": "verdict", "arch": arch, "auto_asked": auto["asked"], "auto_chose": chosen,
+           "auto_e2e_frames_per_s": auto["frames_per_s"], "fastest_asked": fastest["asked"],
+           "fastest_e2e_frames_per_s": fastest["frames_per_s"],
+           "auto_over_fastest": round(auto["frames_per_s"] / fastest["frames_per_s"], 3),
+           "auto_e2e_over_engine": auto.get("e2e_over_engine"), "cpu": auto["config"].get("cpu")}
+    if base is not None:
+        out["auto_over_seed"] = round(auto["frames_per_s"] / base["frames_per_s"], 3)
+    out["summary"] = (f"auto ({chosen}) {auto['frames_per_s']:.2f} frames/s e2e = {out['auto_over_fastest']:.2f}x the "
+                      f"fastest measured ({fastest['asked']} {fastest['frames_per_s']:.2f})"
+                      + (f", {out['auto_over_seed']:.2f}x the seed-style baseline" if base is not None else ""))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sources", default="auto")
     ap.add_argument("--backends", default="torch")
     ap.add_argument("--precisions", default="fp32")
+    ap.add_argument("--configs", default=None,
+                    help="backend/precision pairs instead of --backends x --precisions, e.g. auto/auto,torch/fp32")
     ap.add_argument("--batch-sizes", default="32")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--frames", type=int, default=512)

@@ -52,14 +52,17 @@ def environment(device: Any) -> dict[str, Any]:
     """Machine and package versions that a benchmark line carries."""
     import torch
 
+    from capsule_batch.backends.cpu_choice import cpu_info
     from capsule_batch.envinfo import PACKAGES, _version
 
     versions = {mod: _version(dists) for mod, dists, _ in PACKAGES}
     return {
         "device": str(device),
         "device_name": device_name(device),
+        "cpu": cpu_info(),  # model, the flags the kernels depend on (avx512_bf16, amx_bf16, ...), usable cores
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "python": platform.python_version(),
         "capsule_batch": __version__,
         "versions": {k: v for k, v in versions.items() if v},
@@ -67,14 +70,19 @@ def environment(device: Any) -> dict[str, Any]:
 
 
 def flops_per_frame(bundle: Any) -> float | None:
-    """Forward FLOPs of one frame (2 x multiply-accumulates), counted by torch's FlopCounterMode on CPU."""
+    """Forward FLOPs of one frame (2 x multiply-accumulates), counted by torch's FlopCounterMode on CPU, on a copy
+    with timm's fused attention off: the counter has no formula for CPU's fused attention kernel and would leave
+    the attention products out (2.4 of eva02_base's 46.3 GFLOP); unfused they are two counted `bmm`s."""
     if bundle.sha256 in _FLOPS_CACHE:
         return _FLOPS_CACHE[bundle.sha256]
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     try:
+        from capsule_batch.backends.onnx_export import disable_fused_attn
+
         model = bundle.create_model(verify=False)
+        disable_fused_attn(model)
         s = bundle.preprocess.input_size
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(torch.zeros(1, 3, s, s))
@@ -149,7 +157,8 @@ def bench_engine(engine: Any, pixels: Any, *, batch_size: int, warmup: int = 3, 
 
 
 def bench_e2e(recording: str | Path, bundle: Any, engine: Any, *, source: str, batch_size: int,
-              workdir: str | Path, inflight: int = 2, max_thumbs: int | None = None) -> dict[str, Any]:
+              workdir: str | Path, inflight: int = 2, max_thumbs: int | None = None,
+              prefetch: int | None = None) -> dict[str, Any]:
     """The whole `run` path (`run_recordings`: decode thread, engine, writer thread, triage, thumbnails) into a
     study file, with the given engine.
 
@@ -158,14 +167,16 @@ def bench_e2e(recording: str | Path, bundle: Any, engine: Any, *, source: str, b
     after it (events over the whole table, thumbnails decoded again: it grows with the flagged frames, not with the
     recording). The calling thread's streaming time splits into `stage_seconds` (in the engine: launching batches
     and waiting for their results; waiting for decode; waiting for the writer); `outside_engine_s` is the rest of
-    the wall time. Nothing extra is synchronised, so batches stay in flight as in a real run. `max_thumbs` None:
-    `run`'s default."""
+    the wall time. Nothing extra is synchronised, so batches stay in flight as in a real run. `max_thumbs` and
+    `prefetch` (batches decoded ahead, and batches queued for the writer) None: `run`'s defaults."""
     from capsule_batch.pipeline import RunOptions
     from capsule_batch.runner import run_recordings
 
     opts = RunOptions(source=source, batch_size=batch_size, overwrite=True, progress=False, inflight=inflight)
     if max_thumbs is not None:
         opts.max_thumbs = max_thumbs
+    if prefetch is not None:
+        opts.prefetch = prefetch
     res = run_recordings([recording], bundle, Path(workdir) / "e2e", engine=engine, options=opts).results[0]
     dt = res.seconds  # the recording's own time, as `run` reports it (not the output folder's check before it)
     if res.status != "done":
@@ -174,7 +185,8 @@ def bench_e2e(recording: str | Path, bundle: Any, engine: Any, *, source: str, b
     return {"stage": "e2e", "frames": res.frames, "seconds": round(dt, 4), "frames_per_s": res.frames / dt,
             "stream_s": round(stream_s, 4), "stream_frames_per_s": res.frames / stream_s if stream_s else None,
             "finish_s": round(dt - stream_s, 4), "flagged_frames": res.flagged_frames, "events": res.events,
-            "max_thumbs": opts.max_thumbs, "inflight": inflight, "stage_seconds": res.stage_seconds,
+            "max_thumbs": opts.max_thumbs, "inflight": inflight, "prefetch": opts.prefetch,
+            "stage_seconds": res.stage_seconds,
             "engine_s": round(engine_s, 4), "outside_engine_s": round(dt - engine_s, 4),
             "engine_frames_per_s_in_run": res.frames / engine_s if engine_s else None}
 
@@ -219,7 +231,8 @@ def run_benchmarks(bundle: Any, recording: str | Path | None = None, *, stages: 
         config = {
             "model": bundle.arch, "model_args": bundle.model_args, "bundle_sha256": bundle.sha256[:16],
             "input_size": bundle.preprocess.input_size, "recording": str(rec), "source": decode["source"],
-            **{k: v for k, v in engine.describe().items() if k in ("backend", "precision", "compile", "cuda_graphs")},
+            **{k: v for k, v in engine.describe().items()
+               if k in ("backend", "precision", "compile", "cuda_graphs", "cast", "choice")},
             "batch_size": batch_size, "engine_create_s": engine.create_seconds, **_frame_size(rec),
             **environment(engine.device),
         }

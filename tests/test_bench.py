@@ -13,7 +13,7 @@ from conftest import REPO, make_recording
 from capsule_batch.cli import cli
 
 CONFIG_KEYS = {"model", "model_args", "input_size", "source", "backend", "precision", "batch_size", "frame_width",
-               "frame_height", "codec", "device", "device_name", "cpu_count", "torch_threads", "versions"}
+               "frame_height", "codec", "device", "device_name", "cpu", "cpu_count", "torch_threads", "versions"}
 
 
 def test_bench_cli_prints_one_json_line_per_stage_with_configuration(tiny_bundle, tmp_path):
@@ -58,13 +58,24 @@ def test_suite_compares_with_seed_baseline_and_plots(tmp_path):
     out = tmp_path / "suite.jsonl"
     args = [sys.executable, str(REPO / "benchmarks" / "suite.py"), "--arch", "eva02_tiny_patch14_224",
             "--model-args", '{"img_size": 56, "depth": 2}', "--frames", "40", "--batch-sizes", "16",
-            "--backends", "torch", "--precisions", "fp32", "--repeats", "2", "--warmup", "1",
+            "--configs", "torch/fp32,auto/auto", "--repeats", "2", "--warmup", "1",
             "--workdir", str(tmp_path / "work"), "--tag", "test", "--out", str(out)]
     subprocess.run(args, check=True, capture_output=True, text=True, timeout=600, cwd=REPO,
                    env={**__import__("os").environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
     lines = [json.loads(t) for t in out.read_text().splitlines()]
-    assert [ln["stage"] for ln in lines] == ["seed-baseline", "decode", "engine", "e2e"]
-    base, e2e = lines[0], lines[-1]
+    assert [ln["stage"] for ln in lines] == ["seed-baseline", "decode", "engine", "e2e", "decode", "engine", "e2e",
+                                             "verdict"]
+    base, e2e, auto, verdict = lines[0], lines[3], lines[6], lines[7]
+    assert e2e["asked"] == "torch/fp32" and auto["asked"] == "auto/auto"
+    # auto on a CPU is the measured choice, stored in the suite's engine store; the verdict holds it against the
+    # fastest configuration of the run and the baseline
+    assert auto["config"]["choice"]["label"] in ("torch fp32", "onnxruntime fp32", "torch bf16 cast",
+                                                 "torch bf16 autocast")
+    assert verdict["auto_chose"] == auto["config"]["choice"]["label"]
+    fastest = max(e2e["frames_per_s"], auto["frames_per_s"])
+    assert verdict["auto_over_fastest"] == round(auto["frames_per_s"] / fastest, 3)
+    assert verdict["auto_over_seed"] == round(auto["frames_per_s"] / base["frames_per_s"], 3)
+    assert verdict["cpu"]["model"] and "auto (" in verdict["summary"]
     assert base["frames"] == e2e["frames"] == 40 and all(ln["suite_tag"] == "test" for ln in lines)
     # Same model and frames, fp32 both ways. The baseline sees each frame after a JPEG (q95) round trip, as the
     # seed's extracted frames are, so probabilities differ by a little more than the study's float16 storage;

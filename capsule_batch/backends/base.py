@@ -63,6 +63,7 @@ class Engine:
             raise EngineError(f"max_batch must be >= 1, got {max_batch}")
         self._warned_oom = False
         self.create_seconds: float | None = None  # set by create_engine
+        self.choice: dict[str, Any] | None = None  # the CPU choice behind an `auto` engine (cpu_choice.py)
 
     @classmethod
     def missing_package(cls) -> tuple[str, str] | None:
@@ -161,8 +162,11 @@ class Engine:
 
     def describe(self) -> dict[str, Any]:
         """Configuration recorded in study files and benchmark lines."""
-        return {"backend": self.name, "device": str(self.device), "precision": self.precision,
-                "max_batch": self.max_batch, "dtype": str(self.dtype).removeprefix("torch.")}
+        d = {"backend": self.name, "device": str(self.device), "precision": self.precision,
+             "max_batch": self.max_batch, "dtype": str(self.dtype).removeprefix("torch.")}
+        if self.choice is not None:
+            d["choice"] = {k: self.choice[k] for k in ("label", "reason", "stored") if k in self.choice}
+        return d
 
     def close(self) -> None:
         """Release resources; safe to call twice."""
@@ -185,12 +189,13 @@ BACKENDS: Registry[Engine] = Registry("backend", (
     "capsule_batch.backends.trt_engine",
 ))
 
-#: `auto` tries these (backend, device type) pairs in order; the first that can work here wins.
+#: `auto` tries these (backend, device type) pairs in order; the first that can work here wins. On a CPU the
+#: measured choice (cpu_choice.py) decides for auto, fp32 and bf16; this order serves only what it leaves (fp16).
 AUTO_ORDER: tuple[tuple[str, str], ...] = (
     ("tensorrt", "cuda"),
     ("torch", "cuda"),
-    ("onnxruntime", "cpu"),
     ("torch", "cpu"),
+    ("onnxruntime", "cpu"),
 )
 
 
@@ -223,6 +228,11 @@ def choose_backend(device_type: str) -> str:
     raise EngineError(f"no backend can run on {device_type} here (backends: {', '.join(BACKENDS.names())})")
 
 
+#: backends and precisions among which `auto` on a CPU chooses by measurement (cpu_choice.py)
+CPU_CHOICE_BACKENDS = ("auto", "torch", "onnxruntime")
+CPU_CHOICE_PRECISIONS = ("auto", "fp32", "bf16")
+
+
 def create_engine(
     bundle: ModelBundle,
     *,
@@ -230,17 +240,49 @@ def create_engine(
     device: Any = "cpu",
     precision: str = "auto",
     max_batch: int = 64,
+    parity_frames: int | None = None,
     **kwargs: Any,
 ) -> Engine:
     """Build an engine; an explicit backend that cannot work here fails with the reason.
 
-    `device` is a torch.device or a spec (`auto`, `cpu`, `cuda:N`); `precision` `auto` is fp32 on
-    CPU and fp16/bf16 on CUDA (per backend). Extra keyword arguments go to the backend: `store` and
-    `rebuild` to those that use the engine store; `compile`, `cuda_graphs` to torch; `threads` to onnxruntime.
-    On CUDA a backend gets `CUDA_AUTO_OPTIONS` for the options not given (torch: CUDA graphs).
+    `device` is a torch.device or a spec (`auto`, `cpu`, `cuda:N`). On CUDA, `precision` `auto` is the backend's
+    first (fp16 for torch) and a backend gets `CUDA_AUTO_OPTIONS` for the options not given (torch: CUDA graphs).
+    On a CPU, an `auto` backend or precision is the measured CPU choice (cpu_choice.py): the fastest configuration
+    this CPU runs natively whose outputs pass parity with fp32 on `parity_frames` frames, stored in the engine
+    store and reused. Extra keyword arguments go to the backend: `store` and `rebuild` to those that use the
+    engine store (and to the CPU choice); `compile`, `cuda_graphs`, `cast` to torch; `threads` to onnxruntime.
     """
     dev = resolve_device(device if device is None or isinstance(device, str) else str(device))
+    if precision not in PRECISIONS:
+        raise EngineError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    if (dev.type == "cpu" and "auto" in (backend, precision) and backend in CPU_CHOICE_BACKENDS
+            and precision in CPU_CHOICE_PRECISIONS):
+        from capsule_batch.backends.cpu_choice import choose
+
+        t0 = time.perf_counter()
+        engine, decision = choose(
+            bundle, backend=backend, precision=precision, max_batch=max_batch, store=kwargs.get("store"),
+            rebuild=kwargs.get("rebuild", "auto"), parity_frames=parity_frames,
+            build=lambda c: build_engine(bundle, c.backend, dev, c.precision, max_batch,
+                                         {**_accepted(c.backend, kwargs), **c.options}))
+        engine.choice = decision
+        engine.create_seconds = round(time.perf_counter() - t0, 3)
+        return engine
     name = choose_backend(dev.type) if backend == "auto" else backend
+    return build_engine(bundle, name, dev, precision, max_batch, kwargs)
+
+
+def _accepted(backend: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The options among `kwargs` that `backend` takes (the CPU choice builds several backends from one set)."""
+    import inspect
+
+    params = inspect.signature(BACKENDS.get(backend).__init__).parameters
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def build_engine(bundle: ModelBundle, name: str, dev: Any, precision: str, max_batch: int,
+                 kwargs: dict[str, Any]) -> Engine:
+    """One engine of backend `name` on the resolved device `dev`, `precision` resolved by the backend."""
     try:
         cls = BACKENDS.get(name)
     except KeyError as e:
@@ -255,8 +297,7 @@ def create_engine(
     if dev.type == "cuda":
         kwargs = {**CUDA_AUTO_OPTIONS.get(name, {}), **kwargs}
     if not cls.uses_store:
-        for k in ("store", "rebuild"):
-            kwargs.pop(k, None)
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("store", "rebuild")}
     t0 = time.perf_counter()
     engine = cls(bundle, device=dev, precision=prec, max_batch=max_batch, **kwargs)
     engine.create_seconds = round(time.perf_counter() - t0, 3)  # a TensorRT build or an ONNX export: minutes
@@ -264,5 +305,6 @@ def create_engine(
     return engine
 
 
-__all__ = ["AUTO_BATCH_SIZE", "AUTO_ORDER", "BACKENDS", "CUDA_AUTO_OPTIONS", "Engine", "auto_batch_size",
-           "choose_backend", "chunks", "create_engine", "is_illegal_access", "is_out_of_memory"]
+__all__ = ["AUTO_BATCH_SIZE", "AUTO_ORDER", "BACKENDS", "CPU_CHOICE_BACKENDS", "CPU_CHOICE_PRECISIONS",
+           "CUDA_AUTO_OPTIONS", "Engine", "auto_batch_size", "build_engine", "choose_backend", "chunks",
+           "create_engine", "is_illegal_access", "is_out_of_memory"]

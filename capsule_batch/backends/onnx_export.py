@@ -38,7 +38,7 @@ ONNX_DTYPES = ("fp32", "fp16", "bf16")
 FP32_OPS = ("LayerNormalization", "Softmax")
 
 
-def _disable_fused_attn(model: Any) -> int:
+def disable_fused_attn(model: Any) -> int:
     """Turn off `F.scaled_dot_product_attention` in timm attention modules; returns how many."""
     n = 0
     for m in model.modules():
@@ -80,7 +80,7 @@ def export_onnx(
     model = copy.deepcopy(model) if model is not None else bundle.create_model()
     model = model.eval().to(torch_dtype(dtype))
     if exporter == "legacy":
-        n = _disable_fused_attn(model)
+        n = disable_fused_attn(model)
         _logger.debug("ONNX export: fused attention off in %d modules for the legacy exporter", n)
     size = bundle.preprocess.input_size
     example = torch.randn(2, 3, size, size).to(torch_dtype(dtype))

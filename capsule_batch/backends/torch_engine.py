@@ -3,7 +3,9 @@
 fp32 runs the model exactly as built (no autocast: it is the reference every other backend is checked
 against); on CUDA with TF32 off for its calls (`exact_fp32`), since torch lets cuDNN convolutions use TF32 by
 default (`torch.backends.cudnn.allow_tf32` is True), which rounds the patch embedding's inputs to 10 mantissa bits.
-bf16/fp16 run under autocast with fp32 weights, which keeps LayerNorm and softmax in fp32.
+bf16/fp16 run under autocast with fp32 weights, which keeps LayerNorm and softmax in fp32; with `cast` the model
+and its input are cast to bf16/fp16 instead (no autocast: every op in the low precision, the fastest on CPUs with
+AMX, and the furthest from fp32 — the CPU choice, cpu_choice.py, uses it only where it passes parity).
 On CUDA, `cuda_graphs` captures one graph at `max_batch` (smaller batches are padded into its static
 input) or, with `compile`, uses torch.compile's `reduce-overhead` mode, which manages graphs itself.
 A compiled engine is warmed up (compiled) when it is built, outside any run's engine watch, and pads every call
@@ -55,7 +57,7 @@ class TorchEngine(Engine):
 
     def __init__(self, bundle: ModelBundle, *, device: Any, precision: str, max_batch: int,
                  compile: bool = False, cuda_graphs: bool = False, compile_options: dict[str, Any] | None = None,
-                 model: Any = None):
+                 model: Any = None, cast: bool = False):
         import torch
 
         super().__init__(bundle, device=device, precision=precision, max_batch=max_batch)
@@ -64,7 +66,12 @@ class TorchEngine(Engine):
         self.compiled = bool(compile)
         self.cuda_graphs = bool(cuda_graphs)
         self._dtype = torch_dtype(precision)
+        if cast and precision == "fp32":
+            raise EngineError("torch engine: `cast` needs a bf16 or fp16 precision")
+        self.cast = bool(cast)
         module = (model if model is not None else bundle.create_model()).eval().to(self.device)
+        if self.cast:
+            module = module.to(self._dtype)
         self._module = module
         if compile:
             options = {"mode": "reduce-overhead" if cuda_graphs else "default", **(compile_options or {})}
@@ -82,11 +89,13 @@ class TorchEngine(Engine):
         return self._dtype
 
     @staticmethod
-    def numerics(device_type: str, precision: str, dtype: Any) -> Any:
-        """The context a forward pass runs in: autocast for bf16/fp16; for fp32 on CUDA, TF32 off (parity is the
-        point of an fp32 engine); nothing for fp32 on a CPU."""
+    def numerics(device_type: str, precision: str, dtype: Any, cast: bool = False) -> Any:
+        """The context a forward pass runs in: autocast for bf16/fp16 (nothing when the model is `cast`); for fp32
+        on CUDA, TF32 off (parity is the point of an fp32 engine); nothing for fp32 on a CPU."""
         import torch
 
+        if cast:
+            return contextlib.nullcontext()
         if precision == "fp32":
             return exact_fp32() if device_type == "cuda" else contextlib.nullcontext()
         # no weight-cast cache: each weight is used once per forward, and CUDA graph capture needs it off
@@ -95,7 +104,7 @@ class TorchEngine(Engine):
     def _run(self, pixels: Any) -> Any:
         import torch
 
-        with torch.inference_mode(), self.numerics(self.device.type, self.precision, self._dtype):
+        with torch.inference_mode(), self.numerics(self.device.type, self.precision, self._dtype, self.cast):
             return self._fn(pixels)
 
     def _static_input(self) -> Any:
@@ -138,7 +147,7 @@ class TorchEngine(Engine):
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=side), torch.inference_mode(), self.numerics(
-                self.device.type, self.precision, self._dtype):
+                self.device.type, self.precision, self._dtype, self.cast):
             static_out = self._fn(static_in)
         self._graph = (graph, static_in, static_out)
 
@@ -159,7 +168,8 @@ class TorchEngine(Engine):
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
-        d.update(compile=self.compiled, cuda_graphs=self.cuda_graphs, autocast=self.precision != "fp32")
+        d.update(compile=self.compiled, cuda_graphs=self.cuda_graphs, cast=self.cast,
+                 autocast=self.precision != "fp32" and not self.cast)
         if self.device.type == "cuda" and self.precision == "fp32":
             d["tf32"] = False
         return d

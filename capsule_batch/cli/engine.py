@@ -27,12 +27,18 @@ def command() -> None:
               help="Largest batch the engine accepts (TensorRT profile max).")
 @click.option("--opt-batch", type=click.IntRange(1, 65536), default=None,
               help="TensorRT profile opt batch (default: --max-batch).")
-@click.option("--force", is_flag=True, help="Rebuild even if an up-to-date engine exists.")
+@click.option("--force", is_flag=True, help="Rebuild even if an up-to-date engine exists (on a CPU: measure the "
+              "choice again).")
+@click.option("--parity-frames", type=click.IntRange(16, 100_000), default=None,
+              help="CPU choice: frames each candidate is checked against fp32 on (default 256).")
 @engines_option
 @json_option
 def build_cmd(bundle: Path, backend: str, device: str, precision: str, max_batch: int, opt_batch: int | None,
-              force: bool, engines_dir: Path | None, as_json: bool) -> None:
-    """Build (or check) the engine for BUNDLE on this machine; a stale engine is rebuilt."""
+              force: bool, parity_frames: int | None, engines_dir: Path | None, as_json: bool) -> None:
+    """Build (or check) the engine for BUNDLE on this machine; a stale engine is rebuilt.
+
+    On a CPU, `auto` backend or precision is measured: every configuration this CPU runs natively is checked
+    against fp32 and timed, and the fastest that passes is stored and used by later runs."""
     from capsule_batch.backends import create_engine
     from capsule_batch.bundle import ModelBundle
     from capsule_batch.engine_store import EngineStore
@@ -40,16 +46,35 @@ def build_cmd(bundle: Path, backend: str, device: str, precision: str, max_batch
     b = ModelBundle.load(bundle)
     kwargs = {"opt_batch": opt_batch} if opt_batch else {}
     engine = create_engine(b, backend=backend, device=device, precision=precision, max_batch=max_batch,
-                           store=EngineStore(engines_dir), rebuild="force" if force else "auto", **kwargs)
+                           store=EngineStore(engines_dir), rebuild="force" if force else "auto",
+                           parity_frames=parity_frames, **kwargs)
     info = engine.describe()
+    choice = engine.choice
     engine.close()
     if as_json:
-        emit_json(info)
-    elif "artifact" in info:
+        emit_json({**info, "choice": choice} if choice else info)
+        return
+    if choice:
+        echo_choice(choice)
+    if "artifact" in info:
         click.echo(f"{info['backend']} {info['precision']} engine on {info['device']}: {info['artifact']}")
     else:
         click.echo(f"{info['backend']} {info['precision']} on {info['device']}: built in-process at run time, "
                    "nothing to store")
+
+
+def echo_choice(choice: dict) -> None:
+    """The CPU choice: what won, why, and each candidate's parity and speed."""
+    how = "measured now" if choice.get("measured_now") else "stored"
+    click.echo(f"CPU choice ({how}, {choice.get('stored')}): {choice['label']} — {choice['reason']}")
+    for label, ev in sorted(choice.get("evidence", {}).items()):
+        if "error" in ev:
+            click.echo(f"  {label:<22} cannot run here: {ev['error']}")
+            continue
+        rate = ev.get("best_frames_per_s", max(ev.get("frames_per_s") or [0]))
+        verdict = "reference" if ev.get("reference") else "passes" if ev["passed"] else "FAILS"
+        click.echo(f"  {label:<22} {rate:9.1f} frames/s  top-1 {100 * ev['top1_agreement']:6.2f} %  "
+                   f"max |dp| {ev['max_abs_dp']:.4f}  {verdict}")
 
 
 @command.command("list")
@@ -70,6 +95,12 @@ def list_cmd(engines_dir: Path | None, verify: bool, as_json: bool) -> None:
         click.echo(f"{store.root}: no engines")
         return
     for r in rows:
+        if r.get("backend") == "cpu-choice":
+            cpu = r.get("cpu") or {}
+            click.echo(f"{r['path']}  cpu choice: {r.get('chosen')}  on {cpu.get('model')} ({cpu.get('cores')} cores, "
+                       f"{' '.join(cpu.get('flags') or []) or 'no AVX'})  bundle {str(r.get('bundle_sha256'))[:12]}  "
+                       f"{r['status']}")
+            continue
         gpu = r.get("gpu") or {}
         where = f"{gpu.get('name')} sm{gpu.get('capability')}" if gpu else "any device"
         batch = r.get("batch")

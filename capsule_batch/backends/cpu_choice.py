@@ -1,0 +1,280 @@
+"""What `--engine auto` / `--precision auto` mean on a CPU: a measured choice, per bundle and per CPU.
+
+The candidates are the configurations this CPU runs natively:
+
+* torch fp32: the reference every other candidate is checked against;
+* onnxruntime fp32 (when installed): the same numbers within float rounding, often faster or slower by 10-40 %
+  depending on the CPU and the model;
+* only where the CPU has native bf16 (`amx_bf16` or `avx512_bf16` in /proc/cpuinfo), or when bf16 is asked for:
+  torch bf16 with the model and input cast to bf16 (`cast`: the fastest on AMX), and torch bf16 under autocast
+  (fp32 weights; LayerNorm and softmax stay fp32: closer to fp32, slower).
+
+Each candidate runs the same `parity_frames` capsule-like frames (synth.Scene: mucosa texture, folds, vignette,
+findings) as the reference; it passes when its top-1 agrees with fp32 on >= 99.9 % of them and no probability
+moves by more than 0.01 (docs/engines.md, "Fidelity"). The same calls time it, then a second, shorter pass in the
+reverse order times every candidate again (the better of the two rates counts, so that a candidate is not
+penalised for running while the machine was busy). The fastest candidate that passes wins; a bf16 candidate that
+fails stays out with its reason logged.
+
+The decision is stored in the engine store (`cpu-choice-<backend>-<precision>/choice.json`) with what it depends
+on: the bundle's identity, the CPU model and its flags, the cores and torch's threads, and the torch, onnxruntime
+and timm versions. A later build on the same machine reuses it; any change (another CPU, a retrained bundle, an
+upgrade) measures again. `engine build` prints it and `engine list` shows it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from capsule_batch.bundle import ModelBundle
+from capsule_batch.errors import EngineError
+
+_logger = logging.getLogger(__name__)
+
+#: parity bounds of a candidate against the fp32 reference (docs/engines.md, "Fidelity")
+MIN_TOP1_AGREEMENT = 0.999
+MAX_ABS_DP = 0.01
+DEFAULT_PARITY_FRAMES = 256
+#: CPU flags that make bf16 native (AMX tiles; AVX-512 BF16 dot products)
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+#: flags recorded with a decision (what the kernels torch and onnxruntime pick depend on)
+RECORDED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+                  "amx_int8")
+CHOICE_FILE = "choice.json"
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU a decision is made on: model name, the flags that matter, usable cores."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and value.strip():
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return {"model": model, "flags": sorted(f for f in RECORDED_FLAGS if f in flags), "cores": cores}
+
+
+def native_bf16(cpu: dict[str, Any]) -> bool:
+    return any(f in cpu["flags"] for f in BF16_FLAGS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    backend: str
+    precision: str
+    cast: bool = False  # torch bf16: model and input in bf16 (else autocast, fp32 weights)
+
+    @property
+    def label(self) -> str:
+        if self.backend == "torch" and self.precision == "bf16":
+            return f"torch bf16 {'cast' if self.cast else 'autocast'}"
+        return f"{self.backend} {self.precision}"
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments of the backend beyond backend and precision."""
+        return {"cast": True} if self.cast else {}
+
+
+REFERENCE = Candidate("torch", "fp32")
+
+
+def candidates(backend: str, precision: str, cpu: dict[str, Any], ort_available: bool) -> list[Candidate]:
+    """What `backend` x `precision` (either may be `auto`) can mean on this CPU; the reference first when allowed."""
+    out: list[Candidate] = []
+    if precision in ("auto", "fp32"):
+        if backend in ("auto", "torch"):
+            out.append(REFERENCE)
+        # asked for by name, it is a candidate even when missing: its build says what to install
+        if backend == "onnxruntime" or (backend == "auto" and ort_available):
+            out.append(Candidate("onnxruntime", "fp32"))
+    if backend in ("auto", "torch") and (precision == "bf16" or (precision == "auto" and native_bf16(cpu))):
+        out += [Candidate("torch", "bf16", cast=True), Candidate("torch", "bf16")]
+    return out
+
+
+def parity_pixels(bundle: ModelBundle, n: int, seed: int = 0) -> Any:
+    """`n` preprocessed capsule-like frames (synth.Scene at the bundle's input size, findings included)."""
+    import numpy as np
+    import torch
+
+    from capsule_batch.preprocess import preprocess_batch
+    from capsule_batch.synth import Scene
+
+    size = max(bundle.preprocess.input_size, 64)
+    # frames spread over a long recording (camera moved between them), one finding every ~8 frames
+    scene = Scene(size, n * 8, seed=seed, fps=2.0, findings_per_1000=40.0)
+    frames = np.stack([scene.render(i * 8 + 4) for i in range(n)])
+    return preprocess_batch(torch.from_numpy(frames), bundle.preprocess)
+
+
+def compare(ref: Any, probs: Any) -> dict[str, Any]:
+    """Top-1 agreement and max |dp| of `probs` against the reference; `passed` by the Fidelity bounds."""
+    agree = float((ref.argmax(1) == probs.argmax(1)).float().mean())
+    dp = float((ref - probs).abs().max())
+    return {"top1_agreement": round(agree, 5), "max_abs_dp": round(dp, 6),
+            "passed": agree >= MIN_TOP1_AGREEMENT and dp <= MAX_ABS_DP}
+
+
+def infer_timed(engine: Any, pixels: Any, batch: int) -> tuple[Any, float]:
+    """(probabilities of all `pixels`, frames/s over every call but the first, a warm-up)."""
+    import torch
+
+    outs, t0, timed = [], 0.0, 0
+    for i, lo in enumerate(range(0, int(pixels.shape[0]), batch)):
+        if i == 1:
+            t0 = time.perf_counter()
+        chunk = pixels[lo:lo + batch]
+        outs.append(engine.infer(chunk).float().cpu())
+        if i >= 1:
+            timed += int(chunk.shape[0])
+    rate = timed / (time.perf_counter() - t0) if timed else 0.0
+    return torch.cat(outs), rate
+
+
+def measure_rate(engine: Any, pixels: Any, batch: int, min_calls: int = 2, min_seconds: float = 1.0) -> float:
+    """frames/s at `batch` after one warm-up call, over at least `min_calls` calls and `min_seconds`."""
+    x = pixels[:batch]
+    engine.infer(x)
+    calls, t0 = 0, time.perf_counter()
+    while calls < min_calls or time.perf_counter() - t0 < min_seconds:
+        engine.infer(x)
+        calls += 1
+    return calls * int(x.shape[0]) / (time.perf_counter() - t0)
+
+
+def identity(bundle: ModelBundle, cpu: dict[str, Any], parity_frames: int, cands: list[Candidate]) -> dict[str, Any]:
+    """What a stored decision depends on: any change measures again."""
+    import timm
+    import torch
+
+    from capsule_batch.engine_store import bundle_identity
+
+    try:
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
+    return {**bundle_identity(bundle), "backend": "cpu-choice", "cpu": cpu, "torch_threads": torch.get_num_threads(),
+            "torch_version": torch.__version__, "onnxruntime_version": ort_version, "timm_version": timm.__version__,
+            "parity_frames": parity_frames, "candidates": [c.label for c in cands]}
+
+
+def decide(bundle: ModelBundle, cands: list[Candidate], build: Any, max_batch: int, parity_frames: int,
+           ) -> tuple[dict[str, Any], dict[Candidate, Any]]:
+    """Measure every candidate; returns (decision, the engines built, by candidate). `build(candidate)` makes one."""
+    pixels = parity_pixels(bundle, parity_frames)
+    batch = max(1, min(max_batch, 16, parity_frames))
+    engines: dict[Candidate, Any] = {}
+    evidence: dict[str, dict[str, Any]] = {}
+    reference = None
+    order = [REFERENCE] + [c for c in cands if c != REFERENCE]
+    for c in order:
+        _logger.info("CPU choice: measuring %s on %d frames", c.label, parity_frames)
+        try:
+            engines[c] = build(c)
+            probs, rate = infer_timed(engines[c], pixels, batch)
+        except Exception as e:  # a candidate that cannot run here is a finding, not the end of the choice
+            if c == REFERENCE:
+                raise
+            evidence[c.label] = {"error": f"{type(e).__name__}: {e}"[:300], "passed": False}
+            _logger.warning("CPU choice: %s cannot run here: %s", c.label, evidence[c.label]["error"])
+            engines.pop(c, None)
+            continue
+        if reference is None:
+            reference = probs
+            evidence[c.label] = {"top1_agreement": 1.0, "max_abs_dp": 0.0, "passed": True, "reference": True}
+        else:
+            evidence[c.label] = compare(reference, probs)
+        evidence[c.label]["frames_per_s"] = [round(rate, 2)]
+    for c in reversed(order):  # the second pass, in the other order
+        if c in engines:
+            evidence[c.label]["frames_per_s"].append(round(measure_rate(engines[c], pixels, batch), 2))
+    for c in cands:
+        ev = evidence[c.label]
+        if "frames_per_s" in ev:
+            ev["best_frames_per_s"] = max(ev["frames_per_s"])
+        if not ev["passed"] and "error" not in ev:
+            _logger.warning("CPU choice: %s fails parity with fp32 on %s (top-1 agreement %.2f %%, max |dp| %.4f; "
+                            "needs >= %.1f %% and <= %g): not used", c.label, bundle.name, 100 * ev["top1_agreement"],
+                            ev["max_abs_dp"], 100 * MIN_TOP1_AGREEMENT, MAX_ABS_DP)
+    passing = [c for c in cands if evidence[c.label]["passed"]]
+    if not passing:  # only an explicit bf16 gets here: give what was asked for, the closer of the two to fp32
+        chosen = cands[-1]
+        reason = f"no candidate passed parity; {chosen.label} (the closest to fp32) as asked"
+        _logger.warning("CPU choice: %s", reason)
+    else:
+        chosen = max(passing, key=lambda c: evidence[c.label]["best_frames_per_s"])
+        reason = f"fastest of {len(passing)} that pass parity" if len(passing) > 1 else "the only one that passes"
+    failed = [c.label for c in cands if not evidence[c.label]["passed"]]
+    if failed and passing:
+        reason += f" ({', '.join(failed)} failed it)"
+    decision = {"backend": chosen.backend, "precision": chosen.precision, "options": chosen.options,
+                "label": chosen.label, "reason": reason, "batch": batch, "evidence": evidence}
+    return decision, engines
+
+
+def choose(bundle: ModelBundle, *, backend: str, precision: str, max_batch: int, store: Any = None,
+           rebuild: str = "auto", parity_frames: int | None = None, build: Any) -> tuple[Any, dict[str, Any] | None]:
+    """The engine for `backend` x `precision` on this CPU and the decision behind it (None: nothing to choose).
+
+    `build(candidate)` creates a candidate's engine at `max_batch`. The decision is loaded from the store when its
+    identity matches (policy `auto`), measured and stored otherwise (`force`: always measured; `never`: refused)."""
+    from capsule_batch.backends.base import BACKENDS
+    from capsule_batch.engine_store import EngineStore
+
+    ort_ok = BACKENDS.get("onnxruntime").available()[0]
+    cpu = cpu_info()
+    cands = candidates(backend, precision, cpu, ort_ok)
+    if not cands:
+        raise EngineError(f"backend {backend} with precision {precision} has nothing to run on this CPU")
+    if len(cands) == 1:
+        return build(cands[0]), None
+    n = int(parity_frames or DEFAULT_PARITY_FRAMES)
+    store = store if isinstance(store, EngineStore) else EngineStore(store)
+    built: dict[Candidate, Any] = {}
+
+    def measure(tmp: Path) -> tuple[str, dict[str, Any]]:
+        decision, engines = decide(bundle, cands, build, max_batch, n)
+        built.update(engines)
+        (tmp / CHOICE_FILE).write_text(json.dumps(decision, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return CHOICE_FILE, {"precision": decision["precision"], "chosen": decision["label"]}
+
+    entry = f"cpu-choice-{backend}-{precision}"
+    path, meta = store.ensure(bundle, entry, identity(bundle, cpu, n, cands), measure, policy=rebuild)
+    decision = json.loads(Path(path).read_text(encoding="utf-8"))
+    chosen = Candidate(decision["backend"], decision["precision"], bool((decision.get("options") or {}).get("cast")))
+    decision["measured_now"] = bool(built)
+    decision["stored"] = str(Path(path).parent)
+    engine = built.pop(chosen, None)
+    for other in built.values():
+        other.close()
+    if engine is None:
+        _logger.info("CPU choice for %s (stored %s): %s — %s", bundle.name, meta.get("created"), chosen.label,
+                     decision["reason"])
+        engine = build(chosen)
+    else:
+        _logger.info("CPU choice for %s: %s — %s", bundle.name, chosen.label, decision["reason"])
+    return engine, decision
+
+
+__all__ = ["BF16_FLAGS", "Candidate", "DEFAULT_PARITY_FRAMES", "MAX_ABS_DP", "MIN_TOP1_AGREEMENT", "REFERENCE",
+           "candidates", "choose", "compare", "cpu_info", "native_bf16", "parity_pixels"]
