@@ -334,6 +334,7 @@ def reference_probs(bundle: Any, rec: Path, frames: list[int]) -> np.ndarray:
 
 def part_check(ctx: Context) -> Iterator[dict[str, Any]]:
     """`run` with each precision on the first --check-frames frames; the sampled rows against the CPU reference."""
+    from capsule_batch.backends.cpu_choice import within_fidelity
     from capsule_batch.pipeline import RunOptions
     from capsule_batch.runner import EngineSpec, run_recordings
     from capsule_batch.store import StudyReader
@@ -361,7 +362,7 @@ def part_check(ctx: Context) -> Iterator[dict[str, Any]]:
                 probs = st.probs()[sample]
                 engine = st.attrs.get("engine")
             p = parity(probs, ref)
-            p["pass"] = p["top1_agreement"] >= 0.999 and p["max_abs_dp"] <= 0.01
+            p["pass"] = within_fidelity(p["top1_agreement"], p["max_abs_dp"])
             p["engine"] = engine
         except Exception as e:  # one failing configuration is a finding, not the end of the part
             p = {"error": f"{type(e).__name__}: {e}"[:300], "pass": False}

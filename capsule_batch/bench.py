@@ -36,16 +36,11 @@ def _sync(device: Any) -> None:
 def device_name(device: Any) -> str:
     import torch
 
+    from capsule_batch.backends.cpu_choice import cpu_info
+
     if getattr(device, "type", str(device)).startswith("cuda"):
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_info()["model"]
 
 
 def environment(device: Any) -> dict[str, Any]:

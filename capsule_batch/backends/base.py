@@ -253,8 +253,6 @@ def create_engine(
     engine store (and to the CPU choice); `compile`, `cuda_graphs`, `cast` to torch; `threads` to onnxruntime.
     """
     dev = resolve_device(device if device is None or isinstance(device, str) else str(device))
-    if precision not in PRECISIONS:
-        raise EngineError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
     if (dev.type == "cpu" and "auto" in (backend, precision) and backend in CPU_CHOICE_BACKENDS
             and precision in CPU_CHOICE_PRECISIONS):
         from capsule_batch.backends.cpu_choice import choose

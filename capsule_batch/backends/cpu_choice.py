@@ -125,12 +125,16 @@ def parity_pixels(bundle: ModelBundle, n: int, seed: int = 0) -> Any:
     return preprocess_batch(torch.from_numpy(frames), bundle.preprocess)
 
 
+def within_fidelity(top1_agreement: float, max_abs_dp: float) -> bool:
+    """The Fidelity bounds: what any faster configuration (CPU bf16, GPU fp16/bf16) must meet against fp32."""
+    return top1_agreement >= MIN_TOP1_AGREEMENT and max_abs_dp <= MAX_ABS_DP
+
+
 def compare(ref: Any, probs: Any) -> dict[str, Any]:
     """Top-1 agreement and max |dp| of `probs` against the reference; `passed` by the Fidelity bounds."""
     agree = float((ref.argmax(1) == probs.argmax(1)).float().mean())
     dp = float((ref - probs).abs().max())
-    return {"top1_agreement": round(agree, 5), "max_abs_dp": round(dp, 6),
-            "passed": agree >= MIN_TOP1_AGREEMENT and dp <= MAX_ABS_DP}
+    return {"top1_agreement": round(agree, 5), "max_abs_dp": round(dp, 6), "passed": within_fidelity(agree, dp)}
 
 
 def infer_timed(engine: Any, pixels: Any, batch: int) -> tuple[Any, float]:
@@ -277,4 +281,4 @@ def choose(bundle: ModelBundle, *, backend: str, precision: str, max_batch: int,
 
 
 __all__ = ["BF16_FLAGS", "Candidate", "DEFAULT_PARITY_FRAMES", "MAX_ABS_DP", "MIN_TOP1_AGREEMENT", "REFERENCE",
-           "candidates", "choose", "compare", "cpu_info", "native_bf16", "parity_pixels"]
+           "candidates", "choose", "compare", "cpu_info", "native_bf16", "parity_pixels", "within_fidelity"]
