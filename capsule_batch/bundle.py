@@ -9,6 +9,7 @@ safetensors, or `torch.load(weights_only=True)` with a short allow-list of inert
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import difflib
 import hashlib
@@ -484,6 +485,7 @@ def import_checkpoint(
     model_args: dict[str, Any] | None = None,
     norm: str | None = None,
     transform: str | None = None,
+    field_of_view: str = "full",
     overwrite: bool = False,
 ) -> ModelBundle:
     """Import a checkpoint into a bundle after proving its tensors fit `arch` exactly.
@@ -506,6 +508,8 @@ def import_checkpoint(
     norm = norm or ("imagenet" if seed else "timm")
     transform = transform or ("seed" if seed else "timm")
     pre = default_preprocess(arch, model_args, norm, transform)
+    if field_of_view != "full":  # only for weights trained on field-of-view crops (capsule_batch/fov.py)
+        pre = dataclasses.replace(pre, field_of_view=field_of_view)
     prov = {
         "source": Path(src).name,
         "source_sha256": sha256_file(src),

@@ -63,6 +63,10 @@ class RunOptions:
     decode_timeout: float | None = 300.0
     engine_timeout: float | None = 300.0
     inflight: int = 2
+    #: frame folders: the capture rate in frames/s (None: unknown, no times), and the file-name patterns that are
+    #: not frames (None: capsule_batch.sources.listing.DEFAULT_EXCLUDE)
+    fps: float | None = None
+    exclude: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -234,7 +238,7 @@ class Pipeline:
         res.resumed_from = res.frames = writer.frames_done
         open_at = self._opener(recording)
         try:
-            with open_at(writer.frames_done, opts.batch_size) as src:
+            with open_at(writer.frames_done, opts.batch_size, True) as src:
                 info = src.info()
                 tail = self._stream(src, writer, res, info.frame_count)
                 name = src.name
@@ -249,24 +253,28 @@ class Pipeline:
             wanted = thumbnail_frames(events, opts.thumbs_per_event, opts.max_thumbs)
             thumbs = thumbnails(open_at, wanted, self.bundle.preprocess, opts.batch_size, opts.thumb_quality)
             res.decode_failures = writer.decode_failures
-            writer.finish(events, n_flagged, self.triage, thumbs, source_attrs(name, info), tail_failure=tail)
+            writer.finish(events, n_flagged, self.triage, thumbs, source_attrs(name, info), tail_failure=tail,
+                          frame_files=info.extra.get("files"))
             res.flagged_frames, res.events = n_flagged, len(events)
         finally:
             writer.close()
             if writer.frames_done == 0 and writer.partial.exists():
                 writer.partial.unlink()  # nothing worth resuming (e.g. a recording that does not open)
 
-    def _opener(self, recording: Recording) -> Callable[[int, int], FrameSource]:
-        """open_at(start, batch_size): the recording's source from frame `start`. A FrameSource object is used
-        as it is when it already starts there with that batch size, else reopened."""
+    def _opener(self, recording: Recording) -> Callable[..., FrameSource]:
+        """open_at(start, batch_size, announce=False): the recording's source from frame `start` (`announce`: the
+        run's first opening, which logs what is worth a line). A FrameSource object is used as it is when it already
+        starts there with that batch size, else reopened."""
         if isinstance(recording, FrameSource):
-            def reopen(start: int, batch_size: int) -> FrameSource:
+            def reopen(start: int, batch_size: int, announce: bool = False) -> FrameSource:
                 same = recording.start == start and recording.batch_size == batch_size
                 return recording if same else recording.reopen(start, batch_size)
             return reopen
-        return lambda start, batch_size: open_source(
-            recording, self.bundle.preprocess, source=self.options.source, batch_size=batch_size,
-            device=self.engine.device, dtype=self.engine.dtype, start=start)
+        opts = self.options
+        folder = {"fps": opts.fps, "exclude": opts.exclude} if recording_path(recording).is_dir() else {}
+        return lambda start, batch_size, announce=False: open_source(
+            recording, self.bundle.preprocess, source=opts.source, batch_size=batch_size,
+            device=self.engine.device, dtype=self.engine.dtype, start=start, announce=announce, **folder)
 
     def _stream(self, src: FrameSource, writer: StudyWriter, res: StudyResult, total: int | None) -> str | None:
         """Step 3: decode -> engine -> writer until the end, a stop or a tail failure; returns the tail reason."""

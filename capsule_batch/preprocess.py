@@ -11,6 +11,8 @@ What a `Preprocess` means, exactly:
   INTER_LINEAR/INTER_CUBIC and torch's `interpolate(antialias=False)` compute it. `nearest` samples pixel
   centres (PIL's NEAREST) either way.
 - The resized frame is uint8 (rounded, clamped) before normalisation, as in a PIL or OpenCV pipeline.
+- `field_of_view`: `full` resizes the whole frame (the seed's recipe); `fov` first crops each frame to the lens
+  image, black outside it (capsule_batch/fov.py), then resizes that.
 
 The seed's checkpoints were validated with `SEED_PREPROCESS`: albumentations `Resize(224, 224,
 interpolation=cv2.INTER_CUBIC)` on the whole frame (no antialiasing), `CenterCrop(224)` (a no-op) and
@@ -56,6 +58,7 @@ class Preprocess:
     std: tuple[float, float, float] = IMAGENET_STD
     resize_mode: str = "shorter"
     antialias: bool = True
+    field_of_view: str = "full"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -81,12 +84,15 @@ class Preprocess:
             kernel = f"{self.interpolation}" + (f" a={CUBIC_A}" if self.interpolation == "bicubic" else "") + \
                 ", no antialiasing (OpenCV/torch kernel)"
         crop = f"center crop {self.input_size}" if self.crop == "center" else "no crop"
-        return f"resize {how}, {kernel}, {crop}, mean {list(self.mean)}, std {list(self.std)}"
+        fov = "crop to the field of view (black outside), then " if self.field_of_view == "fov" else ""
+        return f"{fov}resize {how}, {kernel}, {crop}, mean {list(self.mean)}, std {list(self.std)}"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("extra")
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if d["field_of_view"] == "full":  # the default: bundles that do not crop read as they did before the setting
+            d.pop("field_of_view")
         return d
 
     @classmethod
@@ -94,7 +100,8 @@ class Preprocess:
         """Validate and build from model.json's `preprocess` object; unknown keys are an error."""
         if not isinstance(d, dict):
             raise BundleError(f"{where}: must be an object")
-        known = {"input_size", "resize", "crop", "interpolation", "mean", "std", "resize_mode", "antialias"}
+        known = {"input_size", "resize", "crop", "interpolation", "mean", "std", "resize_mode", "antialias",
+                 "field_of_view"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise BundleError(f"{where}: unknown keys {unknown}")
@@ -119,6 +126,12 @@ class Preprocess:
             if d.get("crop") == "none" and d["resize_mode"] != "whole":
                 raise BundleError(f"{where}: crop 'none' resizes the whole frame (resize_mode 'whole')")
             kw["resize_mode"] = d["resize_mode"]
+        if "field_of_view" in d:
+            from capsule_batch.fov import FIELDS_OF_VIEW
+
+            if d["field_of_view"] not in FIELDS_OF_VIEW:
+                raise BundleError(f"{where}.field_of_view: must be one of {FIELDS_OF_VIEW}, got {d['field_of_view']!r}")
+            kw["field_of_view"] = d["field_of_view"]
         if "antialias" in d:
             if not isinstance(d["antialias"], bool):
                 raise BundleError(f"{where}.antialias: must be true or false, got {d['antialias']!r}")
@@ -199,6 +212,10 @@ def reference_preprocess(image: Any, pre: Preprocess) -> np.ndarray:
 
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
     img = img.convert("RGB")
+    if pre.field_of_view == "fov":
+        from capsule_batch.fov import crop_to_fov
+
+        img = Image.fromarray(crop_to_fov(np.asarray(img)))
     w, h = img.size
     rh, rw = pre.resized_shape(h, w)
     resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[pre.interpolation]
@@ -231,6 +248,13 @@ def preprocess_batch(frames: Any, pre: Preprocess, dtype: Any = None, device: An
 
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected (N,H,W,3) frames, got {tuple(frames.shape)}")
+    if pre.field_of_view == "fov" and frames.shape[0]:  # each frame its own crop (sizes differ), then as usual
+        from dataclasses import replace
+
+        from capsule_batch.fov import crop_batch
+
+        whole = replace(pre, field_of_view="full")
+        return torch.cat([preprocess_batch(f, whole, dtype, device) for f in crop_batch(frames)])
     _, h, w, _ = frames.shape
     x = frames.permute(0, 3, 1, 2)
     rh, rw = pre.resized_shape(h, w)

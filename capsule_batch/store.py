@@ -77,11 +77,17 @@ ROOT_ATTRS: dict[str, str] = {
     "shard": "I/N of this process",
     "resumed": "how many times the run was resumed (absent when never)",
     "source": "the frame source that decoded the recording",
+    "decoder": "the decoder behind it (video: decord or pyav, with why pyav where decord was chosen first)",
     "fps": "the container's frame rate (0: unknown)",
     "container_frame_count": "frames the container claims (-1: unknown); the rows are what was decoded",
     "codec": "video codec (frame folders: the file type)",
     "width": "frame width in pixels (0: unknown)",
     "height": "frame height in pixels (0: unknown)",
+    "frame_sizes": "frame folders whose frames differ in size: [first frame, width, height] where the size changes "
+                   "(JSON; absent when every frame has one size)",
+    "frames_excluded": "frame folders: files left out as masks or labels, by the patterns in `frame_exclude`",
+    "frame_exclude": "frame folders: the file-name patterns that are not frames (JSON list)",
+    "files_skipped": "frame folders: files that are not a frame type (named in the run's warning)",
     "decode_failures": "frames with status decode-failed",
     "decode_tail_failure": "why decoding stopped before the end of the recording (only when it did: truncated)",
     "triage": "every triage setting (JSON)",
@@ -202,8 +208,17 @@ def run_attrs(recording: str | os.PathLike, bundle: Any, engine: Any, *, probs_d
 
 def source_attrs(source: str, info: Any) -> dict[str, Any]:
     """What the frame source knew about the recording (`RecordingInfo`), written when the study is finished."""
-    return {"source": source, "fps": info.fps or 0.0, "container_frame_count": info.frame_count or -1,
-            "codec": info.codec or "", "width": info.width or 0, "height": info.height or 0}
+    extra = info.extra or {}
+    d = {"source": source, "fps": info.fps or 0.0, "container_frame_count": info.frame_count or -1,
+         "codec": info.codec or "", "width": info.width or 0, "height": info.height or 0}
+    if extra.get("decoder"):
+        d["decoder"] = extra["decoder"]
+    if len(extra.get("frame_sizes") or ()) > 1:
+        d["frame_sizes"] = extra["frame_sizes"]
+    if "files" in extra:
+        d.update(frames_excluded=int(extra.get("excluded", 0)), files_skipped=int(extra.get("skipped", 0)),
+                 frame_exclude=list(extra.get("exclude", ())))
+    return d
 
 
 def _write_error(path: Path, e: Exception) -> StudyError:
@@ -397,16 +412,30 @@ class StudyWriter:
 
     def finish(self, events: np.ndarray | list[Event], n_flagged: int, triage: TriageConfig,
                thumbs: list[tuple[int, int, bytes]], attrs: dict[str, Any] | None = None, *,
-               tail_failure: str | None = None) -> Path:
+               tail_failure: str | None = None, frame_files: list[str] | None = None) -> Path:
         """Write events, thumbnails (frame, event, JPEG bytes) and the final attributes (`attrs`: e.g.
-        `source_attrs`; `tail_failure`: why decoding stopped early), then rename to NAME.h5."""
+        `source_attrs`; `tail_failure`: why decoding stopped early), a frame folder's file names (`frame_files`,
+        frame i's at i: `frames/file`), then rename to NAME.h5."""
         attrs = {**(attrs or {}), "decode_failures": self.decode_failures}
         if tail_failure:
             attrs["decode_tail_failure"] = tail_failure
         try:
+            if frame_files is not None:
+                self._write_files(frame_files)
             return self._finish(events, n_flagged, triage, thumbs, attrs)
         except (OSError, RuntimeError) as e:  # h5py reports failed writes as either
             raise _write_error(self.partial, e) from e
+
+    def _write_files(self, names: list[str]) -> None:
+        """`frames/file`: UTF-8 names, fixed width (so that gzip compresses them), one per row."""
+        g = self._f["frames"]
+        if "file" in g:
+            del g["file"]
+        names = names[:self.frames_done]
+        if names:
+            data = np.array([n.encode("utf-8") for n in names], dtype=np.bytes_)
+            g.create_dataset("file", data=data, chunks=(min(CHUNK_ROWS, len(data)),), compression="gzip",
+                             shuffle=True)
 
     def _finish(self, events: np.ndarray | list[Event], n_flagged: int, triage: TriageConfig,
                 thumbs: list[tuple[int, int, bytes]], attrs: dict[str, Any] | None) -> Path:
@@ -609,6 +638,21 @@ class StudyReader:
 
     def status(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         return self._rows("status", start, stop)
+
+    @property
+    def has_files(self) -> bool:
+        """Whether frames carry file names (studies of frame folders made since the names were stored)."""
+        return "file" in self._f["frames"]
+
+    def files(self, start: int = 0, stop: int | None = None) -> list[str] | None:
+        """Frame folders: each frame's file name (relative to the folder); None for video or older studies."""
+        if not self.has_files:
+            return None
+        return [b.decode("utf-8", "replace") for b in self._rows("file", start, stop)]
+
+    def frame_file(self, frame: int) -> str | None:
+        names = self.files(frame, frame + 1) if 0 <= frame else None
+        return names[0] if names else None
 
     def scores(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """1 - p(normal) per frame (see triage.classify)."""

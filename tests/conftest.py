@@ -26,6 +26,29 @@ TINY_ARGS = {"img_size": 56, "depth": 2}
 TINY_SIZE = 56
 
 
+@pytest.fixture(autouse=True)
+def _auto_on_a_cpu_needs_the_cpu_choice_marker(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """A test that lets `auto` choose a CPU engine that can differ between CPUs (torch fp32 on AVX2, bf16 on AMX)
+    must be marked `cpu_choice`, so that `make test` runs it again under every forced candidate
+    (CAPSULE_BATCH_CPU_CHOICE). Seen in this process only; tests that run the CLI in a subprocess are marked by
+    hand (the list in docs/engines.md#a-suite-that-passes-on-every-cpu)."""
+    from capsule_batch.backends import cpu_choice
+
+    requests: list[tuple[str, str]] = []
+    real = cpu_choice.choose
+
+    def spy(bundle, *, backend: str, precision: str, **kw):  # noqa: ANN001, ANN202
+        requests.append((backend, precision))
+        return real(bundle, backend=backend, precision=precision, **kw)
+
+    monkeypatch.setattr(cpu_choice, "choose", spy)
+    yield
+    free = [r for r in requests if r[0] in ("auto", "torch") and r[1] in ("auto", "bf16")]
+    if free and request.node.get_closest_marker("cpu_choice") is None and request.module.__name__ != "test_cpu_choice":
+        pytest.fail(f"this test lets `auto` pick a CPU engine ({free[0][0]}/{free[0][1]}): mark it "
+                    "@pytest.mark.cpu_choice, or pin --engine and --precision")
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory):
     """A randomly initialised 2-block EVA-02 at 56 px with the CE24 classes (no thresholds)."""

@@ -84,6 +84,7 @@ def test_missing_package_names_the_extra(bundle, monkeypatch):
     assert not ok and "capsule-batch[onnx]" in why
 
 
+@pytest.mark.cpu_choice
 def test_precision_and_device_rules(bundle, store):
     assert create_engine(bundle, backend="torch", device="cpu").precision == "fp32"
     with pytest.raises(EngineError, match="runs fp32, not bf16"):
@@ -229,6 +230,7 @@ def test_illegal_memory_access_is_never_retried(bundle):
         FlakyEngine(bundle, limit=0, max_batch=1).infer(torch.randn(1, 3, 56, 56))
 
 
+@pytest.mark.cpu_choice
 def test_wrong_input_shape_is_refused(bundle):
     engine = create_engine(bundle, backend="torch", device="cpu")
     with pytest.raises(EngineError, match=r"expected pixels \(N, 3, 56, 56\)"):
@@ -319,6 +321,7 @@ def test_auto_on_cuda_is_what_the_gpu_suite_measures_as_run(bundle, monkeypatch)
     assert resolve_batch_size(None, "auto") == 256 and resolve_batch_size(16, "auto") == 16
 
 
+@pytest.mark.cpu_choice
 def test_a_compiled_engine_compiles_when_built_and_never_in_a_run(bundle, inputs):
     """torch.compile compiles on the first call and again for each new shape (the shorter last batch): inside a
     run that is a call the engine watch may end at --engine-timeout. So it compiles while the engine is built and
@@ -339,6 +342,7 @@ def test_a_compiled_engine_compiles_when_built_and_never_in_a_run(bundle, inputs
     assert torch.allclose(probs, eager, atol=1e-5, rtol=0)  # the padding rows are not in the result
 
 
+@pytest.mark.cpu_choice
 def test_torch_compile_path(bundle, inputs, reference):
     # dynamo traces the model for real; the "eager" compiler backend skips Inductor's minutes of codegen on CPU
     engine = create_engine(bundle, backend="torch", device="cpu", max_batch=8, compile=True,

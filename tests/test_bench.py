@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 from conftest import REPO, make_recording
 
@@ -16,6 +17,7 @@ CONFIG_KEYS = {"model", "model_args", "input_size", "source", "backend", "precis
                "frame_height", "codec", "device", "device_name", "cpu", "cpu_count", "torch_threads", "versions"}
 
 
+@pytest.mark.cpu_choice
 def test_bench_cli_prints_one_json_line_per_stage_with_configuration(tiny_bundle, tmp_path):
     rec = make_recording(tmp_path / "rec.mp4", 48)
     out = tmp_path / "bench.jsonl"
@@ -45,6 +47,7 @@ def test_bench_cli_prints_one_json_line_per_stage_with_configuration(tiny_bundle
     assert e2e["stream_frames_per_s"] > e2e["frames_per_s"] and e2e["max_thumbs"] == 200
 
 
+@pytest.mark.cpu_choice
 def test_bench_without_recording_uses_a_synthetic_one(tiny_bundle, tmp_path):
     res = CliRunner().invoke(cli, ["bench", "-m", str(tiny_bundle.path), "--stage", "decode", "--frames", "40",
                                    "--batch-size", "8", "--workdir", str(tmp_path)])
@@ -54,6 +57,7 @@ def test_bench_without_recording_uses_a_synthetic_one(tiny_bundle, tmp_path):
     assert (tmp_path / "bench_h264_40_336_0.mp4").is_file()
 
 
+@pytest.mark.cpu_choice
 def test_suite_compares_with_seed_baseline_and_plots(tmp_path):
     out = tmp_path / "suite.jsonl"
     args = [sys.executable, str(REPO / "benchmarks" / "suite.py"), "--arch", "eva02_tiny_patch14_224",

@@ -20,6 +20,7 @@ from capsule_batch.bundle import create_model, save_bundle
 from capsule_batch.classes import CE24_CLASSES
 from capsule_batch.cli import cli as cli_main
 from capsule_batch.engine_store import EngineStore
+from capsule_batch.errors import EngineError
 from capsule_batch.preprocess import Preprocess
 
 ARCH = "eva02_tiny_patch14_224"
@@ -45,6 +46,12 @@ def make_bundle(path, kind: str, seed: int = 0):
             model.head.bias.zero_()
     return save_bundle(path, model.state_dict(), arch=ARCH, class_names=list(CE24_CLASSES),
                        preprocess=Preprocess(input_size=56, resize=56), model_args=ARGS, overwrite=True)
+
+
+@pytest.fixture(autouse=True)
+def _measured_not_forced(monkeypatch):
+    """These tests are about the measured choice: a forced candidate (make test's reruns) must not replace it."""
+    monkeypatch.delenv(cpu_choice.FORCE_ENV, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +195,31 @@ def test_engine_build_and_list_show_the_choice(soft, tmp_path, monkeypatch, rate
     assert r.exit_code == 0, r.output
     assert "cpu choice: onnxruntime fp32  on Test CPU without bf16 (2 cores, avx2 fma)" in r.output
     assert "onnxruntime" in r.output and "ok" in r.output
+
+
+def test_a_forced_candidate_is_what_auto_picks_on_any_cpu_and_nothing_is_stored(soft, tmp_path, monkeypatch, rates,
+                                                                                caplog):
+    """CAPSULE_BATCH_CPU_CHOICE (make test's reruns): bf16 on a CPU without native bf16 (emulated), without measuring
+    or storing; a request the candidate does not fit is chosen as usual; a pinned request is never forced."""
+    on_cpu(monkeypatch, NO_BF16)
+    _, measured = rates
+    monkeypatch.setenv(cpu_choice.FORCE_ENV, "torch-bf16-cast")
+    store = EngineStore(tmp_path / "store")
+    engine = auto(soft, store)
+    d = engine.describe()
+    assert (d["backend"], d["precision"], d["cast"]) == ("torch", "bf16", True)
+    assert engine.choice["forced"] and engine.choice["reason"] == f"forced by {cpu_choice.FORCE_ENV}"
+    assert measured == [] and not list(store.root.rglob("choice.json"))
+    assert any("forced by CAPSULE_BATCH_CPU_CHOICE" in r.getMessage() for r in caplog.records)
+    assert cpu_choice.parity_bound(engine) == cpu_choice.MAX_ABS_DP
+    assert auto(soft, store, backend="torch").describe()["precision"] == "bf16"  # torch/auto fits it
+    assert auto(soft, store, backend="onnxruntime").name == "onnxruntime"  # does not fit: as usual
+    assert auto(soft, store, backend="torch", precision="fp32").describe()["precision"] == "fp32"  # pinned
+    monkeypatch.setenv(cpu_choice.FORCE_ENV, "onnxruntime-fp32")
+    engine = auto(soft, store)
+    assert engine.name == "onnxruntime" and cpu_choice.parity_bound(engine) == cpu_choice.FP32_MAX_ABS_DP
+    monkeypatch.setenv(cpu_choice.FORCE_ENV, "torch-int3")
+    with pytest.raises(EngineError, match="not a CPU candidate"):
+        auto(soft, store)
+    assert sorted(cpu_choice.ALL_CANDIDATES) == ["onnxruntime-fp32", "torch-bf16-autocast", "torch-bf16-cast",
+                                                 "torch-fp32"]

@@ -36,6 +36,7 @@ def run_suite(tmp: Path, *args: str, pythonpath: str = "", timeout: float = 600)
     return cp, lines
 
 
+@pytest.mark.cpu_choice
 def test_every_part_runs_on_a_cpu(tmp_path: Path) -> None:
     cp, lines = run_suite(tmp_path, "--parts", "all", "--frames", "160")
     assert cp.returncode == 0, cp.stderr[-3000:]
@@ -91,6 +92,7 @@ def test_a_runtime_error_on_import_is_reported_and_skipped(tmp_path: Path) -> No
     assert "SKIPPED PyNvVideoCodec: RuntimeError" in cp.stdout
 
 
+@pytest.mark.cpu_choice
 def test_the_time_limit_stops_a_part_and_the_table_still_prints(tmp_path: Path) -> None:
     # 200 configurations of at least 0.5 s each (engine:slow) cannot all run within the limit on any machine, however
     # fast: the engine part stops between two of them (each is far shorter than the grace, so the watchdog, tested

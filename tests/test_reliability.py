@@ -313,6 +313,7 @@ def test_run_and_review_on_one_study(tmp_path: Path, recs: list[Path], tiny_bund
 
 
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.cpu_choice
 def test_paths_with_spaces_and_non_ascii(tmp_path: Path, tiny_bundle: Any) -> None:
     d = tmp_path / "Studie Ä 1"
     rec = d / "rec ñ 東.mp4"

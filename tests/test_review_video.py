@@ -44,7 +44,7 @@ def test_frames_are_exact(tmp_path: Path, codec: str, vfr: bool) -> None:
     frames = VideoFrames(rec)
     try:
         for i in [0, 89, 45, 46, 44, 7, 88, 1, 60, 30]:  # backwards and forwards, across keyframes
-            img = np.asarray(Image.open(io.BytesIO(frames.frame_jpeg(pts[i]))).convert("RGB"))
+            img = np.asarray(Image.open(io.BytesIO(frames.jpeg(i))).convert("RGB"))
             assert img.shape == (96, 96, 3)
             assert read_stamp(img) == i
     finally:
@@ -81,6 +81,7 @@ def test_a_recording_other_than_the_studys_is_refused(tmp_path: Path) -> None:
     assert r.returncode == 1 and "not the recording this study was made from" in r.stderr, r.stderr
 
 
+@pytest.mark.cpu_choice
 def test_a_frame_folder_study_shows_its_frames(tmp_path: Path, tiny_bundle: object) -> None:
     """A study `run` made from a frame folder: `--video FOLDER` serves frame i from the i-th file (natural order:
     f_2 before f_10), full resolution; a file that went missing since gives 404, not another frame."""
@@ -148,6 +149,7 @@ def test_review_command_prints_a_tokened_url_and_saves_on_exit(tmp_path: Path, s
         assert len(f["review/decisions"]) == 1
 
 
+@pytest.mark.cpu_choice
 def test_a_study_from_run_opens_with_its_recording(tmp_path: Path, tiny_bundle: object) -> None:
     """A study written by the real `run` pipeline: the app pages its events, `--video` frames match the stored
     timestamps frame-exactly (stamped recording), and the report embeds its thumbnails."""

@@ -100,6 +100,7 @@ def test_ctrl_c_leaves_a_resumable_partial_and_exits_130(tmp_path: Path, long_re
     assert rec["resumed_from"] == done and rec["frames"] == 240 and not part.exists()
 
 
+@pytest.mark.cpu_choice
 def test_corrupt_recording_fails_alone(tmp_path: Path, recording: Path, tiny_bundle: Any) -> None:
     bad = tmp_path / "corrupt.mp4"
     bad.write_bytes(recording.read_bytes()[:300] + os.urandom(3000))
@@ -137,6 +138,7 @@ def test_corrupt_recording_fails_alone(tmp_path: Path, recording: Path, tiny_bun
     assert len(jpgs) == e["thumbnails"] > 0 and jpgs[0].read_bytes()[:2] == b"\xff\xd8"
 
 
+@pytest.mark.cpu_choice
 def test_torchrun_processes_each_recording_once(tmp_path: Path, tiny_bundle: Any) -> None:
     recs = [make_recording(tmp_path / f"rec{i}.mp4", 12, seed=i) for i in range(4)]
     args = run_args(tiny_bundle, tmp_path / "out", *recs)
@@ -153,6 +155,7 @@ def test_torchrun_processes_each_recording_once(tmp_path: Path, tiny_bundle: Any
                 assert rd.attrs["shard"] == f"{s['rank']}/2" and len(rd) == 12
 
 
+@pytest.mark.cpu_choice
 def test_shard_option_and_usage_errors(tmp_path: Path, tiny_bundle: Any) -> None:
     recs = [make_recording(tmp_path / f"s{i}.mp4", 8, seed=i) for i in range(3)]
     cp = run(run_args(tiny_bundle, tmp_path / "o", *recs, extra=("--shard", "1/2")))

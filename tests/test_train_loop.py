@@ -80,6 +80,7 @@ def test_bundle_reproduces_validation_predictions(trained: dict[str, Any]) -> No
     np.testing.assert_allclose(probs, saved["probs"], atol=1e-5)
 
 
+@pytest.mark.cpu_choice
 def test_trained_bundle_runs_through_capsule_batch_run(trained: dict[str, Any], tmp_path: Path) -> None:
     """The bundle a training run ends in is what `capsule-batch run` consumes: run it over the validation
     images as a frame folder and get the trainer's own validation probabilities back from the study file."""
@@ -95,7 +96,8 @@ def test_trained_bundle_runs_through_capsule_batch_run(trained: dict[str, Any], 
     for i, k in enumerate(picked):
         shutil.copy(saved["refs"][k], frames / f"frame_{i}.jpg")
     res = CliRunner().invoke(cli, ["run", str(frames), "-m", str(trained["bundle"]), "-o", str(tmp_path / "out"),
-                                   "--engine", "torch", "--source", "images", "--probs-dtype", "float32", "--json"])
+                                   "--engine", "torch", "--precision", "fp32", "--source", "images", "--probs-dtype",
+                                   "float32", "--json"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     (rec,) = summary["recordings"]

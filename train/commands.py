@@ -135,6 +135,29 @@ def _listed_images(listing: Path, root: Path) -> list[Path]:
     return paths
 
 
+def _folder_images(folder: Path, exclude: list[str] | None) -> list[Path]:
+    """A folder's images and those of its sub-folders, by capsule-batch's frame listing rule (masks and labels left
+    out, other files skipped with a warning); names must be unique, since a submission names images by file name."""
+    from capsule_batch.errors import SourceError
+    from capsule_batch.sources.listing import scan_frames
+
+    try:
+        found = scan_frames(folder, exclude, recursive=True)
+    except SourceError as e:
+        raise D.DataError(str(e)) from None
+    found.report(_logger)
+    by_name: dict[str, list[Path]] = {}
+    for p in found.files:
+        by_name.setdefault(p.name, []).append(p)
+    dup = {n: ps for n, ps in by_name.items() if len(ps) > 1}
+    if dup:
+        n, ps = next(iter(dup.items()))
+        raise D.DataError(f"{folder}: {len(dup)} image name(s) occur more than once (e.g. {n}: "
+                          f"{', '.join(str(p.relative_to(folder)) for p in ps[:3])}); a submission names images by "
+                          "file name: predict one folder at a time, or leave the others out with predict.exclude")
+    return found.files
+
+
 def predict(cfg: dict[str, Any]) -> Path:
     """A CE24 submission xlsx: image_path (file name), one probability column per class, predicted_class."""
     import openpyxl
@@ -151,7 +174,7 @@ def predict(cfg: dict[str, Any]) -> Path:
         folder = listing
         if not folder.is_dir():
             raise D.DataError(f"{folder}: no such folder")
-        paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in D.IMAGE_SUFFIXES and p.is_file())
+        paths = _folder_images(folder, cfg["predict"].get("exclude"))
     if not paths:
         raise D.DataError(f"{folder}: no images")
     label = bundle.class_names[0]  # unlabelled: any valid class name serves the dataset

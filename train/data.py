@@ -29,10 +29,11 @@ import numpy as np
 
 from capsule_batch.classes import CE24_CLASSES, resolve_classes, validate_class_names
 from capsule_batch.errors import CapsuleError
+from capsule_batch.sources.listing import FRAME_SUFFIXES
 
 _logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = FRAME_SUFFIXES  # the image types capsule-batch reads as frames
 EXCLUDE_TARGETS = ("", "-", "exclude")
 
 

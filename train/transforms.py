@@ -29,7 +29,8 @@ def make_preprocess(data_cfg: dict[str, Any], arch: str, model_args: dict[str, A
         mean, std = base.mean, base.std
     d = {"input_size": data_cfg["input_size"], "resize": data_cfg["resize"], "crop": "center",
          "interpolation": data_cfg.get("interpolation", "bicubic"), "resize_mode": data_cfg.get("resize_mode", "whole"),
-         "antialias": data_cfg.get("antialias", False), "mean": list(mean), "std": list(std)}
+         "antialias": data_cfg.get("antialias", False), "mean": list(mean), "std": list(std),
+         "field_of_view": data_cfg.get("field_of_view", "full")}
     try:
         return Preprocess.from_dict(d, "data")
     except BundleError as e:
@@ -113,6 +114,10 @@ class TrainTransform:
         import torchvision.transforms.functional as TF
 
         a = self.aug
+        if self.pre.field_of_view == "fov":  # the same crop as inference, before any augmentation
+            from capsule_batch.fov import crop_to_fov
+
+            img = TF.to_pil_image(crop_to_fov(np.asarray(img.convert("RGB"))))
         x = TF.pil_to_tensor(img).float()
         if random.random() < a["hflip"]:
             x = x.flip(-1)

@@ -20,6 +20,12 @@ The decision is stored in the engine store (`cpu-choice-<backend>-<precision>/ch
 on: the bundle's identity, the CPU model and its flags, the cores and torch's threads, and the torch, onnxruntime
 and timm versions. A later build on the same machine reuses it; any change (another CPU, a retrained bundle, an
 upgrade) measures again. `engine build` prints it and `engine list` shows it.
+
+`CAPSULE_BATCH_CPU_CHOICE=<candidate>` (`torch-fp32`, `onnxruntime-fp32`, `torch-bf16-cast`, `torch-bf16-autocast`)
+forces what `auto` picks wherever that candidate fits the request, without measuring or storing anything: bf16 then
+runs on any x86-64 CPU (emulated, slowly, where the CPU has no native bf16). The test suite runs its number-comparing
+tests once per candidate this way (Makefile, `make test`), so that a bound that holds for one candidate only fails on
+every machine, not only on the CPU whose `auto` picks the other one.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ _logger = logging.getLogger(__name__)
 #: parity bounds of a candidate against the fp32 reference (docs/engines.md, "Fidelity")
 MIN_TOP1_AGREEMENT = 0.999
 MAX_ABS_DP = 0.01
+#: what two fp32 backends (torch, onnxruntime) may differ by in probabilities: float rounding only
+FP32_MAX_ABS_DP = 1e-4
 DEFAULT_PARITY_FRAMES = 256
 #: CPU flags that make bf16 native (AMX tiles; AVX-512 BF16 dot products)
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -48,6 +56,8 @@ BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 RECORDED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
                   "amx_int8")
 CHOICE_FILE = "choice.json"
+#: forces the CPU choice (see the module docstring); its values are `Candidate.key`s
+FORCE_ENV = "CAPSULE_BATCH_CPU_CHOICE"
 
 
 def cpu_info() -> dict[str, Any]:
@@ -88,12 +98,37 @@ class Candidate:
         return f"{self.backend} {self.precision}"
 
     @property
+    def key(self) -> str:
+        """The label as one word: what CAPSULE_BATCH_CPU_CHOICE takes (`torch-bf16-cast`)."""
+        return self.label.replace(" ", "-")
+
+    @property
+    def parity_bound(self) -> float:
+        """The max |dp| against torch fp32 that this candidate is held to: float rounding for an fp32 backend,
+        the Fidelity bound for bf16. A test that compares a run's probabilities with fp32 uses this bound."""
+        return FP32_MAX_ABS_DP if self.precision == "fp32" else MAX_ABS_DP
+
+    @property
     def options(self) -> dict[str, Any]:
         """Keyword arguments of the backend beyond backend and precision."""
         return {"cast": True} if self.cast else {}
 
 
 REFERENCE = Candidate("torch", "fp32")
+#: every candidate there is, by key
+ALL_CANDIDATES = {c.key: c for c in (REFERENCE, Candidate("onnxruntime", "fp32"), Candidate("torch", "bf16", cast=True),
+                                     Candidate("torch", "bf16"))}
+
+
+def forced_candidate() -> Candidate | None:
+    """The candidate CAPSULE_BATCH_CPU_CHOICE forces (None: not set); an unknown value is an error."""
+    value = os.environ.get(FORCE_ENV, "").strip()
+    if not value:
+        return None
+    key = value.replace(" ", "-").replace("/", "-")
+    if key not in ALL_CANDIDATES:
+        raise EngineError(f"{FORCE_ENV}={value!r} is not a CPU candidate (choose from {', '.join(ALL_CANDIDATES)})")
+    return ALL_CANDIDATES[key]
 
 
 def candidates(backend: str, precision: str, cpu: dict[str, Any], ort_available: bool) -> list[Candidate]:
@@ -247,6 +282,14 @@ def choose(bundle: ModelBundle, *, backend: str, precision: str, max_batch: int,
 
     ort_ok = BACKENDS.get("onnxruntime").available()[0]
     cpu = cpu_info()
+    forced = forced_candidate()
+    if forced is not None and forced in candidates(backend, precision, {**cpu, "flags": list(BF16_FLAGS)}, True):
+        _logger.warning("CPU choice for %s forced by %s: %s (not measured; its parity bound is max |dp| <= %g)",
+                        bundle.name, FORCE_ENV, forced.label, forced.parity_bound)
+        decision = {"backend": forced.backend, "precision": forced.precision, "options": forced.options,
+                    "label": forced.label, "reason": f"forced by {FORCE_ENV}", "forced": True, "evidence": {},
+                    "measured_now": False, "stored": None}
+        return build(forced), decision
     cands = candidates(backend, precision, cpu, ort_ok)
     if not cands:
         raise EngineError(f"backend {backend} with precision {precision} has nothing to run on this CPU")
@@ -280,5 +323,12 @@ def choose(bundle: ModelBundle, *, backend: str, precision: str, max_batch: int,
     return engine, decision
 
 
-__all__ = ["BF16_FLAGS", "Candidate", "DEFAULT_PARITY_FRAMES", "MAX_ABS_DP", "MIN_TOP1_AGREEMENT", "REFERENCE",
-           "candidates", "choose", "compare", "cpu_info", "native_bf16", "parity_pixels", "within_fidelity"]
+def parity_bound(engine: Any) -> float:
+    """The max |dp| against torch fp32 that a built engine is held to (`Candidate.parity_bound`), from what it is."""
+    desc = engine.describe()
+    return FP32_MAX_ABS_DP if desc.get("precision") == "fp32" else MAX_ABS_DP
+
+
+__all__ = ["ALL_CANDIDATES", "BF16_FLAGS", "Candidate", "DEFAULT_PARITY_FRAMES", "FORCE_ENV", "FP32_MAX_ABS_DP",
+           "MAX_ABS_DP", "MIN_TOP1_AGREEMENT", "REFERENCE", "candidates", "choose", "compare", "cpu_info",
+           "forced_candidate", "native_bf16", "parity_bound", "parity_pixels", "within_fidelity"]

@@ -38,12 +38,16 @@ def command() -> None:
                    "OpenCV's INTER_CUBIC, no antialiasing (the seed's infer.py); timm: the arch's eval transform "
                    "(shorter side, crop_pct, antialiased). Default: seed for the seed's Lightning checkpoints, "
                    "timm otherwise.")
+@click.option("--field-of-view", type=click.Choice(["full", "fov"]), default="full", show_default=True,
+              help="full: the whole frame (the seed's recipe); fov: crop each frame to the lens image first, only "
+                   "for weights trained that way (docs/sources.md#field-of-view).")
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
               help="Extra timm.create_model argument (repeatable), e.g. depth=2.")
 @overwrite_option
 @json_option
 def import_cmd(checkpoint: Path, arch: str, out: Path, classes: str, normal_class: str, norm: str | None,
-               transform: str | None, model_args: tuple[str, ...], overwrite: bool, as_json: bool) -> None:
+               transform: str | None, field_of_view: str, model_args: tuple[str, ...], overwrite: bool,
+               as_json: bool) -> None:
     """Import CHECKPOINT (seed Lightning .ckpt, timm state_dict or safetensors) into a bundle.
 
     The checkpoint is read without executing pickled code, and its tensors must fit ARCH exactly.
@@ -57,7 +61,7 @@ def import_cmd(checkpoint: Path, arch: str, out: Path, classes: str, normal_clas
         raise click.BadParameter(f"{normal_class!r} is not one of the classes", param_hint="--normal-class")
     bundle = import_checkpoint(checkpoint, out, arch=arch, class_names=names, normal_class=normal_class,
                                model_args=parse_key_values(model_args, "--model-arg"), norm=norm,
-                               transform=transform, overwrite=overwrite)
+                               transform=transform, field_of_view=field_of_view, overwrite=overwrite)
     if as_json:
         emit_json(bundle.info())
     else:

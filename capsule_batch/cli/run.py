@@ -61,6 +61,12 @@ def _check_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option("--inflight", type=click.IntRange(min=1), default=2, show_default=True,
               help="Batches queued on the device at once: the next batch is launched before the last one's "
                    "results are waited for (1: one at a time).")
+@click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Frame folders: the capture rate in frames/s, for the frames' times (stored in the study). Without "
+                   "it a folder's frames have no times, and none are shown. Videos carry their own.")
+@click.option("--exclude", multiple=True, metavar="PATTERN",
+              help="Frame folders: file names that are not frames (shell pattern, repeatable; replaces the default "
+                   "mask/label patterns, e.g. *_mask.*; --exclude '' leaves nothing out). docs/sources.md.")
 @click.option("--isolate/--no-isolate", default=None,
               help="Run in a worker process, so that a native decoder crash fails one recording, not the batch "
                    "(default: when there is more than one recording).")
@@ -68,8 +74,8 @@ def _check_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 def command(recordings: tuple[Path, ...], bundle_path: Path, out_dir: Path, engine: str, source: str, device: str,
             precision: str, batch_size: int | None, resume: bool, shard: str | None, top_k: int | None, merge_gap: int,
             min_run: int, smooth: int, probs_dtype: str, block_frames: int, thumbs_per_event: int, max_thumbs: int,
-            progress: bool | None, decode_timeout: float, engine_timeout: float, inflight: int, isolate: bool | None,
-            as_json: bool) -> None:
+            progress: bool | None, decode_timeout: float, engine_timeout: float, inflight: int, fps: float | None,
+            exclude: tuple[str, ...], isolate: bool | None, as_json: bool) -> None:
     """Decode and classify every frame of each RECORDING (video file or frame folder) into OUTDIR/<stem>.h5.
 
     Exit 0 when all succeed, 1 when any failed, 130 when interrupted (rerun the command to resume).
@@ -85,7 +91,8 @@ def command(recordings: tuple[Path, ...], bundle_path: Path, out_dir: Path, engi
                       triage_rules={"merge_gap": merge_gap, "min_run": min_run, "smooth": smooth, "top_k": top_k},
                       thumbs_per_event=thumbs_per_event, max_thumbs=max_thumbs, progress=progress,
                       argv=sys.argv[:], shard=f"{rank}/{world}", decode_timeout=decode_timeout or None,
-                      engine_timeout=engine_timeout or None, inflight=inflight)
+                      engine_timeout=engine_timeout or None, inflight=inflight, fps=fps,
+                      exclude=tuple(p for p in exclude if p) if exclude else None)
     stop = threading.Event()
     with _stop_on_signals(stop):
         batch = run_recordings(recordings, bundle_path, out_dir, engine=EngineSpec(engine, device, precision),

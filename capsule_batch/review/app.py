@@ -72,7 +72,7 @@ class ReviewApp:
         if video is not None:
             from capsule_batch.review.video import open_recording
 
-            self.video = open_recording(video, self.view.attrs)
+            self.video = open_recording(video, self.view.attrs, self.view.reader.files())
         self.flask = self._build()
 
     def close(self) -> None:
@@ -229,7 +229,7 @@ class ReviewApp:
             if not view.decoded(frame):  # out of range, or it failed to decode during the run
                 flask.abort(404)
             try:
-                jpeg = self.video.jpeg(frame, view.frame_time(frame))
+                jpeg = self.video.jpeg(frame)
             except CapsuleError as e:  # e.g. a frame file that went missing or unreadable since the run
                 _logger.warning("%s", e)
                 flask.abort(404)

@@ -11,6 +11,7 @@ import base64
 import datetime as _dt
 import io
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,12 +50,13 @@ class EventRow:
     score: float
     n_flagged: int
     peak: int
+    peak_file: str = ""  # frame folders: the peak frame's file name
     verdict: str = ""
     new_cls: str = ""
     reviewer: str = ""
     decided: str = ""
     comment: str = ""
-    thumbs: list[tuple[int, str]] = field(default_factory=list)
+    thumbs: list[tuple[int, str, str]] = field(default_factory=list)  # (frame, data URI, file name or "")
     left_out: int = 0
     on: list[str] | None = None  # findings the event overlaps, when the report was given findings
 
@@ -69,7 +71,8 @@ def class_colours(names: Sequence[str]) -> dict[str, str]:
 
 
 def _clock(sec: float | None) -> str:
-    if sec is None:
+    """h:mm:ss; empty where the time is unknown (None, NaN: a frame folder without a frame rate)."""
+    if sec is None or not math.isfinite(sec):
         return ""
     s = int(sec)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -188,8 +191,9 @@ def build_report(study: str | os.PathLike, per_event: int = DEFAULT_PER_EVENT,
             d = decisions.get(i)
             have = view.thumbs_of_event.get(i, [])
             row = EventRow(i, e.start, e.end, _clock(float(view.ev_time[i])), names[e.cls], _colour(e.cls),
-                           float(e.peak_score), e.n_flagged, e.peak_frame,
-                           thumbs=[(f, _data_uri("image/jpeg", view.thumbs[f])) for f in chosen.get(i, [])],
+                           float(e.peak_score), e.n_flagged, e.peak_frame, view.frame_file(e.peak_frame) or "",
+                           thumbs=[(f, _data_uri("image/jpeg", view.thumbs[f]), view.frame_file(f) or "")
+                                   for f in chosen.get(i, [])],
                            left_out=len(have) - len(chosen.get(i, [])),
                            on=found["on"].get(i, []) if found else None)
             if d is not None:

@@ -2,9 +2,12 @@
 
 `open_recording` first checks that the recording is the one the study was made from (its content hash,
 `capsule_batch.store.recording_identity`): a re-encoded or different recording would show a reviewer other
-frames than the model saw. Video: found by the study's timestamp with `capsule_batch.sources.video.VideoFrames`
-(the one single-frame reader). Frame folder: frame i is the i-th file in natural order, as the `images` source
-reads it.
+frames than the model saw. Video: found by frame number with `capsule_batch.sources.video.VideoFrames` (the one
+single-frame reader), which numbers frames in presentation order as the run's decoders do, whatever the stream's
+start time (MPEG-TS, edit lists), B-frames or frame rate: a stored timestamp is seconds from the first frame, not the
+container's clock, so it cannot find a frame in a stream that does not start at 0. Frame folder: frame i is the
+file the study names for it (`frames/file`), or for studies made before names were stored, the i-th file in
+natural order by the listing rule of that time.
 """
 
 from __future__ import annotations
@@ -26,31 +29,38 @@ def _jpeg(img: Any, quality: int = 92) -> bytes:
 
 
 class VideoFrames(SourceVideoFrames):
-    """Frames of one video file as JPEGs, found by the study's timestamps (`sources.video.VideoFrames.read_at`)."""
+    """Frames of one video file as JPEGs, by frame number (`sources.video.VideoFrames.read`)."""
 
-    def frame_jpeg(self, pts: float) -> bytes:
-        """JPEG of the frame shown at `pts` seconds (the stored timestamp of a study frame)."""
-        return _jpeg(self.read_at(pts).to_image())
+    def jpeg(self, frame: int) -> bytes:
+        """JPEG of study frame `frame`."""
+        return _jpeg(self.read(frame).to_image())
 
-    def jpeg(self, frame: int, pts: float) -> bytes:
-        """JPEG of study frame `frame`, whose stored timestamp is `pts` (a video finds it by timestamp)."""
-        return self.frame_jpeg(pts)
+
+#: what a frame folder held for studies made before file names were stored: JPEG and PNG, nothing left out
+_LEGACY_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 class FolderFrames:
-    """Frames of a frame folder by number: frame i is the i-th JPEG/PNG file in natural order."""
+    """Frames of a frame folder by number: the file the study names for frame i (see the module docstring)."""
 
-    def __init__(self, path: str | os.PathLike):
-        from capsule_batch.sources.base import list_frames
+    def __init__(self, path: str | os.PathLike, study_attrs: dict[str, Any] | None = None,
+                 files: list[str] | None = None):
+        from capsule_batch.sources.listing import scan_frames
 
         self.path = Path(path)
-        self.files = list_frames(self.path)
+        attrs = study_attrs or {}
+        if files is not None:
+            self.files = [self.path / f for f in files]
+        elif "frame_exclude" in attrs:
+            self.files = scan_frames(self.path, attrs["frame_exclude"]).files
+        else:
+            self.files = [p for p in scan_frames(self.path, ()).files if p.suffix.lower() in _LEGACY_SUFFIXES]
 
     def close(self) -> None:
         pass
 
-    def jpeg(self, frame: int, pts: float) -> bytes:
-        """JPEG of study frame `frame` (files carry no timestamps; `pts` is not needed)."""
+    def jpeg(self, frame: int) -> bytes:
+        """JPEG of study frame `frame`."""
         from PIL import Image
 
         from capsule_batch.sources.images import load_rgb
@@ -63,9 +73,10 @@ class FolderFrames:
             raise SourceError(f"{self.files[frame]}: cannot read frame {frame} ({e})") from e
 
 
-def open_recording(path: str | os.PathLike, study_attrs: dict[str, Any]) -> VideoFrames | FolderFrames:
+def open_recording(path: str | os.PathLike, study_attrs: dict[str, Any],
+                   files: list[str] | None = None) -> VideoFrames | FolderFrames:
     """The recording behind a study, for full-resolution frames; refused when it is not the one the study
-    was made from (a different content hash than the study stores)."""
+    was made from (a different content hash than the study stores). `files`: a frame folder study's file names."""
     p = Path(path)
     if not p.exists():
         raise SourceError(f"{p}: no such recording")
@@ -76,4 +87,4 @@ def open_recording(path: str | os.PathLike, study_attrs: dict[str, Any]) -> Vide
             made_from = study_attrs.get("source_path", "?")
             raise SourceError(f"{p}: not the recording this study was made from ({made_from}): its content hash "
                               "differs, so its frames may not be the frames that were classified")
-    return FolderFrames(p) if p.is_dir() else VideoFrames(p)
+    return FolderFrames(p, study_attrs, files) if p.is_dir() else VideoFrames(p)

@@ -25,6 +25,12 @@ CONTEXT_POINTS = 400
 SORTS = ("time", "score", "class")
 
 
+
+def _seconds(t: float) -> float | None:
+    """A time for JSON: None where it is unknown (NaN is not JSON)."""
+    return float(t) if np.isfinite(t) else None
+
+
 @dataclass
 class Timeline:
     """Per-bin maxima of each class probability, bins of `bin_frames` frames, and flagged ticks per bin."""
@@ -96,7 +102,8 @@ class StudyView:
                 self.fps = float(fps) if isinstance(fps, (int, float)) and fps > 0 else None
                 pts = r.pts()  # one read of the whole column (8 MB for 1M frames) instead of one per listed event
                 self.ev_time = pts[self.ev_start].astype(np.float64) if len(table) else np.zeros(0)
-                self.ev_time = np.where(np.isfinite(self.ev_time), self.ev_time, self.ev_start / (self.fps or 1.0))
+                if self.fps:  # a frame folder run with --fps stores its times; a time is never invented without one
+                    self.ev_time = np.where(np.isfinite(self.ev_time), self.ev_time, self.ev_start / self.fps)
         except BaseException:
             r.close()
             raise
@@ -150,10 +157,24 @@ class StudyView:
         e = self.events[i]
         return {"id": i, "start": e.start, "end": e.end, "cls": e.cls, "class": self.class_names[e.cls],
                 "peak_frame": e.peak_frame, "peak_score": round(float(e.peak_score), 4), "n_flagged": e.n_flagged,
-                "time": float(self.ev_time[i]), "thumbs": len(self.thumbs_of_event.get(i, []))}
+                "time": _seconds(self.ev_time[i]), "peak_file": self.frame_file(e.peak_frame),
+                "thumbs": len(self.thumbs_of_event.get(i, []))}
+
+    def event_files(self, i: int, most: int = 256) -> dict[str, str]:
+        """Frame folders: file names of the event's frames (its thumbnails and peak only, for a long event)."""
+        if not self.reader.has_files:
+            return {}
+        e = self.events[i]
+        if e.end - e.start < most:
+            return {str(e.start + k): n for k, n in enumerate(self.reader.files(e.start, e.end + 1))}
+        return {str(f): self.frame_file(f) or "" for f in {e.peak_frame, *self.thumbs_of_event.get(i, [])}}
+
+    def frame_file(self, frame: int) -> str | None:
+        """A frame folder's file name for `frame` (None for video, and for studies made before names were stored)."""
+        return self.reader.frame_file(frame) if self.reader.has_files and 0 <= frame < self.n_frames else None
 
     def frame_time(self, frame: int) -> float | None:
-        """Seconds from the start of the recording (stored pts; fps when pts are missing)."""
+        """Seconds from the start of the recording (stored pts; fps when pts are missing; None when unknown)."""
         if 0 <= frame < self.n_frames:
             t = float(self.reader.pts(frame, frame + 1)[0])
             if np.isfinite(t):
@@ -177,11 +198,12 @@ class StudyView:
                 "context": {"start": lo, "stop": hi, "step": step,
                             "probs": np.round(trace.astype(np.float64), 3).tolist()},
                 "thumb_frames": self.thumbs_of_event.get(i, []),
+                "files": self.event_files(i),
                 "prev": int(prev_i[np.argmax(self.ev_start[prev_i])]) if len(prev_i) else None,
                 "next": int(next_i[np.argmin(self.ev_start[next_i])]) if len(next_i) else None}
 
     def provenance(self) -> dict[str, Any]:
         a = self.attrs
         keys = ("source_path", "source_size", "source_hash", "bundle_name", "bundle_sha256", "backend", "precision",
-                "software_version", "created", "finished", "fps", "argv", "triage")
+                "software_version", "created", "finished", "fps", "decoder", "frame_sizes", "argv", "triage")
         return {k: a[k] for k in keys if k in a}

@@ -30,7 +30,6 @@ from __future__ import annotations
 import abc
 import importlib
 import logging
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ import numpy as np
 from capsule_batch.errors import SourceError
 from capsule_batch.preprocess import Preprocess, preprocess_batch
 from capsule_batch.registry import Registry
+from capsule_batch.sources.listing import FRAME_SUFFIXES, list_frames, natural_key  # noqa: F401 (re-exported)
 
 _logger = logging.getLogger(__name__)
 
@@ -101,8 +101,11 @@ class FrameSource(abc.ABC):
         device: Any = "cpu",
         dtype: Any = None,
         start: int = 0,
+        announce: bool = True,
     ):
         self.path = Path(path)
+        #: log what is worth a line once per run (files left out, a decoder fallback); off for `reopen`s
+        self.announce = bool(announce)
         self.preprocess = preprocess
         self.batch_size = int(batch_size)
         self.device = device
@@ -149,7 +152,7 @@ class FrameSource(abc.ABC):
         """The same recording from frame `start`: a new source of this class, opened with this one's arguments
         and `start` (and `batch_size`, when given) replaced."""
         args, kwargs = self._opened_with
-        kwargs = {**kwargs, "start": int(start)}
+        kwargs = {**kwargs, "start": int(start), "announce": False}
         if batch_size is not None:
             kwargs["batch_size"] = int(batch_size)
         return type(self)(*args, **kwargs)
@@ -177,7 +180,6 @@ SOURCES: Registry[FrameSource] = Registry(
 
 #: "paths" that name a generated recording instead of a file (see sources/synthetic.py)
 SYNTHETIC_PREFIX = "synthetic:"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def is_synthetic_spec(path: str | Path) -> bool:
@@ -188,19 +190,6 @@ def is_frame_folder(path: Path) -> bool:
     return path.is_dir()
 
 
-def natural_key(name: str) -> tuple[Any, ...]:
-    """Sort key that orders `frame_2` before `frame_10` (digit runs compare as numbers)."""
-    return tuple(int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name))
-
-
-def list_frames(folder: Path) -> list[Path]:
-    """The JPEG/PNG files of a frame folder, in natural sort order; frame i of the recording is entry i."""
-    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
-    if not files:
-        raise SourceError(f"{folder}: no JPEG or PNG frames in this folder")
-    return sorted(files, key=lambda p: natural_key(p.name))
-
-
 def to_pixels(frames: Any, preprocess: Preprocess, device: Any, dtype: Any) -> Any:
     """uint8 (N,H,W,3) numpy/torch frames -> preprocessed (N,3,S,S) tensor on `device` in `dtype` (CPU sources).
 
@@ -209,7 +198,7 @@ def to_pixels(frames: Any, preprocess: Preprocess, device: Any, dtype: Any) -> A
     for the engine's work on the default stream."""
     import torch
 
-    t = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
+    t = torch.from_numpy(np.require(frames, requirements=["C", "W"])) if isinstance(frames, np.ndarray) else frames
     if torch.device(device).type != "cuda":
         return preprocess_batch(t, preprocess, dtype, device)
     from capsule_batch.devices import side_stream

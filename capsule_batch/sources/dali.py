@@ -56,8 +56,8 @@ from capsule_batch.sources.base import (
     RecordingInfo,
     empty_pixels,
     is_synthetic_spec,
-    list_frames,
 )
+from capsule_batch.sources.listing import scan_frames
 from capsule_batch.sources.video import probe_video
 
 _logger = logging.getLogger(__name__)
@@ -163,8 +163,10 @@ class DaliSource(FrameSource):
     requires = ("nvidia.dali", "pip install 'capsule-batch[dali]'")
 
     def __init__(self, path: str | Path, preprocess: Preprocess, *, readers: int | None = None, chunk: int = 2048,
-                 sequence_length: int = 16, num_threads: int = 2, **kw: Any):
+                 sequence_length: int = 16, num_threads: int = 2, fps: float | None = None,
+                 exclude: tuple[str, ...] | None = None, **kw: Any):
         super().__init__(path, preprocess, **kw)
+        self.fps = fps
         import torch
 
         try:
@@ -183,9 +185,14 @@ class DaliSource(FrameSource):
         self._expected_end: int | None = None
         self._packet_count: int | None = None
         if self.path.is_dir():
-            self.files = list_frames(self.path)
-            self._info = RecordingInfo(self.path, "frames", len(self.files), None, None, None,
-                                       codec=self.files[0].suffix.lower().lstrip("."))
+            listing = scan_frames(self.path, exclude)
+            if self.announce:
+                listing.report()
+            self.files = listing.files
+            self._info = RecordingInfo(self.path, "frames", len(self.files), fps, None, None,
+                                       codec="+".join(sorted({p.suffix.lower().lstrip(".") for p in self.files})),
+                                       extra={"files": listing.names(), "excluded": len(listing.excluded),
+                                              "skipped": len(listing.skipped), "exclude": list(listing.exclude)})
             self._readers_plan: list[list[tuple[int, int]]] = []
             self._expected_end = len(self.files)
             return
@@ -305,7 +312,7 @@ class DaliSource(FrameSource):
                 if self.path.is_dir():
                     pix, labels = outs
                     idx = _as_numpy(labels).reshape(-1)[:take].astype(np.int64)
-                    pts = np.full(idx.shape, np.nan)
+                    pts = idx / self.fps if self.fps else np.full(idx.shape, np.nan)
                 else:
                     pix, fnum, ts = outs
                     idx = _as_numpy(fnum)[:take].reshape(-1).astype(np.int64)

@@ -1,13 +1,18 @@
-"""`images`: folders of frames (JPEG/PNG) in natural sort order, decoded with PIL in a small thread pool.
+"""`images`: folders of frames (JPEG, PNG, BMP, TIFF) in natural sort order, decoded with PIL in a small thread pool.
 
-Frame i is the i-th file in natural order (`frame_2` before `frame_10`). Grayscale, palette, RGBA
-(alpha dropped, as the reference does) and 16-bit images (scaled to 8 bits, not clipped) become RGB.
-A file that fails to decode is reported with its index and the rest continue. Files carry no
-timestamps: `pts` is index / `fps` when the caller knows the capture rate, else NaN.
+Which files are frames is `capsule_batch.sources.listing`'s rule (masks and labels left out, other files skipped
+with a warning); frame i is the i-th in natural order (`frame_2` before `frame_10`), and its file name is stored in
+the study (`info().extra["files"]`). Grayscale, palette, RGBA (alpha dropped, as the reference does) and 16-bit
+images (scaled to 8 bits, not clipped) become RGB. A file that fails to decode is reported with its index and the
+rest continue. Frames of different sizes are each resized to the bundle's input; the sizes are recorded as runs
+(`info().extra["frame_sizes"]`: [first frame, width, height] where the size changes) and a warning says so.
+Files carry no timestamps: `pts` is index / `fps` when the capture rate is given (`--fps`), else NaN, and nothing
+downstream invents a time for them.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,11 +29,29 @@ from capsule_batch.sources.base import (
     RecordingInfo,
     empty_pixels,
     is_synthetic_spec,
-    list_frames,
     to_pixels,
 )
+from capsule_batch.sources.listing import scan_frames
 
+_logger = logging.getLogger(__name__)
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the file's header, without decoding it; None when unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+
+def add_size(runs: list[list[int]], frame: int, wh: tuple[int, int] | None) -> None:
+    """Extend `runs` ([first frame, width, height] wherever the size changes; frames in order) by one frame."""
+    if wh is not None and (not runs or runs[-1][1:] != list(wh)):
+        runs.append([frame, *wh])
 
 
 def load_rgb(path: Path) -> np.ndarray:
@@ -49,14 +72,18 @@ def load_rgb(path: Path) -> np.ndarray:
 @SOURCES.register("images")
 class ImageFolderSource(FrameSource):
     """`workers` decode threads (PIL releases the GIL while decoding); `fps` the capture rate, if known, for
-    timestamps."""
+    timestamps; `exclude` the file-name patterns that are not frames (None: the listing's defaults)."""
 
     def __init__(self, path: str | Path, preprocess: Preprocess, *, workers: int = 2, fps: float | None = None,
-                 **kw: Any):
+                 exclude: tuple[str, ...] | None = None, **kw: Any):
         super().__init__(path, preprocess, **kw)
         self.fps = fps
-        self.files = list_frames(self.path)
+        self.listing = scan_frames(self.path, exclude)
+        if self.announce:
+            self.listing.report()
+        self.files = self.listing.files
         self.workers = max(1, int(workers))
+        self._info: RecordingInfo | None = None
 
     @classmethod
     def accepts(cls, path: Path) -> tuple[bool, str]:
@@ -65,15 +92,34 @@ class ImageFolderSource(FrameSource):
         return True, ""
 
     def info(self) -> RecordingInfo:
-        from PIL import Image
+        """The folder's facts; `extra["frame_sizes"]` is filled in as frames are decoded (one object per source)."""
+        if self._info is None:
+            w, h = _header_size(self.files[0]) or (None, None)
+            types = sorted({p.suffix.lower().lstrip(".") for p in self.files})
+            self._info = RecordingInfo(
+                path=self.path, kind="frames", frame_count=len(self.files), fps=self.fps, width=w, height=h,
+                codec="+".join(types),
+                extra={"files": self.listing.names(), "excluded": len(self.listing.excluded),
+                       "skipped": len(self.listing.skipped), "exclude": list(self.listing.exclude)})
+        return self._info
 
-        try:
-            with Image.open(self.files[0]) as img:
-                w, h = img.size
-        except OSError:
-            w = h = None
-        return RecordingInfo(path=self.path, kind="frames", frame_count=len(self.files), fps=self.fps,
-                             width=w, height=h, codec=self.files[0].suffix.lower().lstrip("."))
+    def _note_sizes(self, ok: list[tuple[int, np.ndarray]]) -> None:
+        """Record the decoded frames' sizes as runs; warn once when a second size appears. A resumed run reads the
+        sizes of the frames decoded before it from their headers."""
+        info = self.info()
+        if "frame_sizes" not in info.extra:
+            runs = info.extra["frame_sizes"] = []
+            for i in range(self.start):
+                add_size(runs, i, _header_size(self.files[i]))
+        runs = info.extra["frame_sizes"]
+        had = len(runs)
+        for i, img in ok:
+            add_size(runs, i, (int(img.shape[1]), int(img.shape[0])))
+        if had <= 1 < len(runs) and self.announce:
+            _logger.warning("%s: frames of different sizes (%s from frame %d, %s from frame %d%s); each is resized "
+                            "to the model's input, and the sizes are recorded in the study (frame_sizes)", self.path,
+                            "x".join(map(str, runs[0][1:])), runs[0][0], "x".join(map(str, runs[1][1:])), runs[1][0],
+                            ", ..." if len(runs) > 2 else "")
 
     def __iter__(self) -> Iterator[FrameBatch]:
         def load(i: int) -> tuple[int, np.ndarray | None, str]:
@@ -96,6 +142,7 @@ class ImageFolderSource(FrameSource):
                 if not ok and hi < len(self.files):
                     continue  # failures ride with the next batch that has frames
                 idx = np.asarray([i for i, _ in ok], np.int64)
+                self._note_sizes(ok)
                 self.frames_decoded += len(idx)
                 yield FrameBatch(self._pixels([img for _, img in ok]), idx, self._pts(idx),
                                  tuple(failures))

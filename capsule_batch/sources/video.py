@@ -1,6 +1,6 @@
-"""What video sources share: probing the container with PyAV, a sequential PyAV decode that salvages the
-frames before the damage in a file that an indexing decoder refuses (a truncated recording), and `VideoFrames`,
-the one way to read single frames (the review app by timestamp, training by frame number)."""
+"""What video sources share: probing the container with PyAV, a sequential PyAV decode (the `pyav` source, and what
+decord falls back to), and `VideoFrames`, the one way to read single frames by frame number (the review app,
+training)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,17 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from capsule_batch.errors import SourceError
-from capsule_batch.sources.base import RecordingInfo, is_synthetic_spec
+from capsule_batch.sources.base import DecodeFailure, RecordingInfo, is_synthetic_spec
 
 _logger = logging.getLogger(__name__)
+
+#: file types taken for video recordings (a hint where a folder of them is given as a frame folder)
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".m2ts", ".mts", ".mpg", ".mpeg", ".vob",
+                  ".wmv", ".flv", ".ogv", ".h264", ".264", ".hevc", ".h265")
 
 
 def check_video_path(path: Path) -> tuple[bool, str]:
@@ -55,22 +58,52 @@ def pyav_frames(path: Path, start: int, claimed: int | None) -> Iterator[tuple[A
     """Decode sequentially from the first frame; yield (rgb, index, pts) for index >= start, and where decoding
     fails or ends before the `claimed` frame count, one final (None, first_missing_index, reason).
 
-    Single-threaded on purpose: FFmpeg's frame threading can end quietly at damaged data instead of raising."""
+    `pts` is seconds from the stream's start time, as decord gives them (an MPEG-TS stream's clock does not start at
+    0). Single-threaded on purpose: FFmpeg's frame threading can end quietly at damaged data instead of raising."""
     import av
 
     i = 0
     try:
         with av.open(str(path)) as c:
             s = c.streams.video[0]
+            tb, t0 = s.time_base, s.start_time or 0
             for frame in c.decode(s):
                 if i >= start:
-                    yield frame.to_ndarray(format="rgb24"), i, float(frame.time or 0.0)
+                    t = float((frame.pts - t0) * tb) if frame.pts is not None and tb else float(frame.time or 0.0)
+                    yield frame.to_ndarray(format="rgb24"), i, t
                 i += 1
     except av.FFmpegError as e:
         yield None, max(i, start), f"decoding stopped after {i} frames: {e.strerror or e}"
         return
     if claimed and i < claimed:
         yield None, max(i, start), f"decoding stopped after {i} of the {claimed} frames the container lists"
+
+
+Batch = tuple[Any, Any, Any, tuple[DecodeFailure, ...]]
+
+
+def pyav_batches(path: Path, start: int, batch_size: int, claimed: int | None) -> Iterator[Batch]:
+    """`pyav_frames` in batches: (frames (N,H,W,3) uint8, index, pts, failures); a failure ends the iteration."""
+    import numpy as np
+
+    buf: list[Any] = []
+    idx: list[int] = []
+    pts: list[float] = []
+    for img, i, t in pyav_frames(path, start, claimed):
+        if img is None:
+            if buf:
+                yield np.stack(buf), np.asarray(idx, np.int64), np.asarray(pts), ()
+            yield np.empty((0,), np.uint8), np.empty((0,), np.int64), np.empty((0,)), (
+                DecodeFailure(i, str(t), final=True),)
+            return
+        buf.append(img)
+        idx.append(i)
+        pts.append(float(t))
+        if len(buf) == batch_size:
+            yield np.stack(buf), np.asarray(idx, np.int64), np.asarray(pts), ()
+            buf, idx, pts = [], [], []
+    if buf:
+        yield np.stack(buf), np.asarray(idx, np.int64), np.asarray(pts), ()
 
 
 _pts_lock = threading.Lock()
@@ -145,40 +178,37 @@ class VideoFrames:
             raise SourceError(f"{self.path}: cannot decode frame {index} ({e})") from e
         raise SourceError(f"{self.path}: frame {index} (pts {pts[index]}) not found after seeking")
 
-    def read_at(self, seconds: float) -> Any:
-        """The frame shown at `seconds` (a study's stored timestamp) as an av.VideoFrame: the frame whose timestamp
-        is nearest to it (a stored timestamp is a frame's own, up to float rounding; frame rates may vary)."""
-        tb = self._s.time_base or Fraction(1, 90000)
-        last = None
-        with self._lock:
-            for frame in self._decode_from(int(seconds / tb)):
-                t = float(frame.pts * tb)
-                if t >= seconds:
-                    if last is not None and seconds - float(last.pts * tb) < t - seconds:
-                        return last
-                    if last is not None and t - seconds > 1e-3:
-                        _logger.debug("%s: no frame at %.4f s; showing %.4f s", self.path, seconds, t)
-                    return frame
-                last = frame
-        if last is None:
-            raise SourceError(f"{self.path}: no frame at {seconds:.3f} s")
-        return last
+    def _reopen(self) -> None:
+        """The container opened again: decoding starts at its first packet (a seek to the first timestamp may not
+        get there in MPEG-TS with B-frames, whose decode timestamps start before it)."""
+        import av
+
+        self._c.close()
+        self._c = av.open(str(self.path))
+        self._s = self._c.streams.video[0]
 
     def _decode_from(self, target: int) -> Iterator[Any]:
         """Frames (with a timestamp) decoded forward from a keyframe at or before `target` (stream time base).
 
         FFmpeg seeks by decode timestamps, which run ahead of presentation timestamps where there are B-frames:
-        a seek to `target` can land on the keyframe just after it (seen with variable frame rate H.264). Then an
-        earlier point is sought, twice as far back each time, until the first frame is not past the target."""
+        a seek to `target` can land on the keyframe just after it (seen with variable frame rate H.264). In a
+        container without an index (MPEG-TS, MPEG-PS) a seek is a guess by byte position and can land after the last
+        keyframe before the target, where nothing decodes until the next one. In both cases an earlier point is
+        sought, twice as far back each time, until the first frame decoded is not past the target. `target` and the
+        points sought are the stream's own timestamps (which need not start at 0)."""
+        start = self._s.start_time or 0
         at, back = target, 1
         while True:
-            self._c.seek(max(0, at), stream=self._s, backward=True, any_frame=False)
+            if at < start:  # sought from the first timestamp and still past the target: read from the file's start
+                self._reopen()
+            else:
+                self._c.seek(at, stream=self._s, backward=True, any_frame=False)
             frames = (f for f in self._c.decode(self._s) if f.pts is not None)
             first = next(frames, None)
-            if first is None or first.pts <= target or at <= 0:
+            if (first is not None and first.pts <= target) or at < start:
                 if first is not None:
                     yield first
                 yield from frames
                 return
-            back = max(2 * back, first.pts - target)
-            at = target - back
+            back = max(2 * back, (first.pts - target) if first is not None else 1)
+            at = target - back if at > start else start - 1

@@ -206,7 +206,8 @@
   function renderEvent(d) {
     $("empty").hidden = true;
     $("event").hidden = false;
-    $("ev-title").textContent = `Event #${d.id} · ${d.class} · frames ${d.start}–${d.end} · ${clock(d.time)} · ` +
+    $("ev-title").textContent = `Event #${d.id} · ${d.class} · frames ${d.start}–${d.end}` +
+      (d.time === null ? "" : ` · ${clock(d.time)}`) + (d.peak_file ? ` · peak file ${d.peak_file}` : "") + " · " +
       `peak ${d.peak_score.toFixed(3)} · ${d.n_flagged} flagged` +
       (Array.isArray(d.on) ? (d.on.length ? ` · on finding ${d.on.join(", ")}` : " · on no annotated finding") : "");
     state.film = filmFrames(d);
@@ -255,7 +256,9 @@
     const f = state.film[state.filmPos];
     $("peak").classList.remove("missing");
     $("peak").src = imgUrl(f);
+    const file = (state.detail.files || {})[String(f)];
     $("peak-caption").textContent = `frame ${f}` + (f === state.detail.peak_frame ? " (peak)" : "") +
+      (file ? ` · ${file}` : "") +
       ` · ${state.filmPos + 1}/${state.film.length}` + (cfg.video ? " · from the recording" : " · stored thumbnail");
     document.querySelectorAll("#filmstrip img").forEach((im, k) => im.classList.toggle("on", k === state.filmPos));
   }
