@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
+import os
 import platform
 import sys
 from typing import Any
@@ -54,8 +55,11 @@ def package_report() -> list[dict[str, Any]]:
 def device_report() -> dict[str, Any]:
     import torch
 
+    from capsule_batch.backends.cpu_choice import FORCE_ENV, cpu_info
+
     d: dict[str, Any] = {"torch_cuda_build": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-                         "cpu_threads": torch.get_num_threads(), "gpus": []}
+                         "cpu_threads": torch.get_num_threads(), "cpu": cpu_info(),
+                         "cpu_choice_forced": os.environ.get(FORCE_ENV) or None, "gpus": []}
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)

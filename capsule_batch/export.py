@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 from pathlib import Path
@@ -74,3 +75,89 @@ def export_study(study: str | os.PathLike, out_dir: str | os.PathLike, *, overwr
     _logger.info("%s: exported %d events, %d thumbnails, %d frames to %s", study, len(events), len(files), n, out)
     return {"study": str(study), "output": str(out), "events": len(events), "thumbnails": len(files), "frames": n,
             "events_csv": str(out / "events.csv"), "frames_csv": str(out / "frames.csv")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Readers' decisions out: for the hospital's records (decisions.csv) and for training (labels per recording)
+
+DECISION_COLUMNS = ["recording", "study", "event", "start_frame", "end_frame", "start_s", "end_s", "peak_frame",
+                    "peak_file", "detected_class", "decision", "class", "note", "reviewer", "time"]
+
+
+def _decided_events(rd: StudyReader) -> list[tuple[Any, Any]]:
+    """[(event row, its latest decision)] of the events a reader decided on, by event."""
+    from capsule_batch.review.decisions import read_decisions
+
+    decisions = read_decisions(rd.path)
+    events = rd.events_table()
+    return [(events[i], decisions[i]) for i in sorted(decisions) if i < len(events) and decisions[i].verdict]
+
+
+def export_decisions(studies: list[Path], out: Path) -> dict[str, Any]:
+    """OUT/decisions.csv: every reviewer decision of `studies` (the latest per event), one row each: the recording,
+    the event's frames and times, the detected class, confirm/reject, the class the reader gave, note, who, when."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "decisions.csv"
+    n = 0
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(DECISION_COLUMNS)
+        for study in studies:
+            with StudyReader(study) as rd:
+                attrs, names = rd.attrs, rd.class_names
+                for e, d in _decided_events(rd):
+                    pts = rd.pts(int(e["start"]), int(e["end"]) + 1)
+                    detected = names[int(e["class"])]
+                    given = names[d.cls] if d.cls is not None else detected
+                    w.writerow([attrs.get("source_path", ""), str(study), d.event, int(e["start"]), int(e["end"]),
+                                _seconds(pts[0]), _seconds(pts[-1]), int(e["peak_frame"]),
+                                rd.frame_file(int(e["peak_frame"])) or "", detected, d.verdict, given, d.comment,
+                                d.reviewer, d.time])
+                    n += 1
+    _logger.info("wrote %s (%d decisions from %d studies)", path, n, len(studies))
+    return {"decisions_csv": str(path), "decisions": n, "studies": len(studies)}
+
+
+def export_labels(studies: list[Path], out: Path) -> dict[str, Any]:
+    """Frame labels from the readers' decisions, as `python -m train` reads labelled frames inside recordings: per
+    study OUT/<study>.labels.csv (`frame`, `label`, and `file` for a frame folder) and OUT/datasets.yaml with one
+    `kind: recording` dataset per study, to put under `data.train`. A confirmed event's frames get its class (or the
+    class the reader gave); a rejected event's frames the class the reader gave, else the normal class. Frames of
+    events nobody decided, and frames outside events, are not labelled."""
+    out.mkdir(parents=True, exist_ok=True)
+    specs, total = [], 0
+    for study in studies:
+        labels: dict[int, str] = {}
+        with StudyReader(study) as rd:
+            attrs, names = rd.attrs, rd.class_names
+            normal = attrs.get("normal_class") or "Normal"
+            for e, d in _decided_events(rd):
+                if d.verdict == "confirm":
+                    label = names[d.cls] if d.cls is not None else names[int(e["class"])]
+                else:
+                    label = names[d.cls] if d.cls is not None else normal
+                for f in range(int(e["start"]), int(e["end"]) + 1):
+                    labels[f] = label  # a later decision on overlapping events wins
+            files = rd.files() if rd.has_files else None
+        csv_path = out / f"{study.stem}.labels.csv"
+        with open(csv_path, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["frame", "label", *(["file"] if files else [])])
+            for f in sorted(labels):
+                w.writerow([f, labels[f], *([files[f]] if files else [])])
+        source = str(attrs.get("source_path", ""))
+        spec: dict[str, Any] = {"kind": "recording", "name": study.stem, "labels": str(csv_path.resolve())}
+        if files:
+            spec.update(frames=source, file_column="file")
+        else:
+            spec["video"] = source
+        specs.append(spec)
+        total += len(labels)
+    yaml_path = out / "datasets.yaml"
+    lines = ["# capsule-batch export --labels: the readers' decisions as labelled frames inside recordings;",
+             "# put these under data.train (or data.val) of a python -m train config (docs/training.md)"]
+    lines += ["- " + json.dumps(s) for s in specs]  # JSON objects are YAML flow mappings
+    yaml_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _logger.info("wrote %s (%d labelled frames from %d studies)", yaml_path, total, len(studies))
+    return {"datasets_yaml": str(yaml_path), "frames": total, "studies": len(studies),
+            "labels_csv": [s["labels"] for s in specs]}

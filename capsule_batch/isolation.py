@@ -91,9 +91,11 @@ class Supervisor:
     `argv` is the worker's command line (the same `run` command); the exit code is not None when a worker
     failed before any recording (a bad bundle, an unusable engine): it has printed the reason itself."""
 
-    def __init__(self, recordings: list[str], argv: list[str], out_dir: str | os.PathLike):
+    def __init__(self, recordings: list[str], argv: list[str], out_dir: str | os.PathLike,
+                 names: dict[str, str] | None = None):
         self.recordings = recordings
         self.out_dir = out_dir
+        self.names = names  # the batch's study names (pipeline.study_names), for the results of crashed workers
         self.argv = argv
         self.proc: subprocess.Popen | None = None
         self.signals: list[int] = []
@@ -133,7 +135,8 @@ class Supervisor:
                 if crashed and not self.signals:
                     rec = crashed[0]
                     why = (f"killed by {_signal_name(rc)}" if rc < 0 else f"exited with code {rc}")
-                    results[rec] = StudyResult(rec, "failed", output=str(study_path(rec, self.out_dir)), error=(
+                    out = study_path(rec, self.out_dir, self.names)
+                    results[rec] = StudyResult(rec, "failed", output=str(out), error=(
                         f"{rec}: the worker process died while processing it ({why}: a crash in native decoder "
                         "or engine code); the other recordings go on, and a partial study resumes on the next run"))
                     _logger.error("%s", results[rec].error)

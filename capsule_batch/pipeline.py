@@ -16,6 +16,7 @@ Building the bundle and engine, sharding and worker processes are `capsule_batch
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -32,8 +33,16 @@ from capsule_batch.locks import check_not_in_review, run_lock
 from capsule_batch.progress import Progress
 from capsule_batch.sources.base import FrameSource, open_source
 from capsule_batch.stages import DecodeStage, EngineStage, EngineWatch, Rows, WriterStage, layout, thumbnails
-from capsule_batch.store import StudyReader, StudyWriter, partial_path, run_attrs, source_attrs
-from capsule_batch.triage import TriageConfig, compute_event_table, thumbnail_frames
+from capsule_batch.store import (
+    StudyReader,
+    StudyWriter,
+    partial_path,
+    recording_identity,
+    run_attrs,
+    side_files,
+    source_attrs,
+)
+from capsule_batch.triage import TriageConfig, classify, compute_event_table, thumbnail_frames
 
 _logger = logging.getLogger(__name__)
 
@@ -63,6 +72,11 @@ class RunOptions:
     decode_timeout: float | None = 300.0
     engine_timeout: float | None = 300.0
     inflight: int = 2
+    #: a finished study is reused when it answers the same question (`same`: same recording, bundle, triage
+    #: settings and precision class), `never`, or whenever it exists (`any`); see `Pipeline.reusable`
+    reuse: str = "same"
+    #: without a terminal on stderr: a progress line every so many seconds (0: none)
+    progress_every: float = 30.0
     #: frame folders: the capture rate in frames/s (None: unknown, no times), and the file-name patterns that are
     #: not frames (None: capsule_batch.sources.listing.DEFAULT_EXCLUDE)
     fps: float | None = None
@@ -108,6 +122,18 @@ def time_split(stage_seconds: dict[str, float], seconds: float) -> str:
     return ", ".join(f"{STAGES.get(k, k)} {100 * v / seconds:.0f}%" for k, v in stage_seconds.items())
 
 
+def log_result(res: StudyResult) -> None:
+    """One line per recording finished (what a log file keeps of a run); in JSON logs with `result` as a field."""
+    if res.status == "done":
+        what = (f"{res.frames} frames, {res.flagged_frames} flagged, {res.events} events, {res.fps:.1f} frames/s, "
+                f"{res.seconds:.1f} s")
+    elif res.status == "skipped":
+        what = "already done (the same recording, bundle and settings, or --reuse any); --reuse never redoes it"
+    else:
+        what = res.error or ""
+    _logger.info("%s: %s -> %s: %s", res.recording, res.status, res.output, what, extra={"result": res.to_json()})
+
+
 class RunInterrupted(Exception):
     """`stop` was set: rows so far are flushed and the partial file resumes from `frames_done`."""
 
@@ -121,21 +147,86 @@ def recording_path(recording: Recording) -> Path:
     return recording.path if isinstance(recording, FrameSource) else Path(recording)
 
 
-def study_path(recording: Recording, out_dir: str | os.PathLike) -> Path:
-    """OUTDIR/<stem>.h5 (a frame folder: its name; a source spec: the spec, made file-safe)."""
-    p = recording_path(recording)
+#: base names that say nothing about which recording it is (an export's `images` folder): the study is named
+#: `<parent>_<name>` instead, so that `a/images` and `b/images` never meet in one output folder
+GENERIC_NAMES = frozenset({"images", "image", "imgs", "img", "frames", "frame", "jpg", "jpeg", "png", "bmp", "tif",
+                           "tiff", "video", "videos", "data", "export", "exports", "raw", "capture", "recording"})
+
+
+def _base_name(p: Path) -> str:
+    """A recording's own study name: the file's stem or the folder's name, with the parent's for a generic one."""
     if ":" in str(p) and not p.exists():  # a source spec such as synthetic:frames=...: a safe file name
-        return Path(out_dir) / (re.sub(r"[^A-Za-z0-9._-]+", "_", str(p)).strip("_") + ".h5")
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", str(p)).strip("_")
     stem = p.name if p.is_dir() or not p.suffix else p.stem
-    return Path(out_dir) / f"{stem}.h5"
+    if stem.lower() in GENERIC_NAMES and p.resolve().parent.name:
+        stem = f"{p.resolve().parent.name}_{stem}"
+    return stem
+
+
+def study_names(recordings: Iterable[Recording]) -> dict[str, str]:
+    """The study name (without .h5) of each recording of a batch, by its path: its own name (`_base_name`), and
+    where two recordings of the batch would share one, their paths relative to their common folder, with `__`
+    for `/` (`d1/study.mp4`, `d2/study.mp4` -> `d1__study`, `d2__study`). Every process of a sharded batch sees
+    the whole list, so all agree. Names that still collide are refused by `Pipeline.run_many`."""
+    paths = {str(recording_path(r)): recording_path(r) for r in recordings}
+    names = {k: _base_name(p) for k, p in paths.items()}
+    groups: dict[str, list[str]] = {}
+    for k, n in names.items():
+        groups.setdefault(n, []).append(k)
+    for same in (g for g in groups.values() if len(g) > 1):
+        full = [paths[k].resolve() for k in same]
+        root = Path(os.path.commonpath([str(f.parent) for f in full]))
+        for k, f in zip(same, full, strict=True):
+            rel = f.relative_to(root)
+            rel = rel.with_suffix("") if f.is_file() and rel.suffix else rel
+            names[k] = re.sub(r"[^A-Za-z0-9._-]+", "_", "__".join(rel.parts)).strip("_") or names[k]
+    return names
+
+
+def study_path(recording: Recording, out_dir: str | os.PathLike, names: dict[str, str] | None = None) -> Path:
+    """OUTDIR/<name>.h5, the name from `names` (`study_names` of the whole batch) or the recording's own."""
+    key = str(recording_path(recording))
+    name = (names or {}).get(key) or study_names([recording])[key]
+    return Path(out_dir) / f"{name}.h5"
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v, sort_keys=True) if not isinstance(v, str) else v
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def keep_aside(final: Path) -> Path:
+    """Rename a finished study (and its review journal) to `<name>.<its creation time>.h5`, beside it; refused
+    while a review app has it open."""
+    check_not_in_review(final)
+    with StudyReader(final) as rd:
+        created = str(rd.attrs.get("created") or "old")
+    stamp = re.sub(r"[^0-9T]+", "", created.split("+")[0])[:15] or "old"
+    kept = final.with_name(f"{final.stem}.{stamp}{final.suffix}")
+    k = 1
+    while kept.exists():
+        k += 1
+        kept = final.with_name(f"{final.stem}.{stamp}-{k}{final.suffix}")
+    os.replace(final, kept)
+    journal = side_files(final).journal
+    if journal.exists():
+        os.replace(journal, side_files(kept).journal)
+    return kept
+
+
+def precision_class(precision: str) -> str:
+    """fp32, or `half` for bf16/fp16: what a study's numbers depend on (two fp32 backends agree to ~1e-5)."""
+    return "fp32" if precision in ("fp32", "", None) else "half"
 
 
 class Pipeline:
     """One bundle + engine, many recordings. `stop` (a threading.Event) ends a run cleanly at the next batch."""
 
     def __init__(self, bundle: Any, engine: Any, options: RunOptions | None = None,
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None, names: dict[str, str] | None = None):
         self.bundle, self.engine = bundle, engine
+        #: study names of the whole batch (`study_names`), by recording path; a recording not in it: its own name
+        self.names = dict(names or {})
         self.options = options or RunOptions()
         self.stop = stop or threading.Event()
         self.triage = self.options.triage or TriageConfig.from_bundle(bundle, **self.options.triage_rules)
@@ -164,9 +255,10 @@ class Pipeline:
 
         `report(recording, None)` is called before and `report(recording, result)` after each one (the
         worker of capsule_batch.isolation tells its supervisor where it is)."""
+        self.names = {**study_names(recordings), **self.names}
         outs: dict[Path, str] = {}
         for r in recordings:
-            o = study_path(r, out_dir)
+            o = study_path(r, out_dir, self.names)
             if o in outs:
                 raise StudyError(f"{recording_path(r)} and {outs[o]} would both write {o}: rename one of them")
             outs[o] = str(recording_path(r))
@@ -181,6 +273,7 @@ class Pipeline:
                 if report is not None:
                     report(name, None)
                 results.append(self.run(r, out_dir))
+                log_result(results[-1])
                 if report is not None:
                     report(name, results[-1])
         finally:
@@ -190,19 +283,23 @@ class Pipeline:
     def run(self, recording: Recording, out_dir: str | os.PathLike) -> StudyResult:
         """One recording; errors become a failed result (with the reason), never an exception."""
         t0 = time.perf_counter()
-        final = study_path(recording, out_dir)
+        final = study_path(recording, out_dir, self.names)
         res = StudyResult(str(recording_path(recording)), "failed", output=str(final))
         self._active = res
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             with run_lock(final):
                 if final.exists() and not self.options.overwrite:
-                    with StudyReader(final) as rd:
-                        s = rd.summary()
-                    res.status, res.frames = "skipped", s["frames"]
-                    res.flagged_frames, res.events = int(s["flagged_frames"] or 0), int(s["events"] or 0)
-                    _logger.info("%s: already done (%s); --overwrite to redo it", res.recording, final)
-                    return res
+                    changed = self.reusable(recording, final)
+                    if changed is None:
+                        with StudyReader(final) as rd:
+                            s = rd.summary()
+                        res.status, res.frames = "skipped", s["frames"]
+                        res.flagged_frames, res.events = int(s["flagged_frames"] or 0), int(s["events"] or 0)
+                        return res
+                    kept = keep_aside(final)
+                    _logger.warning("%s: redoing %s: %s; the old study is kept as %s", res.recording, final.name,
+                                    changed, kept.name)
                 self._run(recording, final, res)
             res.status = "done"
         except RunInterrupted as e:
@@ -211,7 +308,7 @@ class Pipeline:
                          "when the same command is run again")
         except CapsuleError as e:
             res.error = str(e)
-            _logger.error("%s: %s", res.recording, e)
+            _logger.error("%s", res.error if res.error.startswith(res.recording) else f"{res.recording}: {e}")
         except Exception as e:  # a decoder or engine crash on one recording must not stop the others
             res.error = f"{type(e).__name__}: {e}"
             _logger.error("%s: failed: %s", res.recording, res.error, exc_info=_logger.isEnabledFor(logging.DEBUG))
@@ -221,6 +318,43 @@ class Pipeline:
         if res.status != "skipped" and res.seconds > 0:
             res.fps = round((res.frames - res.resumed_from) / res.seconds, 2)
         return res
+
+    def reusable(self, recording: Recording, final: Path) -> str | None:
+        """None when the finished study `final` answers what this run would (`RunOptions.reuse`), else what changed,
+        in words. A study of another recording that has this name is a StudyError: its name is taken."""
+        path = recording_path(recording)
+        with StudyReader(final) as rd:
+            have = rd.attrs
+        if self.options.reuse == "any":
+            return None
+        ident = recording_identity(path)
+        same_file = (have.get("source_size"), have.get("source_hash")) == (ident["source_size"], ident["source_hash"])
+        if not same_file and have.get("source_path") not in (None, ident["source_path"]):
+            raise StudyError(f"{final}: this name holds the study of another recording ({have.get('source_path')}); "
+                             f"{path} would take its name: run it into another -o folder, or rename it")
+        if self.options.reuse == "never":
+            return "--reuse never"
+        changes = []
+        if not same_file:
+            was = f"{have.get('source_size')} -> {ident['source_size']} bytes"
+            cut = " (its study ended where the file was cut off)" if have.get("decode_tail_failure") else ""
+            changes.append(f"the recording changed ({was}){cut}")
+        if have.get("bundle_sha256") != self.bundle.sha256:
+            changes.append(f"the bundle's weights changed ({str(have.get('bundle_sha256'))[:12]} -> "
+                           f"{self.bundle.sha256[:12]})")
+        desc = self.engine.describe()
+        then, now = precision_class(str(have.get("precision", ""))), precision_class(desc.get("precision", ""))
+        if then != now:
+            changes.append(f"precision {have.get('precision')} -> {desc.get('precision')}")
+        if have.get("probs_dtype") != self.options.probs_dtype:
+            changes.append(f"stored probabilities {have.get('probs_dtype')} -> {self.options.probs_dtype}")
+        old_triage = have.get("triage") if isinstance(have.get("triage"), dict) else {}
+        new_triage = json.loads(self.triage.to_json())
+        diff = sorted(k for k in set(old_triage) | set(new_triage) if old_triage.get(k) != new_triage.get(k))
+        if diff:
+            changes.append("triage settings changed (" + ", ".join(
+                f"{k} {_short(old_triage.get(k))} -> {_short(new_triage.get(k))}" for k in diff) + ")")
+        return "; ".join(changes) or None
 
     # ------------------------------------------------------------------------------------------
     def _run(self, recording: Recording, final: Path, res: StudyResult) -> None:
@@ -279,8 +413,9 @@ class Pipeline:
     def _stream(self, src: FrameSource, writer: StudyWriter, res: StudyResult, total: int | None) -> str | None:
         """Step 3: decode -> engine -> writer until the end, a stop or a tail failure; returns the tail reason."""
         opts = self.options
-        bar = Progress(total, Path(src.path).name, enabled=opts.progress)
-        bar.set(writer.frames_done)
+        flagged = [0]
+        bar = Progress(total, Path(src.path).name, enabled=opts.progress, log_every=opts.progress_every,
+                       fields=lambda: {"flagged": flagged[0]}, start=writer.frames_done)
         decode = DecodeStage(src, opts.prefetch, opts.decode_timeout)
         engine = EngineStage(self.engine, len(self.bundle.class_names), opts.inflight, self._watch)
         write = WriterStage(writer, opts.block_frames, opts.prefetch)
@@ -291,6 +426,8 @@ class Pipeline:
             """Rows to the writer; False when the writer has died."""
             for r in rows:
                 if len(r):
+                    if bar.log_every:
+                        flagged[0] += int(classify(r.probs, self.triage)[1].sum())
                     if not write.put(r):
                         return False
                     res.frames = int(r.index[-1]) + 1

@@ -23,7 +23,7 @@ from typing import Any
 
 from capsule_batch.errors import CapsuleError, StudyError
 from capsule_batch.files import unwritable
-from capsule_batch.pipeline import Pipeline, Recording, RunOptions, StudyResult, recording_path
+from capsule_batch.pipeline import Pipeline, Recording, RunOptions, StudyResult, recording_path, study_names
 from capsule_batch.sources.base import FrameSource
 
 _logger = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class Batch:
 def run_recordings(recordings: Sequence[Recording], bundle: Any, out_dir: str | os.PathLike, *,
                    engine: Any = None, options: RunOptions | None = None, stop: threading.Event | None = None,
                    shard: tuple[int, int] = (0, 1), isolate: bool | None = False) -> Batch:
-    """Run this shard of `recordings` into OUT_DIR/<stem>.h5 each (see the module docstring).
+    """Run this shard of `recordings` into OUT_DIR/<name>.h5 each (`pipeline.study_names` of all of them).
 
     `bundle`: a ModelBundle or its folder. `engine`: an `EngineSpec` (default: all `auto`), built here and closed
     at the end, or an engine object the caller keeps. `stop` ends the run cleanly (the CLI sets it on SIGINT).
@@ -103,7 +103,7 @@ def run_recordings(recordings: Sequence[Recording], bundle: Any, out_dir: str | 
         if stop.is_set():
             return Batch([StudyResult(str(r), "interrupted", error="not started: interrupted") for r in mine],
                          rank, world)
-        results, rc = Supervisor([str(r) for r in mine], worker_argv(), out_dir).run()
+        results, rc = Supervisor([str(r) for r in mine], worker_argv(), out_dir, study_names(recordings)).run()
         return Batch(results, rank, world, worker_exit=rc)
     from capsule_batch.bundle import ModelBundle
 
@@ -114,7 +114,8 @@ def run_recordings(recordings: Sequence[Recording], bundle: Any, out_dir: str | 
     try:
         _logger.info("rank %d/%d: %d of %d recordings", rank, world, len(mine), len(recordings))
         report, skip = worker if worker is not None else (None, 0)
-        results = Pipeline(bundle, eng, options, stop).run_many(mine[skip:], out_dir, report=report)
+        results = Pipeline(bundle, eng, options, stop, names=study_names(recordings)).run_many(
+            mine[skip:], out_dir, report=report)
     finally:
         if own:
             eng.close()

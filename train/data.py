@@ -280,11 +280,12 @@ def read_seed_csv(spec: dict[str, Any], where: str) -> list[Sample]:
 
 
 @reader("recording", ("labels", "frame_column", "label_column", "label_columns", "none_label", "on_multiple",
-                      "every", "select", "video", "frames", "frame_pattern", "group"))
+                      "every", "select", "video", "frames", "frame_pattern", "file_column", "group"))
 def read_recording(spec: dict[str, Any], where: str) -> list[Sample]:
     """Labelled frames of one recording: a video file (`video`, frames decoded by number) or a folder of
-    extracted frames (`frames` + `frame_pattern`, as Galar ships them), with a per-frame label CSV (`select`
-    keeps the rows of one video from a metadata file covering many, as Kvasir-Capsule's does)."""
+    extracted frames (`frames` + `frame_pattern`, as Galar ships them, or `file_column`: the CSV names each frame's
+    file, as `capsule-batch export --labels` writes it), with a per-frame label CSV (`select` keeps the rows of one
+    video from a metadata file covering many, as Kvasir-Capsule's does)."""
     labels = Path(_need(spec, "labels", where))
     frame_col = spec.get("frame_column", "frame")
     every = int(spec.get("every", 1))
@@ -292,6 +293,8 @@ def read_recording(spec: dict[str, Any], where: str) -> list[Sample]:
     label_of = _row_labeller(spec, labels, where, list(rows[0]) if rows else [])
     if rows and frame_col not in rows[0]:
         raise DataError(f"{labels}: needs the frame column {frame_col!r}, has {list(rows[0])}")
+    if rows and spec.get("file_column") and spec["file_column"] not in rows[0]:
+        raise DataError(f"{labels}: needs the file column {spec['file_column']!r}, has {list(rows[0])}")
     select = spec.get("select") or {}  # one metadata file for many videos: keep this video's rows
     unknown = [k for k in select if rows and k not in rows[0]]
     if unknown:
@@ -325,7 +328,8 @@ def read_recording(spec: dict[str, Any], where: str) -> list[Sample]:
                 raise DataError(f"{labels}: frame {i} is outside {video} ({n} frames)")
             out.append(Sample(str(video), label, group, name, f"{stem}_{i}.jpg", frame=i, position=i))
         else:
-            p = folder / pattern.format(frame=i)
+            file_col = spec.get("file_column")
+            p = folder / (row[file_col] if file_col else pattern.format(frame=i))
             if not p.is_file():
                 raise DataError(f"{labels}: frame {i} has no file {p}")
             out.append(Sample(str(p), label, group, name, f"{stem}_{p.name}", position=i))

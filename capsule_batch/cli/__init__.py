@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "review": "review",
     "run": "run",
     "synth": "synth",
+    "watch": "watch",
 }
 
 

@@ -26,6 +26,11 @@ def command(as_json: bool) -> None:
     dev = rep["devices"]
     lines += ["", f"devices: torch CUDA build {dev['torch_cuda_build']}, CUDA available: {dev['cuda_available']}, "
                   f"{dev['cpu_threads']} CPU threads"]
+    cpu = dev["cpu"]
+    lines.append(f"  cpu: {cpu['model']} ({cpu['cores']} cores; {' '.join(cpu['flags']) or 'no recorded flags'})")
+    if dev["cpu_choice_forced"]:
+        lines.append(f"  CAPSULE_BATCH_CPU_CHOICE={dev['cpu_choice_forced']}: `auto` on this CPU is forced to it, "
+                     "unmeasured")
     for g in dev["gpus"]:
         lines.append(f"  cuda:{g['index']} {g['name']} (sm {g['capability']}, {g['memory_gib']} GiB)")
     for kind in ("sources", "backends"):

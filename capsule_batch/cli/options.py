@@ -62,21 +62,75 @@ def reading_options(f: Any) -> Any:
                         show_default=True, help="Assumed reading speed in frames per second.")(f)
 
 
+#: the environment variable a service sets instead of an option (click shows it in --help)
+def env_name(option: str) -> str:
+    return "CAPSULE_BATCH_" + option.upper().replace("-", "_")
+
+
 def engine_options(f: Any) -> Any:
-    """--engine/--source/--device/--precision/--batch-size, shared by run and bench."""
+    """--engine/--source/--device/--precision/--batch-size, shared by run, watch and bench; each also read from
+    CAPSULE_BATCH_<NAME> (e.g. CAPSULE_BATCH_DEVICE)."""
     from capsule_batch.devices import PRECISIONS
 
+    env = {"envvar": None, "show_envvar": True}
     for opt in reversed([
-        click.option("--engine", default="auto", show_default=True,
+        click.option("--engine", default="auto", show_default=True, **{**env, "envvar": env_name("engine")},
                      help="Inference backend: auto, tensorrt, torch, onnxruntime."),
-        click.option("--source", default="auto", show_default=True, help="Frame source: auto, dali, decord, images."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-        click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True),
+        click.option("--source", default="auto", show_default=True, **{**env, "envvar": env_name("source")},
+                     help="Frame source: auto, dali, decord, pyav, images."),
+        click.option("--device", default="auto", show_default=True, **{**env, "envvar": env_name("device")},
+                     help="auto, cpu, cuda or cuda:N."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+                     **{**env, "envvar": env_name("precision")}),
         click.option("--batch-size", type=click.IntRange(min=1), default=None,
                      help="Frames per decode batch and engine call (default: 256 on a GPU, 64 on a CPU)."),
     ]):
         f = opt(f)
     return f
+
+
+def log_options(f: Any) -> Any:
+    """-v/-q (also after the subcommand), --log-file, --log-format, --progress-every: for runs nobody watches."""
+    from capsule_batch.logs import LOG_FORMATS
+
+    for opt in reversed([
+        click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     envvar=env_name("log-file"), show_envvar=True,
+                     help="Also append the log to this file, each line timestamped (docs/operations.md)."),
+        click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True,
+                     envvar=env_name("log-format"), show_envvar=True,
+                     help="The log file's lines: text, or one JSON object per line for a log collector."),
+        click.option("--progress-every", type=click.FloatRange(min=0), default=30.0, show_default=True,
+                     help="Where stderr is not a terminal (cron, SLURM, a service): a progress line every this many "
+                          "seconds (0: none); on a terminal the bar."),
+        click.option("-v", "--verbose", "sub_verbose", count=True, help="More log output (-vv for debug)."),
+        click.option("-q", "--quiet", "sub_quiet", is_flag=True, help="Only warnings and errors on stderr."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def apply_log_options(log_file: Path | None, log_format: str, verbose: int, quiet: bool) -> None:
+    """What `log_options` asks for: the stderr level (as the group's -v/-q) and the log file, which always gets
+    INFO and up (DEBUG with -vv) whatever stderr shows."""
+    import logging
+
+    root = logging.getLogger()
+    stderr = [h for h in root.handlers if type(h) is logging.StreamHandler]
+    if verbose:
+        root.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+    shown = logging.WARNING if quiet else root.level
+    for h in stderr:
+        h.setLevel(shown)
+    if log_file is not None:
+        from capsule_batch.logs import add_log_file
+
+        root.setLevel(min(root.level, logging.INFO))
+        try:
+            add_log_file(log_file, log_format, level=root.level)
+        except OSError as e:
+            raise click.BadParameter(f"{log_file}: cannot write the log file ({e.strerror or e})",
+                                     param_hint="--log-file") from None
 
 
 def resolve_batch_size(batch_size: int | None, device: str) -> int:

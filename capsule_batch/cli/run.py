@@ -11,7 +11,16 @@ from typing import Any
 
 import click
 
-from capsule_batch.cli.options import emit_json, engine_options, existing_path, json_option, resolve_batch_size
+from capsule_batch.cli.options import (
+    apply_log_options,
+    emit_json,
+    engine_options,
+    env_name,
+    existing_path,
+    json_option,
+    log_options,
+    resolve_batch_size,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -28,71 +37,103 @@ def _check_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
     return value
 
 
+def study_options(f: Any) -> Any:
+    """What `run` and `watch` share: the model, the output folder, the engine, how studies are made and reused, and
+    the logs. `run_options(**kwargs)` turns them into RunOptions."""
+    for opt in reversed([
+        click.option("-m", "--model", "bundle_path", required=True, type=existing_path(), envvar=env_name("model"),
+                     show_envvar=True, help="Model bundle folder."),
+        click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
+                     envvar=env_name("output"), show_envvar=True,
+                     help="Folder for the study files (OUTDIR/<name>.h5: the recording's name, its parent's too where "
+                          "the name says nothing, e.g. a/images -> a_images.h5); created if missing."),
+        engine_options,
+        click.option("--resume/--overwrite", default=True, show_default=True,
+                     help="Continue a partial study file (default), or start every study over, finished ones "
+                          "included (the old ones are not kept)."),
+        click.option("--reuse", type=click.Choice(["same", "never", "any"]), default="same", show_default=True,
+                     envvar=env_name("reuse"), show_envvar=True,
+                     help="A finished study is skipped when it answers the same question (same: the same recording "
+                          "content, bundle weights, triage settings and precision class), never, or whenever it "
+                          "exists (any). A study redone is kept beside the new one as <name>.<created>.h5."),
+        click.option("--top-k", type=click.IntRange(min=1), default=None,
+                     help="Keep only the K highest-scoring events."),
+        click.option("--merge-gap", type=click.IntRange(min=0), default=2, show_default=True,
+                     help="Flagged frames of one class at most this many frames apart form one event."),
+        click.option("--min-run", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Drop events with fewer flagged frames (off by default: validate per class first)."),
+        click.option("--smooth", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Moving average of the probabilities over this many frames before flagging (1: off)."),
+        click.option("--probs-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+                     help="Storage type of frames/probs."),
+        click.option("--block-frames", type=click.IntRange(min=1), default=4096, show_default=True,
+                     help="Frames per flushed block: the most a crash can lose."),
+        click.option("--thumbs-per-event", type=click.IntRange(min=1), default=3, show_default=True),
+        click.option("--max-thumbs", type=click.IntRange(min=0), default=200, show_default=True,
+                     help="Thumbnails per study at most (events with the highest peaks first)."),
+        click.option("--progress/--no-progress", default=None,
+                     help="Progress bar on stderr (default: when a terminal)."),
+        click.option("--decode-timeout", type=click.FloatRange(min=0), default=300.0, show_default=True,
+                     help="Fail a recording whose decoder yields no frames for this many seconds (0: wait forever)."),
+        click.option("--engine-timeout", type=click.FloatRange(min=0), default=300.0, show_default=True,
+                     help="Fail the recording and end the process when one engine call takes this many seconds (a "
+                          "hung GPU or driver; with a worker the next recordings go on in a new one; 0: wait "
+                          "forever)."),
+        click.option("--inflight", type=click.IntRange(min=1), default=2, show_default=True,
+                     help="Batches queued on the device at once: the next batch is launched before the last one's "
+                          "results are waited for (1: one at a time)."),
+        click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Frame folders: the capture rate in frames/s, for the frames' times (stored in the study). "
+                          "Without it a folder's frames have no times, and none are shown. Videos carry their own."),
+        click.option("--exclude", multiple=True, metavar="PATTERN",
+                     help="Frame folders: file names that are not frames (shell pattern, repeatable; replaces the "
+                          "default mask/label patterns, e.g. *_mask.*; --exclude '' leaves nothing out). "
+                          "docs/sources.md."),
+        log_options,
+    ]):
+        f = opt(f)
+    return f
+
+
+def run_options(*, source: str, device: str, batch_size: int | None, resume: bool, reuse: str, top_k: int | None,
+                merge_gap: int, min_run: int, smooth: int, probs_dtype: str, block_frames: int, thumbs_per_event: int,
+                max_thumbs: int, progress: bool | None, decode_timeout: float, engine_timeout: float, inflight: int,
+                fps: float | None, exclude: tuple[str, ...], log_file: Path | None, log_format: str,
+                progress_every: float, sub_verbose: int, sub_quiet: bool, shard: str = "0/1", **_: Any) -> Any:
+    """RunOptions from `study_options`' values (the log options applied on the way)."""
+    from capsule_batch.pipeline import RunOptions
+
+    apply_log_options(log_file, log_format, sub_verbose, sub_quiet)
+    return RunOptions(source=source, batch_size=resolve_batch_size(batch_size, device), resume=resume,
+                      overwrite=not resume, reuse=reuse, progress_every=progress_every, probs_dtype=probs_dtype,
+                      block_frames=block_frames,
+                      triage_rules={"merge_gap": merge_gap, "min_run": min_run, "smooth": smooth, "top_k": top_k},
+                      thumbs_per_event=thumbs_per_event, max_thumbs=max_thumbs, progress=progress,
+                      argv=sys.argv[:], shard=shard, decode_timeout=decode_timeout or None,
+                      engine_timeout=engine_timeout or None, inflight=inflight, fps=fps,
+                      exclude=tuple(p for p in exclude if p) if exclude else None)
+
+
 @click.command("run")
 @click.argument("recordings", nargs=-1, required=True, type=existing_path())
-@click.option("-m", "--model", "bundle_path", required=True, type=existing_path(), help="Model bundle folder.")
-@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
-              help="Folder for the study files (OUTDIR/<stem>.h5); created if missing.")
-@engine_options
-@click.option("--resume/--overwrite", default=True, show_default=True,
-              help="Continue a partial study file (default), or start every study over, finished ones included.")
+@study_options
 @click.option("--shard", default=None, metavar="I/N", callback=_check_shard,
               help="Process only recordings i with i % N == I (sorted); default: torchrun's RANK/WORLD_SIZE.")
-@click.option("--top-k", type=click.IntRange(min=1), default=None, help="Keep only the K highest-scoring events.")
-@click.option("--merge-gap", type=click.IntRange(min=0), default=2, show_default=True,
-              help="Flagged frames of one class at most this many frames apart form one event.")
-@click.option("--min-run", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Drop events with fewer flagged frames (off by default: validate per class first).")
-@click.option("--smooth", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Moving average of the probabilities over this many frames before flagging (1: off).")
-@click.option("--probs-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
-              help="Storage type of frames/probs.")
-@click.option("--block-frames", type=click.IntRange(min=1), default=4096, show_default=True,
-              help="Frames per flushed block: the most a crash can lose.")
-@click.option("--thumbs-per-event", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--max-thumbs", type=click.IntRange(min=0), default=200, show_default=True,
-              help="Thumbnails per study at most (events with the highest peaks first).")
-@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a terminal).")
-@click.option("--decode-timeout", type=click.FloatRange(min=0), default=300.0, show_default=True,
-              help="Fail a recording whose decoder yields no frames for this many seconds (0: wait forever).")
-@click.option("--engine-timeout", type=click.FloatRange(min=0), default=300.0, show_default=True,
-              help="Fail the recording and end the process when one engine call takes this many seconds (a hung "
-                   "GPU or driver; with a worker the next recordings go on in a new one; 0: wait forever).")
-@click.option("--inflight", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Batches queued on the device at once: the next batch is launched before the last one's "
-                   "results are waited for (1: one at a time).")
-@click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Frame folders: the capture rate in frames/s, for the frames' times (stored in the study). Without "
-                   "it a folder's frames have no times, and none are shown. Videos carry their own.")
-@click.option("--exclude", multiple=True, metavar="PATTERN",
-              help="Frame folders: file names that are not frames (shell pattern, repeatable; replaces the default "
-                   "mask/label patterns, e.g. *_mask.*; --exclude '' leaves nothing out). docs/sources.md.")
 @click.option("--isolate/--no-isolate", default=None,
               help="Run in a worker process, so that a native decoder crash fails one recording, not the batch "
                    "(default: when there is more than one recording).")
 @json_option
-def command(recordings: tuple[Path, ...], bundle_path: Path, out_dir: Path, engine: str, source: str, device: str,
-            precision: str, batch_size: int | None, resume: bool, shard: str | None, top_k: int | None, merge_gap: int,
-            min_run: int, smooth: int, probs_dtype: str, block_frames: int, thumbs_per_event: int, max_thumbs: int,
-            progress: bool | None, decode_timeout: float, engine_timeout: float, inflight: int, fps: float | None,
-            exclude: tuple[str, ...], isolate: bool | None, as_json: bool) -> None:
-    """Decode and classify every frame of each RECORDING (video file or frame folder) into OUTDIR/<stem>.h5.
+def command(recordings: tuple[Path, ...], bundle_path: Path, out_dir: Path, engine: str, device: str,
+            precision: str, shard: str | None, isolate: bool | None, as_json: bool, **kw: Any) -> None:
+    """Decode and classify every frame of each RECORDING (video file or frame folder) into OUTDIR/<name>.h5.
 
     Exit 0 when all succeed, 1 when any failed, 130 when interrupted (rerun the command to resume).
     """
     from capsule_batch.exits import exit_process
-    from capsule_batch.pipeline import RunOptions
     from capsule_batch.runner import EngineSpec, resolve_shard, run_recordings
 
     rank, world = resolve_shard(shard)
-    opts = RunOptions(source=source, batch_size=resolve_batch_size(batch_size, device), resume=resume,
-                      overwrite=not resume,
-                      probs_dtype=probs_dtype, block_frames=block_frames,
-                      triage_rules={"merge_gap": merge_gap, "min_run": min_run, "smooth": smooth, "top_k": top_k},
-                      thumbs_per_event=thumbs_per_event, max_thumbs=max_thumbs, progress=progress,
-                      argv=sys.argv[:], shard=f"{rank}/{world}", decode_timeout=decode_timeout or None,
-                      engine_timeout=engine_timeout or None, inflight=inflight, fps=fps,
-                      exclude=tuple(p for p in exclude if p) if exclude else None)
+    opts = run_options(device=device, shard=f"{rank}/{world}", **kw)
     stop = threading.Event()
     with _stop_on_signals(stop):
         batch = run_recordings(recordings, bundle_path, out_dir, engine=EngineSpec(engine, device, precision),
