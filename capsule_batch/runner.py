@@ -14,10 +14,11 @@ A recording is a path (video file, frame folder, `synthetic:` spec), opened with
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,6 +121,24 @@ def run_recordings(recordings: Sequence[Recording], bundle: Any, out_dir: str | 
         if own:
             eng.close()
     return Batch(results, rank, world, worker=worker is not None)
+
+
+@contextlib.contextmanager
+def open_pipeline(bundle: Any, out_dir: str | os.PathLike, *, engine: EngineSpec | None = None,
+                  options: RunOptions | None = None, stop: threading.Event | None = None) -> Iterator[Pipeline]:
+    """A Pipeline for recordings that are not known up front (`capsule-batch watch`): the output folder checked,
+    the bundle loaded and the engine built once, closed at the end."""
+    from capsule_batch.bundle import ModelBundle
+
+    options = options or RunOptions()
+    check_writable(out_dir)
+    if not isinstance(bundle, ModelBundle):
+        bundle = ModelBundle.load(bundle)
+    eng = (engine or EngineSpec()).build(bundle, options.batch_size)
+    try:
+        yield Pipeline(bundle, eng, options, stop or threading.Event())
+    finally:
+        eng.close()
 
 
 def run_device(spec: Any) -> Any:

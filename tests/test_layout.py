@@ -33,6 +33,7 @@ def test_every_caller_runs_recordings_through_the_runner() -> None:
                "benchmarks/scale_1m.py"]
     for c in callers:
         assert "run_recordings(" in (REPO / c).read_text(encoding="utf-8"), c
+    assert "open_pipeline(" in (REPO / "capsule_batch/cli/watch.py").read_text(encoding="utf-8")  # recordings to come
     built = [str(p.relative_to(REPO)) for p in CODE if re.search(r"\bPipeline\(", p.read_text(encoding="utf-8"))]
     assert built == ["capsule_batch/runner.py"]
 

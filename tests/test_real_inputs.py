@@ -174,8 +174,8 @@ def test_a_file_decord_stops_on_goes_on_with_pyav(tmp_path: Path, monkeypatch: p
 def test_a_file_neither_decoder_reads_fails_with_the_usual_error(tmp_path: Path, tiny_bundle) -> None:
     bad = tmp_path / "garbage.ts"
     bad.write_bytes(bytes(range(256)) * 64)
-    res = CliRunner().invoke(cli, ["run", str(bad), "-m", str(tiny_bundle.path), "-o", str(tmp_path / "out"), "--engine",
-                                   "torch", "--precision", "fp32", "--json"])
+    res = CliRunner().invoke(cli, ["run", str(bad), "-m", str(tiny_bundle.path), "-o", str(tmp_path / "out"),
+                                   "--engine", "torch", "--precision", "fp32", "--json"])
     assert res.exit_code == 1
     (rec,) = json.loads(res.stdout.strip().splitlines()[-1])["recordings"]
     assert rec["status"] == "failed" and "garbage.ts" in rec["error"]

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 from click.testing import CliRunner
 from conftest import SLOW_ENGINE, TINY_SIZE, cli_cmd, cli_env, make_recording
 
@@ -226,7 +225,7 @@ def test_watch_waits_for_a_slowly_written_file_then_runs_it_once_and_goes_on_pas
         tmp_path: Path, tiny_bundle: Any) -> None:
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     inbox.mkdir()
-    data = ts_recording(tmp_path / "src.ts", 48, seed=11).read_bytes()
+    ts_recording(tmp_path / "src.ts", 48, seed=11)
     proc = watcher(inbox, out, tiny_bundle)
     try:
         (inbox / "garbage.mp4").write_bytes(os.urandom(4096))
@@ -237,7 +236,6 @@ def test_watch_waits_for_a_slowly_written_file_then_runs_it_once_and_goes_on_pas
             "    for k in range(0, len(data), step):\n"
             "        f.write(data[k:k + step]); f.flush(); time.sleep(0.5)\n"),
             str(tmp_path / "src.ts"), str(inbox / "slow.ts")])
-        t_written = None
         while writer.poll() is None:
             assert not (out / "slow.h5").exists(), "run before the file was complete"
             time.sleep(0.1)

@@ -35,25 +35,19 @@ def command(inbox: Path, bundle_path: Path, out_dir: Path, engine: str, device: 
     Polls the folder (network shares deliver no change events). One bad recording is reported and the watcher goes
     on. SIGTERM or Ctrl-C stop it after the current batch is flushed (exit 0; a partial study resumes next time).
     """
-    from capsule_batch.bundle import ModelBundle
     from capsule_batch.exits import exit_process
-    from capsule_batch.pipeline import Pipeline
-    from capsule_batch.runner import EngineSpec, check_writable
+    from capsule_batch.runner import EngineSpec, open_pipeline
     from capsule_batch.watch import Watcher, WatchOptions, inbox_problem
 
     why = inbox_problem(inbox)
     if why:
         raise click.BadParameter(f"{inbox}: {why}", param_hint="INBOX")
     opts = run_options(device=device, **kw)
-    check_writable(out_dir)
-    bundle = ModelBundle.load(bundle_path)
-    eng = EngineSpec(engine, device, precision).build(bundle, opts.batch_size)
     stop = threading.Event()
-    try:
-        watcher = Watcher(inbox, out_dir, Pipeline(bundle, eng, opts, stop),
-                          WatchOptions(settle=settle, poll=poll, marker=marker, once=once), stop)
+    with open_pipeline(bundle_path, out_dir, engine=EngineSpec(engine, device, precision), options=opts,
+                       stop=stop) as pipeline:
+        watcher = Watcher(inbox, out_dir, pipeline, WatchOptions(settle=settle, poll=poll, marker=marker, once=once),
+                          stop)
         with _stop_on_signals(stop):
             rc = watcher.run()
-    finally:
-        eng.close()
     exit_process(rc)
