@@ -4,7 +4,9 @@ studies, detection delays, and the sensitivity bought by reading only the strong
 
 Input: one `groundtruth.Comparison` per study (its findings, events and reading estimate). Every figure is
 defined in docs/evaluation.md; in short, per class and over all classes:
-- sensitivity = caught findings / findings, pooled over studies (Wilson interval: findings taken as independent);
+- sensitivity = caught findings / findings, pooled over studies; its interval respects that findings of one study
+  are not independent: the union of the Wilson interval and a bootstrap over studies
+  (`stats.clustered_proportion_ci`);
 - false alerts per hour = events on no finding / hours of recording, pooled (sum over sum), bootstrap over
   studies;
 - frames to read and reading minutes: per study, averaged over studies, bootstrap over studies;
@@ -30,9 +32,9 @@ from capsule_batch.stats import (
     DEFAULT_CONFIDENCE,
     DEFAULT_SEED,
     bootstrap,
+    clustered_proportion_ci,
     mean_of,
     ratio_of_sums,
-    wilson,
 )
 
 _logger = logging.getLogger(__name__)
@@ -96,7 +98,10 @@ class Summary:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["assumptions"] = {"reading_fps": self.model.fps, "event_seconds": self.model.event_s,
-                            "sensitivity_ci": f"Wilson score interval, {self.confidence:g}",
+                            "sensitivity_ci": (f"union of the Wilson score interval and a percentile bootstrap over "
+                                               f"studies (findings clustered by study), {self.confidence:g}"
+                                               if self.studies > 1 and self.bootstrap
+                                               else f"Wilson score interval, {self.confidence:g}"),
                             "rate_ci": (f"percentile bootstrap over studies, {self.bootstrap} resamples, seed "
                                         f"{DEFAULT_SEED}, {self.confidence:g}" if self.studies > 1 and self.bootstrap
                                         else "none (needs at least 2 studies)")}
@@ -132,7 +137,7 @@ def _per_study(c: Comparison, cls: str | None, model: ReadingModel) -> _PerStudy
     return _PerStudy(findings=len(rows), caught=sum(r.caught for r in rows),
                      caught_class=sum(r.class_matched for r in rows), events=len(events),
                      false_alerts=sum(not e.findings for e in events), frames_to_read=frames,
-                     reading_s=model.seconds(frames, len(events)),
+                     reading_s=model.triage_seconds(frames, len(events), c.frames),
                      delays_frames=[r.delay_frames for r in rows if r.delay_frames is not None],
                      delays_s=[r.delay_s for r in rows if r.delay_s is not None])
 
@@ -141,6 +146,9 @@ def _figures(per: list[_PerStudy], hours: np.ndarray | None, confidence: float, 
     n = sum(p.findings for p in per)
     k = sum(p.caught for p in per)
     kc = sum(p.caught_class for p in per)
+    found = np.array([p.findings for p in per], np.float64)
+    caught = np.array([p.caught for p in per], np.float64)
+    caught_class = np.array([p.caught_class for p in per], np.float64)
     false = np.array([p.false_alerts for p in per], np.float64)
     frames = np.array([p.frames_to_read for p in per], np.float64)
     minutes = np.array([p.reading_s / 60 for p in per], np.float64)
@@ -153,8 +161,9 @@ def _figures(per: list[_PerStudy], hours: np.ndarray | None, confidence: float, 
     delays_s = [d for p in per for d in p.delays_s]
     return Figures(
         findings=n, caught=k, caught_class=kc,
-        sensitivity=k / n if n else None, sensitivity_ci=wilson(k, n, confidence),
-        sensitivity_class=kc / n if n else None, sensitivity_class_ci=wilson(kc, n, confidence),
+        sensitivity=k / n if n else None, sensitivity_ci=clustered_proportion_ci(caught, found, confidence, draws),
+        sensitivity_class=kc / n if n else None,
+        sensitivity_class_ci=clustered_proportion_ci(caught_class, found, confidence, draws),
         events=sum(p.events for p in per), false_alerts=int(false.sum()),
         false_alerts_per_hour=per_hour, false_alerts_per_hour_ci=per_hour_ci,
         frames_to_read=float(frames.mean()), frames_to_read_ci=bootstrap(mean_of(frames), units, draws, confidence),
@@ -226,7 +235,7 @@ def reading_curve(comparisons: Sequence[Comparison], classes: list[str], model: 
         kept = np.searchsorted(-p[order], -thresholds, side="right")  # events with peak >= threshold
         cum = _cumulative_frames(c, order)
         frames += cum[kept]
-        minutes += np.array([model.seconds(f, k) / 60 for f, k in zip(cum[kept], kept, strict=True)])
+        minutes += np.array([model.triage_seconds(f, k, c.frames) / 60 for f, k in zip(cum[kept], kept, strict=True)])
         for r in c.rows:
             best = max((p[i] for i in r.events), default=-math.inf)
             hit = best >= thresholds

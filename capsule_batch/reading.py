@@ -5,7 +5,9 @@ The estimate is a model with two stated assumptions (docs/evaluation.md):
 - spends `event_s` seconds on each event on top of its frames (default 5: open it, decide, note the verdict).
 Reading the whole recording takes `frames / fps`; reading only what triage flagged takes
 `frames_to_read / fps + events * event_s`, where `frames_to_read` is the number of distinct frames inside the
-study's events (the union of their `start..end` spans, gap frames included: the review app shows them).
+study's events (the union of their `start..end` spans, gap frames included: the review app shows them), but never
+more than reading the whole recording: a reader whose events would cost more than that reads straight through
+instead (`ReadingModel.triage_seconds`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ class ReadingModel:
 
     def seconds(self, frames: float, events: float = 0) -> float:
         return frames / self.fps + events * self.event_s
+
+    def triage_seconds(self, frames_to_read: float, events: float, frames: float | None) -> float:
+        """Reading what triage flagged: its frames and events, capped at reading all `frames` of the recording
+        (None: unknown, no cap)."""
+        flagged = self.seconds(frames_to_read, events)
+        return flagged if frames is None else min(flagged, self.seconds(frames))
 
     def describe(self) -> str:
         return f"a reader reads {self.fps:g} frames/s and spends {self.event_s:g} s per event"
@@ -88,7 +96,7 @@ def estimate(n_frames: int, starts: np.ndarray, ends: np.ndarray, model: Reading
     """The reading estimate of a study with `n_frames` frames and events spanning `starts`..`ends`."""
     model = model or ReadingModel()
     to_read = frames_in_spans(starts, ends)
-    return ReadingEstimate(int(n_frames), to_read, len(starts), model.seconds(to_read, len(starts)),
+    return ReadingEstimate(int(n_frames), to_read, len(starts), model.triage_seconds(to_read, len(starts), n_frames),
                            model.seconds(n_frames), model)
 
 

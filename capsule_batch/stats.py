@@ -61,6 +61,20 @@ def bootstrap(statistic: Callable[[np.ndarray], float], n_units: int, draws: int
     return float(lo), float(hi)
 
 
+def clustered_proportion_ci(k: np.ndarray, n: np.ndarray, confidence: float = DEFAULT_CONFIDENCE,
+                            draws: int = DEFAULT_BOOTSTRAP) -> tuple[float, float] | None:
+    """An interval for sum(k) / sum(n) where the k-of-n counts come in clusters (findings within studies, which are
+    not independent: one patient's lesions are caught or missed together). The union of the Wilson interval (the
+    binomial part, which also keeps the interval from collapsing where every study agrees) and the percentile
+    bootstrap over clusters (the between-study part); with one cluster, Wilson alone."""
+    k, n = np.asarray(k, np.float64), np.asarray(n, np.float64)
+    w = wilson(int(k.sum()), int(n.sum()), confidence)
+    b = bootstrap(ratio_of_sums(k, n), len(k), draws, confidence)
+    if w is None or b is None:
+        return w or b
+    return min(w[0], b[0]), max(w[1], b[1])
+
+
 def ratio_of_sums(num: np.ndarray, den: np.ndarray) -> Callable[[np.ndarray], float]:
     """sum(num[i]) / sum(den[i]) over the drawn units i (NaN when the denominator is 0)."""
     num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)

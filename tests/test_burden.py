@@ -216,3 +216,19 @@ def test_hostile_class_names_stay_text_in_the_chart(tmp_path: Path) -> None:
     assert "<script>" not in svg
     labels = [t.text for t in ET.fromstring(svg).iter("{http://www.w3.org/2000/svg}text")]
     assert hostile in labels
+
+
+def test_sensitivity_interval_respects_findings_clustered_in_studies() -> None:
+    """Correlated findings (a study's lesions caught or missed together) widen the interval; independent-looking
+    ones (every study alike) keep Wilson's."""
+    from capsule_batch.stats import clustered_proportion_ci
+
+    n = np.full(10, 10.0)
+    together = np.array([10.0] * 5 + [0.0] * 5)  # five studies with every finding caught, five with none
+    even = np.full(10, 5.0)  # 5 of 10 in every study
+    w = wilson(50, 100)
+    assert w == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    lo, hi = clustered_proportion_ci(together, n)
+    assert lo < 0.25 and hi > 0.75  # about 0.2-0.8: the studies, not the 100 findings, are the units
+    assert clustered_proportion_ci(even, n) == pytest.approx(w)
+    assert clustered_proportion_ci(np.array([3.0]), np.array([4.0])) == pytest.approx(wilson(3, 4))  # one study

@@ -68,9 +68,10 @@ def command(studies: Path, findings: Path | None, reading_fps: float, event_seco
     _echo_table(summary)
     s = summary.overall
     click.echo(f"assumptions: {model.describe()}; reading the whole recording takes "
-               f"{clock(summary.full_reading_min * 60)} per study; 95% intervals: Wilson for sensitivity"
-               + (f", bootstrap over the {summary.studies} studies ({summary.bootstrap} resamples) for rates"
-                  if summary.bootstrap else ""))
+               f"{clock(summary.full_reading_min * 60)} per study; 95% intervals: "
+               + (f"for sensitivity Wilson joined with a bootstrap over the {summary.studies} studies (findings "
+                  f"clustered by study), for rates the bootstrap ({summary.bootstrap} resamples)"
+                  if summary.bootstrap and summary.studies > 1 else "Wilson for sensitivity"))
     c = comparisons[0] if len(comparisons) == 1 else None
     flagged = sum(x.flagged_frames for x in comparisons)
     frames = sum(x.frames for x in comparisons)
