@@ -20,6 +20,7 @@ import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from capsule_batch.errors import CapsuleError, StudyError
@@ -139,6 +140,61 @@ def open_pipeline(bundle: Any, out_dir: str | os.PathLike, *, engine: EngineSpec
         yield Pipeline(bundle, eng, options, stop or threading.Event())
     finally:
         eng.close()
+
+
+def output_problem(out_dir: str | os.PathLike) -> str | None:
+    """Why study files cannot be written into `out_dir`, checked without creating anything (the folder, or the
+    nearest folder above it that exists, must take a file); None when they can."""
+    folder = Path(out_dir).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    why = unwritable(folder)
+    return None if why is None else f"cannot write study files here ({why}); choose another -o folder"
+
+
+def preflight(recordings: Sequence[str | os.PathLike], log: bool = True) -> tuple[list[str], list[StudyResult]]:
+    """What can be run, found in a moment, before the bundle and engine load: (usable recordings, a failed result
+    for each one that cannot be: missing, unreadable, not a video, a folder without frames). A folder that holds
+    video files and no frames stands for those videos. `log`: say so (a worker process, which repeats its
+    supervisor's preflight to see the same list, does not)."""
+    from capsule_batch.errors import SourceError
+    from capsule_batch.sources.base import is_synthetic_spec
+    from capsule_batch.sources.listing import scan_frames
+    from capsule_batch.sources.video import VIDEO_SUFFIXES, probe_video
+
+    usable: list[str] = []
+    failed: list[StudyResult] = []
+    for rec in map(str, recordings):
+        p = Path(rec)
+        try:
+            if is_synthetic_spec(rec):
+                usable.append(rec)
+                continue
+            if not p.exists():
+                raise SourceError(f"{rec}: no such file or folder")
+            if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
+                raise SourceError(f"{rec}: not readable (permission denied)")
+            if p.is_dir():
+                try:
+                    scan_frames(p)
+                except SourceError:
+                    videos = sorted(str(v) for v in p.iterdir() if v.suffix.lower() in VIDEO_SUFFIXES)
+                    if not videos:
+                        raise
+                    if log:
+                        _logger.info("%s: a folder of %d video file(s), no frames: running each", rec, len(videos))
+                    usable += videos
+                    continue
+            else:
+                probe_video(p)
+            usable.append(rec)
+        except SourceError as e:
+            if log:
+                _logger.error("%s", e)
+            failed.append(StudyResult(rec, "failed", error=str(e)))
+    return usable, failed
 
 
 def run_device(spec: Any) -> Any:

@@ -34,6 +34,7 @@ def test_report_opens_offline_and_shows_every_event(tmp_path: Path) -> None:
         page.on("request", lambda r: requests.append(r.url))
         page.goto(out.as_uri())
         assert page.text_content("#source") == HOSTILE
+        assert "not a medical device" in page.text_content("#intended-use")
         assert page.title() == "Capsule study report – " + HOSTILE
         assert page.locator("img[src='x']").count() == 0
         assert page.locator("article.event").count() == 5

@@ -375,3 +375,29 @@ def test_decisions_from_the_review_app_to_training(tmp_path: Path, tiny_bundle: 
     assert rc == 0
     assert (run_dir / "bundle" / "model.json").is_file()
     assert np.isfinite(json.loads((run_dir / "history.jsonl").read_text().splitlines()[-1]).get("loss", 0.0))
+
+
+def test_watch_takes_a_recording_when_its_marker_appears(tmp_path: Path) -> None:
+    """With --marker, completeness is the uploader's word: nothing is taken before the marker, however quiet the
+    file; in-progress names and the markers themselves are never recordings."""
+    from capsule_batch.watch import Watcher, WatchOptions
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "a.mp4").write_bytes(b"x" * 100)
+    (inbox / "b.mp4.part").write_bytes(b"x")
+    (inbox / ".hidden.mp4").write_bytes(b"x")
+    (inbox / "ep1").mkdir()
+    w = Watcher(inbox, tmp_path / "out", pipeline=None, options=WatchOptions(settle=0.0, marker=".done"))
+    assert [p.name for p in w.recordings()] == ["a.mp4", "ep1"]
+    t = time.monotonic()
+    assert not w.ready(inbox / "a.mp4", t + 100) and not w.ready(inbox / "ep1", t + 100)
+    (inbox / "a.mp4.done").touch()
+    (inbox / "ep1" / ".done").touch()
+    assert [p.name for p in w.recordings()] == ["a.mp4", "ep1"]  # the marker file is not a recording
+    assert w.ready(inbox / "a.mp4", t + 101) and w.ready(inbox / "ep1", t + 101)
+    settle = Watcher(inbox, tmp_path / "out", pipeline=None, options=WatchOptions(settle=5.0))
+    assert not settle.ready(inbox / "a.mp4", t) and not settle.ready(inbox / "a.mp4", t + 4.9)
+    assert settle.ready(inbox / "a.mp4", t + 5.0)
+    (inbox / "a.mp4").write_bytes(b"x" * 200)  # it changed: the settle time starts again
+    assert not settle.ready(inbox / "a.mp4", t + 6.0) and settle.ready(inbox / "a.mp4", t + 11.0)

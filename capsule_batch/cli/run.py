@@ -130,17 +130,25 @@ def command(recordings: tuple[Path, ...], bundle_path: Path, out_dir: Path, engi
     Exit 0 when all succeed, 1 when any failed, 130 when interrupted (rerun the command to resume).
     """
     from capsule_batch.exits import exit_process
-    from capsule_batch.runner import EngineSpec, resolve_shard, run_recordings
+    from capsule_batch.isolation import worker_report
+    from capsule_batch.runner import EngineSpec, output_problem, preflight, resolve_shard, run_recordings
 
     rank, world = resolve_shard(shard)
     opts = run_options(device=device, shard=f"{rank}/{world}", **kw)
+    problem = output_problem(out_dir)
+    if problem:
+        raise click.ClickException(f"{out_dir}: {problem}")
+    usable, failed = preflight(recordings, log=worker_report() is None)
+    if not usable:
+        _summarise(failed, rank, world, as_json)
+        exit_process(1)
     stop = threading.Event()
     with _stop_on_signals(stop):
-        batch = run_recordings(recordings, bundle_path, out_dir, engine=EngineSpec(engine, device, precision),
+        batch = run_recordings(usable, bundle_path, out_dir, engine=EngineSpec(engine, device, precision),
                                options=opts, stop=stop, shard=(rank, world), isolate=isolate)
     if not batch.worker and batch.worker_exit is None:
-        _summarise(batch.results, rank, world, as_json)
-    exit_process(batch.exit_code)
+        _summarise(failed + batch.results, rank, world, as_json)
+    exit_process(1 if failed and batch.exit_code == 0 else batch.exit_code)
 
 
 def _summarise(results: list[Any], rank: int, world: int, as_json: bool) -> None:
@@ -155,7 +163,7 @@ def _summarise(results: list[Any], rank: int, world: int, as_json: bool) -> None
             split = f" ({r.time_split()})" if r.status == "done" and r.time_split() else ""
             what = r.error if r.error else (f"{r.frames} frames, {r.flagged_frames} flagged, {r.events} events, "
                                             f"{r.fps:.1f} frames/s{split}")
-            click.echo(f"{r.status:11s} {r.recording} -> {r.output}: {what}")
+            click.echo(f"{r.status:11s} {r.recording}" + (f" -> {r.output}" if r.output else "") + f": {what}")
     if interrupted:
         click.echo("interrupted: run the same command again to resume from the last flushed block", err=True)
 

@@ -70,6 +70,12 @@ def class_colours(names: Sequence[str]) -> dict[str, str]:
     return {n: _colour(c) for c, n in enumerate(names)}
 
 
+#: what a report is for, on every report (and in the README)
+INTENDED_USE = ("Research and reading support, not a medical device: the events are where a model trained on public "
+                "data saw something, and every finding is for a qualified reader to confirm; frames without an event "
+                "are not cleared.")
+
+
 def _clock(sec: float | None) -> str:
     """h:mm:ss; empty where the time is unknown (None, NaN: a frame folder without a frame rate)."""
     if sec is None or not math.isfinite(sec):
@@ -219,6 +225,7 @@ def build_report(study: str | os.PathLike, per_event: int = DEFAULT_PER_EVENT,
         ctx = {
             "title": view.source_name, "study": view.path.name, "provenance": prov, "triage": triage,
             "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "version": __version__,
+            "intended_use": INTENDED_USE,
             "frames": n, "duration": _clock(duration),
             "axis": [_clock(view.frame_time(min(n - 1, n * k // 4))) for k in range(5)] if n else [],
             "flagged": flagged, "failed": view.n_failed,
