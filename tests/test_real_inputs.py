@@ -416,3 +416,30 @@ def test_report_and_review_of_a_pillcam_like_export(tmp_path: Path, tiny_bundle)
                                 "document.querySelector('#peak').naturalHeight]")
             assert nat == [288, 288]  # the recording's own frame, full size
             page.screenshot(path=str(tmp_path / "review.png"))
+
+
+def test_inputs_are_checked_before_the_model_loads(tmp_path: Path, tiny_bundle) -> None:
+    """A missing file, a text file named .mp4 or an unwritable output folder: one line each, before the bundle and
+    engine load (here the bundle folder is empty: loading it would be the error), nothing created; a folder of
+    videos runs each video."""
+    not_loaded = tmp_path / "not_a_bundle"
+    not_loaded.mkdir()
+    (tmp_path / "notes.mp4").write_text("a text file\n")
+    for rec, why in ((tmp_path / "nosuch.mp4", "no such file or folder"),
+                     (tmp_path / "notes.mp4", "not a readable video")):
+        res = CliRunner().invoke(cli, ["run", str(rec), "-m", str(not_loaded), "-o", str(tmp_path / "out")])
+        assert res.exit_code == 1, res.output
+        lines = [ln for ln in res.stderr.splitlines() if why in ln]
+        assert len(lines) == 1 and lines[0].count(rec.name) == 1, res.stderr  # the name once
+        assert "bundle" not in res.stderr and not (tmp_path / "out").exists()
+    res = CliRunner().invoke(cli, ["run", str(tmp_path / "notes.mp4"), "-m", str(not_loaded), "-o",
+                                   str(tmp_path / "notes.mp4" / "out")])  # under a file: no folder can be made
+    assert res.exit_code == 1 and "notes.mp4 is not a folder" in res.output and "bundle" not in res.output
+    vids = tmp_path / "videos"
+    vids.mkdir()
+    for k in range(2):
+        write_video(vids / f"v{k}.mp4", "mp4", "libx264", frames=8)
+    out = CliRunner().invoke(cli, ["run", str(vids), "-m", str(tiny_bundle.path), "-o", str(tmp_path / "o2"),
+                                   "--engine", "torch", "--precision", "fp32", "--json", "--no-isolate"])
+    assert out.exit_code == 0, out.output
+    assert sorted(p.name for p in (tmp_path / "o2").glob("*.h5")) == ["v0.h5", "v1.h5"]
