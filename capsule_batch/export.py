@@ -13,7 +13,7 @@ import numpy as np
 
 from capsule_batch.errors import StudyError
 from capsule_batch.store import STATUS_NAMES, StudyReader
-from capsule_batch.triage import classify
+from capsule_batch.triage import classify, event_classes
 
 _logger = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ def export_study(study: str | os.PathLike, out_dir: str | os.PathLike, *, overwr
         with open(out / "events.csv", "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
             w.writerow(["event", "class", "start_frame", "end_frame", "start_s", "end_s", "peak_frame", "peak_score",
-                        "flagged_frames", *(["peak_file"] if named else [])])
+                        "flagged_frames", "classes", *(["peak_file"] if named else [])])
+            masks = event_classes(events)
             for lo in range(0, len(events), 4096):  # events are sorted by start: read the pts they span
                 chunk = events[lo:lo + 4096]
                 first = int(chunk["start"].min())
@@ -53,7 +54,8 @@ def export_study(study: str | os.PathLike, out_dir: str | os.PathLike, *, overwr
                 for i, e in enumerate(chunk, start=lo):
                     w.writerow([i, names[e["class"]], e["start"], e["end"], _seconds(pts[e["start"] - first]),
                                 _seconds(pts[e["end"] - first]), e["peak_frame"], f"{e['peak_score']:.4f}",
-                                e["n_flagged"], *([rd.frame_file(int(e["peak_frame"]))] if named else [])])
+                                e["n_flagged"], ";".join(n for c, n in enumerate(names) if masks[i] >> c & 1),
+                                *([rd.frame_file(int(e["peak_frame"]))] if named else [])])
         files = []
         for t in rd.thumbs():
             cls = names[int(events[t.event]["class"])]

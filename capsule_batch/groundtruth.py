@@ -29,6 +29,7 @@ import numpy as np
 from capsule_batch.errors import CapsuleError
 from capsule_batch.reading import ReadingEstimate, ReadingModel, estimate
 from capsule_batch.store import StudyReader
+from capsule_batch.triage import event_classes
 
 _logger = logging.getLogger(__name__)
 
@@ -181,12 +182,12 @@ def compare(study: str | os.PathLike, findings: str | os.PathLike | list[Finding
         _logger.warning("%s: %d findings start after the last frame (%d), e.g. finding %s: another recording's "
                         "annotation?", study, len(outside), frames - 1, outside[0])
     starts, ends = table["start"].astype(np.int64), table["end"].astype(np.int64)
-    cls = table["class"].astype(np.int64)
+    masks = event_classes(table)  # every class an event saw (a merged event: several)
     on: list[list[str]] = [[] for _ in range(len(table))]
     rows = []
     for f in truth:
         over = np.flatnonzero((starts <= f.end) & (ends >= f.start))
-        classes = sorted({names[c] for c in cls[over]})
+        classes = sorted({names[c] for m in masks[over].tolist() for c in range(len(names)) if m >> c & 1})
         row = FindingResult(f.finding, f.cls, f.start, f.end, bool(len(over)), f.cls in classes, classes,
                             over.tolist())
         if len(over):

@@ -560,7 +560,8 @@ class StudyReader:
         n_events = 0
         if "events" in f:
             ev = f["events"]
-            if not hasattr(ev, "dtype") or ev.dtype.names is None or not set(EVENT_DTYPE.names) <= set(ev.dtype.names) \
+            needed = set(EVENT_DTYPE.names) - {"classes"}  # studies made before merged events have no `classes`
+            if not hasattr(ev, "dtype") or ev.dtype.names is None or not needed <= set(ev.dtype.names) \
                     or len(ev.shape) != 1:
                 raise bad("events table of the wrong type")
             t = ev[:]

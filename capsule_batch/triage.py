@@ -36,6 +36,9 @@ class TriageConfig:
     min_run: int = 1
     smooth: int = 1
     top_k: int | None = None
+    #: one event per stop: overlapping or neighbouring (within `merge_gap`) events of different classes become one,
+    #: led by the class with the strongest peak and keeping the others in `classes` (False: one event per class)
+    merge_classes: bool = True
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -66,18 +69,21 @@ class TriageConfig:
     def from_json(cls, s: str) -> TriageConfig:
         d = json.loads(s)
         d.pop("rule", None)
+        d.setdefault("merge_classes", False)  # studies made before the setting have one event per class
         d["class_names"] = tuple(d["class_names"])
         return cls(**d)
 
 
-#: one row of the study file's `events` table
+#: one row of the study file's `events` table; `classes` is a bit mask of every class flagged inside the event (bit c
+#: for class c; the leading `class` included). Studies made before it have no `classes` column: see `event_classes`
 EVENT_DTYPE = np.dtype([("start", "<u4"), ("end", "<u4"), ("class", "<u2"), ("peak_frame", "<u4"),
-                        ("peak_score", "<f4"), ("n_flagged", "<u4")])
+                        ("peak_score", "<f4"), ("n_flagged", "<u4"), ("classes", "<u4")])
 
 
 @dataclass(frozen=True)
 class Event:
-    """Frames `start`..`end` (inclusive, frame numbers) flagged as `cls` (class index)."""
+    """Frames `start`..`end` (inclusive, frame numbers) flagged as `cls` (class index, the leading class), with
+    `classes` the bit mask of every class flagged in it (0: `cls` alone)."""
 
     start: int
     end: int
@@ -85,6 +91,47 @@ class Event:
     peak_frame: int
     peak_score: float
     n_flagged: int
+    classes: int = 0
+
+    @property
+    def class_set(self) -> list[int]:
+        """Every class flagged in the event, the leading one first."""
+        mask = self.classes or (1 << self.cls)
+        return [self.cls] + [c for c in range(32) if mask >> c & 1 and c != self.cls]
+
+
+def event_classes(table: np.ndarray) -> np.ndarray:
+    """The `classes` bit masks of an events table (tables of older studies: the leading class alone)."""
+    if table.dtype.names and "classes" in table.dtype.names:
+        masks = table["classes"].astype(np.int64)
+        return np.where(masks == 0, 1 << table["class"].astype(np.int64), masks)
+    return 1 << table["class"].astype(np.int64)
+
+
+def merge_across_classes(table: np.ndarray, gap: int) -> np.ndarray:
+    """One event per stop: events (any classes) whose spans overlap or lie within `gap` frames of each other become
+    one, spanning them all, led by the class of the strongest peak (its peak frame and score), `n_flagged` summed
+    (a frame is flagged with one class only), `classes` the union. `table` sorted by start."""
+    if len(table) < 2:
+        out = table.copy()
+        out["classes"] = event_classes(table)
+        return out
+    starts, ends = table["start"].astype(np.int64), table["end"].astype(np.int64)
+    reach = np.maximum.accumulate(ends)
+    new = np.r_[True, starts[1:] - reach[:-1] - 1 > gap]
+    group = np.cumsum(new) - 1
+    masks = event_classes(table)
+    out = np.zeros(int(group[-1]) + 1, dtype=EVENT_DTYPE)
+    # the leading row of each group: the highest peak (earliest on a tie)
+    order = np.lexsort((starts, -table["peak_score"].astype(np.float64), group))
+    lead = order[np.r_[True, group[order][1:] != group[order][:-1]]]
+    out["start"] = np.minimum.reduceat(starts, np.flatnonzero(new))
+    out["end"] = np.maximum.reduceat(ends, np.flatnonzero(new))
+    for k in ("class", "peak_frame", "peak_score"):
+        out[k] = table[k][lead]
+    out["n_flagged"] = np.add.reduceat(table["n_flagged"].astype(np.int64), np.flatnonzero(new))
+    out["classes"] = np.bitwise_or.reduceat(masks, np.flatnonzero(new))
+    return out
 
 
 def classify(probs: np.ndarray, cfg: TriageConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -172,8 +219,8 @@ def compute_event_table(blocks: Blocks, cfg: TriageConfig, chunk: int = 65536) -
         o = open_.pop(c)
         if o.n < cfg.min_run:
             return
-        row = (o.start, o.last, c, o.peak_frame, o.peak_score, o.n)
-        if cfg.top_k is None:
+        row = (o.start, o.last, c, o.peak_frame, o.peak_score, o.n, 1 << c)
+        if cfg.top_k is None or cfg.merge_classes:  # merged events are cut to the top K after merging
             rows.append(row)
             if len(rows) >= chunk:
                 tables.append(np.array(rows, dtype=EVENT_DTYPE))
@@ -201,20 +248,30 @@ def compute_event_table(blocks: Blocks, cfg: TriageConfig, chunk: int = 65536) -
                 close(c)
     for c in list(open_):
         close(c)
-    if cfg.top_k is not None:
+    if cfg.top_k is not None and not cfg.merge_classes:
         rows = [t[2] for t in top]
     table = np.concatenate(tables + [np.array(rows, dtype=EVENT_DTYPE)])
-    return table[np.lexsort((table["class"], table["start"]))], n_flagged
+    table = table[np.lexsort((table["class"], table["start"]))]
+    if cfg.merge_classes:
+        table = merge_across_classes(table, cfg.merge_gap)
+        if cfg.top_k is not None and len(table) > cfg.top_k:  # the K strongest stops, in frame order
+            keep = np.sort(np.argsort(-table["peak_score"], kind="stable")[: cfg.top_k])
+            table = table[keep]
+    else:
+        table["classes"] = event_classes(table)
+    return table, n_flagged
 
 
 def events_from_table(table: np.ndarray) -> list[Event]:
+    masks = event_classes(table)
     return [Event(int(r["start"]), int(r["end"]), int(r["class"]), int(r["peak_frame"]), float(r["peak_score"]),
-                  int(r["n_flagged"])) for r in table]
+                  int(r["n_flagged"]), 0 if int(m) == 1 << int(r["class"]) else int(m))
+            for r, m in zip(table, masks, strict=True)]
 
 
 def events_to_table(events: list[Event]) -> np.ndarray:
-    return np.array([(e.start, e.end, e.cls, e.peak_frame, e.peak_score, e.n_flagged) for e in events],
-                    dtype=EVENT_DTYPE)
+    return np.array([(e.start, e.end, e.cls, e.peak_frame, e.peak_score, e.n_flagged, e.classes or 1 << e.cls)
+                     for e in events], dtype=EVENT_DTYPE)
 
 
 def compute_events(blocks: Blocks, cfg: TriageConfig) -> tuple[list[Event], int]:

@@ -97,7 +97,7 @@ def test_a_frame_folder_study_shows_its_frames(tmp_path: Path, tiny_bundle: obje
                                "--engine", ENGINE, "--source", "images", "--device", "cpu", "--batch-size", "8"),
                        capture_output=True, text=True, env=cli_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    study = tmp_path / "out" / "frames.h5"
+    study = tmp_path / "out" / f"{tmp_path.name}_frames.h5"  # `frames` says nothing: the parent's name leads
     with Server(ReviewApp(study, folder)) as srv:
         def get(i: int) -> bytes:
             url = f"http://127.0.0.1:{srv.port}/frame/{i}"

@@ -59,9 +59,24 @@ def test_peak_is_highest_score_and_failed_frames_never_flag() -> None:
     assert flagged.tolist() == [False, True]
 
 
-def test_classes_do_not_merge_into_one_event() -> None:
-    evs, _ = events_of(seq("aabb"), TriageConfig(NAMES, "Normal", merge_gap=3))
-    assert spans(evs) == [(0, 1, "A"), (2, 3, "B")]
+def test_neighbouring_classes_make_one_stop_unless_asked_per_class() -> None:
+    """One finding seen as several classes is one event (one stop for the reader), led by the strongest peak and
+    keeping every class it saw; `merge_classes=False` keeps one event per class."""
+    p = seq("aabb...b......a")
+    p[3] = [0.01, 0.98, 0.01]  # B's peak is the strongest
+    evs, n = events_of(p, TriageConfig(NAMES, "Normal", merge_gap=3))
+    assert spans(evs) == [(0, 7, "B"), (14, 14, "A")] and n == 6
+    assert evs[0].class_set == [B, A] and evs[0].peak_frame == 3 and evs[0].n_flagged == 5
+    assert evs[1].class_set == [A] and evs[1].classes == 0
+    per_class, _ = events_of(p, TriageConfig(NAMES, "Normal", merge_gap=3, merge_classes=False))
+    assert spans(per_class) == [(0, 1, "A"), (2, 7, "B"), (14, 14, "A")]
+    assert spans(events_of(seq("aa....bb"), TriageConfig(NAMES, "Normal", merge_gap=3))[0]) == [(0, 1, "A"),
+                                                                                              (6, 7, "B")]
+    top, _ = events_of(p, TriageConfig(NAMES, "Normal", merge_gap=3, top_k=1))  # top-K counts stops
+    assert spans(top) == [(0, 7, "B")]
+    old = TriageConfig.from_json('{"class_names": ["A", "B", "Normal"], "normal_class": "Normal", "thresholds": null,'
+                                 ' "merge_gap": 2, "min_run": 1, "smooth": 1, "top_k": null}')
+    assert old.merge_classes is False  # a study made before the setting had one event per class
 
 
 def test_thresholds_from_bundle_replace_argmax() -> None:

@@ -2,10 +2,16 @@
 
 `python -m train.demo -o demo` (what `make demo` runs). Everything is generated here, nothing is downloaded:
 1. training and validation recordings from `capsule_batch.synth` (JPEG frame folders + per-frame labels);
-2. a tiny EVA-02 fine-tuned on them by the training module (the same code path as the real recipe);
-3. a separate synthetic study (H.264, unseen seed) run as `capsule-batch run` runs it (`capsule_batch.runner`)
+2. a tiny EVA-02 fine-tuned on them by the training module (the same code path as the real recipe), in fp32 with
+   deterministic algorithms and a fixed thread count, so that a CPU's other float kernels move little;
+3. with `--budget F`, its thresholds calibrated (`python -m train calibrate`) on a separate recording with the
+   study's density of findings, for a reading budget of at most F of the frames flagged (off by default: on the
+   demo's tiny model and dense findings a 5 % budget missed 10 of 45 findings, see docs/evaluation.md);
+4. a separate synthetic study (H.264, unseen seed) run as `capsule-batch run` runs it (`capsule_batch.runner`)
    -> `<out>/study.h5`;
-4. the HTML report, and the study's events compared with the injected findings (`capsule_batch.groundtruth`).
+5. the HTML report, and the study's events compared with the injected findings (`capsule_batch.groundtruth`):
+   the summary in a reader's terms (minutes to read against the whole recording, findings caught, false alerts per
+   hour) and the commands to try next.
 It lives in train/ because capsule_batch never imports the training module.
 """
 
@@ -49,11 +55,19 @@ def _recording_spec(res: Any) -> str:
             f"labels: '{res.labels_csv}'}}")
 
 
+#: threads the demo trains with on every machine (the count changes how float sums are split, and so the result)
+THREADS = 2
+
+
 def train_model(out: Path, train_frames: int, recordings: int, epochs: int, size: int, workers: int) -> Path:
     """Synthetic training data and a fine-tuned tiny bundle; returns the bundle folder."""
+    import torch
+
     from train.config import load_config
     from train.trainer import run_training
 
+    torch.set_num_threads(THREADS)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     data = out / "train-data"
     shutil.rmtree(data, ignore_errors=True)
     data.mkdir(parents=True)
@@ -63,12 +77,29 @@ def train_model(out: Path, train_frames: int, recordings: int, epochs: int, size
     _logger.info("training data: %d recordings of %d frames, one validation recording", recordings, train_frames)
     run_dir = out / "model"
     shutil.rmtree(run_dir, ignore_errors=True)
-    overrides = [*MODEL, f"run.dir={run_dir}", f"train.epochs={epochs}", f"run.workers={workers}",
+    overrides = [*MODEL, f"run.dir={run_dir}", f"train.epochs={epochs}", f"run.workers={workers}", "run.precision=fp32",
                  "data.train=[" + ", ".join(_recording_spec(r) for r in train) + "]",
                  f"data.val=[{_recording_spec(val)}]"]
     cfg = load_config(None, overrides)
     summary = run_training(cfg, "finetune")  # logs every epoch
     return Path(summary["bundle"])
+
+
+def calibrate_budget(bundle_dir: Path, out: Path, frames: int, size: int, seed: int, budget: float) -> dict[str, Any]:
+    """Thresholds for a reading budget, from a recording like the study (its density of findings, another seed):
+    at most `budget` of the frames flagged, the highest common per-class sensitivity that fits."""
+    from train.commands import calibrate
+    from train.config import load_config
+
+    val = _synth(out / "train-data" / "calibration", frames, size, seed, 15.0, "jpg")
+    cfg = load_config(None, [*MODEL, f"calibrate.bundle={bundle_dir}", f"data.val=[{_recording_spec(val)}]",
+                             f"calibrate.budget_flag_rate={budget}", "calibrate.target_sensitivity=0.99",
+                             "run.precision=fp32", f"run.dir={out / 'model'}"])
+    report = calibrate(cfg)
+    _logger.info("thresholds for a reading budget of %.0f%% of frames: common sensitivity %.2f, %.1f%% flagged on the "
+                 "calibration recording", 100 * budget, report["common_target_sensitivity"],
+                 100 * report["overall_flag_rate"])
+    return report
 
 
 def triage_study(bundle_dir: Path, out: Path, frames: int, size: int, seed: int, batch_size: int) -> dict[str, Any]:
@@ -87,41 +118,64 @@ def triage_study(bundle_dir: Path, out: Path, frames: int, size: int, seed: int,
         raise CapsuleError(f"{rec.path}: run {result.status}: {result.error}")
     with StudyReader(result.output) as rd:
         desc = rd.attrs["engine"]
-    report = write_report(result.output, out / "study.html")
+    report = write_report(result.output, out / "study.html", findings=rec.findings_csv)
     cmp = compare(result.output, rec.findings_csv)
+    hours = (cmp.duration_s or 0) / 3600
     return {"frames": result.frames, "fps": result.fps, "flagged_frames": cmp.flagged_frames,
             "flag_rate": cmp.flag_rate, "events": cmp.events, "false_events": cmp.false_events,
             "findings": cmp.findings, "caught": cmp.caught, "caught_class": cmp.caught_class,
+            "events_per_finding": cmp.events / cmp.findings if cmp.findings else None,
+            "false_alerts_per_hour": cmp.false_events / hours if hours else None,
+            "reading_min": cmp.reading.reading_s / 60, "full_reading_min": cmp.reading.full_s / 60,
+            "reading_model": cmp.reading.model.describe(), "recording_minutes": hours * 60,
             "study": result.output, "report": str(report), "recording": str(rec.path),
             "findings_csv": str(rec.findings_csv), "bundle": str(bundle_dir),
             "engine": f"{desc.get('backend')} on {desc.get('device')}"}
 
 
 def run_demo(out: str | Path, frames: int = 3000, train_frames: int = 400, recordings: int = 3, epochs: int = 16,
-             size: int = 128, seed: int = 7, batch_size: int = 64, workers: int = 0) -> dict[str, Any]:
+             size: int = 128, seed: int = 7, batch_size: int = 64, workers: int = 0, budget: float = 0.0,
+             calibration_frames: int = 2000) -> dict[str, Any]:
     """The whole demo; returns the summary (also `<out>/summary.json`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     bundle = train_model(out, train_frames, recordings, epochs, size, workers)
+    cal = calibrate_budget(bundle, out, calibration_frames, size, 3000 + seed, budget) if budget else None
     t1 = time.perf_counter()
     summary = triage_study(bundle, out, frames, size, seed, batch_size)
+    summary["budget"] = budget
+    summary["calibration"] = {k: cal[k] for k in ("common_target_sensitivity", "overall_flag_rate")} if cal else None
     summary.update(train_seconds=t1 - t0, run_seconds=time.perf_counter() - t1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
 
 
 def format_summary(s: dict[str, Any]) -> str:
+    from capsule_batch.reading import clock
+
+    ratio = s["full_reading_min"] / s["reading_min"] if s["reading_min"] else float("inf")
+    per_hour = f"{s['false_alerts_per_hour']:.1f}" if s["false_alerts_per_hour"] is not None else "-"
+    budget = f", thresholds for at most {100 * s['budget']:.0f}% of frames" if s.get("budget") else ""
     return "\n".join([
-        f"frames            {s['frames']} at {s['fps']:.1f} frames/s ({s['engine']})",
-        f"flagged frames    {s['flagged_frames']} ({100 * s['flag_rate']:.1f}%)",
-        f"events            {s['events']} ({s['false_events']} on no injected finding)",
-        f"findings caught   {s['caught']} of {s['findings']} ({s['caught_class']} with the right class)",
+        f"reading           {clock(s['reading_min'] * 60)} for the flagged events against "
+        f"{clock(s['full_reading_min'] * 60)} for every frame ({ratio:.1f}x shorter; {s['reading_model']})",
+        f"findings caught   {s['caught']} of {s['findings']} injected ({s['caught_class']} with the right class)",
+        f"events            {s['events']} ({s['events_per_finding']:.2f} per finding), {s['false_events']} on no "
+        f"finding ({per_hour} false alerts per hour of recording)",
+        f"flagged frames    {s['flagged_frames']} of {s['frames']} ({100 * s['flag_rate']:.1f}%{budget})",
+        f"engine            {s['fps']:.1f} frames/s ({s['engine']})",
         f"study file        {s['study']}",
         f"HTML report       {s['report']}",
-        f"ground truth      {s['findings_csv']}",
-        f"model bundle      {s['bundle']}",
-        f"time              {s['train_seconds']:.0f} s training, {s['run_seconds']:.0f} s synth + run + report",
+        f"time              {s['train_seconds']:.0f} s training + calibration, {s['run_seconds']:.0f} s synth + "
+        "run + report",
+        "",
+        "next:",
+        f"  capsule-batch compare {s['study']} {s['findings_csv']}    # finding by finding",
+        f"  capsule-batch review {s['study']} --video {s['recording']}    # the review app (Ctrl-C to stop)",
+        f"  open {s['report']}                                             # the report, in any browser",
+        f"  capsule-batch run YOUR_RECORDING.mp4 -m {s['bundle']} -o studies  # (this model knows only synthetic "
+        "scenes)",
     ])
 
 
@@ -134,11 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--size", type=int, default=128, help="frame size of the synthetic recordings")
     p.add_argument("--seed", type=int, default=7, help="seed of the study recording")
+    p.add_argument("--budget", type=float, default=0.0,
+                   help="calibrate the thresholds for at most this fraction of frames flagged, on a recording like the "
+                        "study (default 0: no calibration, argmax triage)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
-        s = run_demo(args.out, args.frames, args.train_frames, args.recordings, args.epochs, args.size, args.seed)
+        s = run_demo(args.out, args.frames, args.train_frames, args.recordings, args.epochs, args.size, args.seed,
+                     budget=args.budget)
     except CapsuleError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

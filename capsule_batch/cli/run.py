@@ -64,6 +64,9 @@ def study_options(f: Any) -> Any:
                      help="Drop events with fewer flagged frames (off by default: validate per class first)."),
         click.option("--smooth", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Moving average of the probabilities over this many frames before flagging (1: off)."),
+        click.option("--per-class-events", is_flag=True,
+                     help="One event per class; by default neighbouring runs of different classes are one event "
+                          "(one stop per finding), led by the strongest peak."),
         click.option("--probs-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
                      help="Storage type of frames/probs."),
         click.option("--block-frames", type=click.IntRange(min=1), default=4096, show_default=True,
@@ -96,8 +99,9 @@ def study_options(f: Any) -> Any:
 
 
 def run_options(*, source: str, device: str, batch_size: int | None, resume: bool, reuse: str, top_k: int | None,
-                merge_gap: int, min_run: int, smooth: int, probs_dtype: str, block_frames: int, thumbs_per_event: int,
-                max_thumbs: int, progress: bool | None, decode_timeout: float, engine_timeout: float, inflight: int,
+                merge_gap: int, min_run: int, smooth: int, per_class_events: bool, probs_dtype: str,
+                block_frames: int, thumbs_per_event: int, max_thumbs: int, progress: bool | None,
+                decode_timeout: float, engine_timeout: float, inflight: int,
                 fps: float | None, exclude: tuple[str, ...], log_file: Path | None, log_format: str,
                 progress_every: float, sub_verbose: int, sub_quiet: bool, shard: str = "0/1", **_: Any) -> Any:
     """RunOptions from `study_options`' values (the log options applied on the way)."""
@@ -107,7 +111,8 @@ def run_options(*, source: str, device: str, batch_size: int | None, resume: boo
     return RunOptions(source=source, batch_size=resolve_batch_size(batch_size, device), resume=resume,
                       overwrite=not resume, reuse=reuse, progress_every=progress_every, probs_dtype=probs_dtype,
                       block_frames=block_frames,
-                      triage_rules={"merge_gap": merge_gap, "min_run": min_run, "smooth": smooth, "top_k": top_k},
+                      triage_rules={"merge_gap": merge_gap, "min_run": min_run, "smooth": smooth, "top_k": top_k,
+                                    "merge_classes": not per_class_events},
                       thumbs_per_event=thumbs_per_event, max_thumbs=max_thumbs, progress=progress,
                       argv=sys.argv[:], shard=shard, decode_timeout=decode_timeout or None,
                       engine_timeout=engine_timeout or None, inflight=inflight, fps=fps,

@@ -51,6 +51,7 @@ class EventRow:
     n_flagged: int
     peak: int
     peak_file: str = ""  # frame folders: the peak frame's file name
+    also: list[str] = field(default_factory=list)  # the other classes flagged inside the event
     verdict: str = ""
     new_cls: str = ""
     reviewer: str = ""
@@ -198,6 +199,7 @@ def build_report(study: str | os.PathLike, per_event: int = DEFAULT_PER_EVENT,
             have = view.thumbs_of_event.get(i, [])
             row = EventRow(i, e.start, e.end, _clock(float(view.ev_time[i])), names[e.cls], _colour(e.cls),
                            float(e.peak_score), e.n_flagged, e.peak_frame, view.frame_file(e.peak_frame) or "",
+                           [names[c] for c in e.class_set[1:] if c < len(names)],
                            thumbs=[(f, _data_uri("image/jpeg", view.thumbs[f]), view.frame_file(f) or "")
                                    for f in chosen.get(i, [])],
                            left_out=len(have) - len(chosen.get(i, [])),

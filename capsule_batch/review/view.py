@@ -156,6 +156,7 @@ class StudyView:
     def event_json(self, i: int) -> dict[str, Any]:
         e = self.events[i]
         return {"id": i, "start": e.start, "end": e.end, "cls": e.cls, "class": self.class_names[e.cls],
+                "classes": [self.class_names[c] for c in e.class_set if c < len(self.class_names)],
                 "peak_frame": e.peak_frame, "peak_score": round(float(e.peak_score), 4), "n_flagged": e.n_flagged,
                 "time": _seconds(self.ev_time[i]), "peak_file": self.frame_file(e.peak_frame),
                 "thumbs": len(self.thumbs_of_event.get(i, []))}

@@ -206,7 +206,9 @@
   function renderEvent(d) {
     $("empty").hidden = true;
     $("event").hidden = false;
-    $("ev-title").textContent = `Event #${d.id} · ${d.class} · frames ${d.start}–${d.end}` +
+    const also = (d.classes || []).slice(1);
+    $("ev-title").textContent = `Event #${d.id} · ${d.class}` + (also.length ? ` (also ${also.join(", ")})` : "") +
+      ` · frames ${d.start}–${d.end}` +
       (d.time === null ? "" : ` · ${clock(d.time)}`) + (d.peak_file ? ` · peak file ${d.peak_file}` : "") + " · " +
       `peak ${d.peak_score.toFixed(3)} · ${d.n_flagged} flagged` +
       (Array.isArray(d.on) ? (d.on.length ? ` · on finding ${d.on.join(", ")}` : " · on no annotated finding") : "");
