@@ -167,8 +167,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"engine            {s['fps']:.1f} frames/s ({s['engine']})",
         f"study file        {s['study']}",
         f"HTML report       {s['report']}",
-        f"time              {s['train_seconds']:.0f} s training + calibration, {s['run_seconds']:.0f} s synth + "
-        "run + report",
+        f"time              {s['train_seconds']:.0f} s training{' + calibration' if s.get('budget') else ''}, "
+        f"{s['run_seconds']:.0f} s synth + run + report",
         "",
         "next:",
         f"  capsule-batch compare {s['study']} {s['findings_csv']}    # finding by finding",
