@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from capsule_batch.errors import MissingPackageError
+from capsule_batch.errors import MissingPackageError, SourceError
 from capsule_batch.preprocess import Preprocess
 from capsule_batch.sources.base import (
     SOURCES,
@@ -56,6 +56,7 @@ class DecordSource(FrameSource):
             raise MissingPackageError("decord", "decord", "the decord source") from None
         self._info = probe_video(self.path)  # raises SourceError for files that are no video at all
         self._reader = None
+        self._closed = False
         container = str(self._info.extra.get("container") or "")
         why = ""
         if set(container.split(",")) & set(SEQUENTIAL_FORMATS):
@@ -96,6 +97,8 @@ class DecordSource(FrameSource):
             yield frames, np.asarray(idx, np.int64), pts, ()
 
     def __iter__(self) -> Iterator[FrameBatch]:
+        if self._closed:
+            raise SourceError(f"{self.path}: source is closed")
         self.frames_decoded = 0
         if self._reader is not None:
             raw = self._decord_batches()
@@ -105,6 +108,7 @@ class DecordSource(FrameSource):
 
     def close(self) -> None:
         self._reader = None
+        self._closed = True
 
 
 def _last_line(e: Exception) -> str:
