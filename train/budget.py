@@ -146,16 +146,19 @@ class Evaluator:
     """Scores thresholds on fixed validation data: flags and classes by the runtime's rule, costs, lesions."""
 
     def __init__(self, labels: np.ndarray, probs: np.ndarray, class_names: list[str], normal: str | None,
-                 recordings: list[Recording], study_frames: float | None, model: ReadingModel, merge_gap: int = 2):
+                 recordings: list[Recording], study_frames: float | None, model: ReadingModel, merge_gap: int = 2,
+                 merge_classes: bool = True):
         self.labels, self.probs, self.class_names, self.normal = np.asarray(labels), probs, class_names, normal
         self.recordings, self.model, self.merge_gap = recordings, model, merge_gap
+        self.merge_classes = merge_classes  # events as `run` makes them: one per stop (see triage.TriageConfig)
         self.normal_index = class_names.index(normal) if normal in class_names else None
         spans = [r.span for r in recordings]
         self.study_frames = float(study_frames) if study_frames else (float(np.mean(spans)) if spans else None)
         self.lesions = lesion_runs(self.labels, recordings, self.normal_index)
 
     def _config(self, thresholds: dict[str, float]) -> TriageConfig:
-        return TriageConfig(tuple(self.class_names), self.normal, thresholds or None, merge_gap=self.merge_gap)
+        return TriageConfig(tuple(self.class_names), self.normal, thresholds or None, merge_gap=self.merge_gap,
+                            merge_classes=self.merge_classes)
 
     def cost(self, thresholds: dict[str, float]) -> Cost:
         cfg = self._config(thresholds)

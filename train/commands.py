@@ -85,7 +85,7 @@ def calibrate(cfg: dict[str, Any]) -> dict[str, Any]:
     target = float(section["target_sensitivity"])
     skip = (bundle.normal_class,) if bundle.normal_class else ()
     ev = B.Evaluator(labels, probs, bundle.class_names, bundle.normal_class, B.recordings_of(samples),
-                     section.get("study_frames"), model)
+                     section.get("study_frames"), model, merge_classes=bool(section.get("merge_classes", True)))
     if budget.given:
         table, reached, _ = B.fit_budget(ev, budget, target, skip)
     else:
