@@ -199,7 +199,7 @@ def test_settings_from_the_environment(tmp_path: Path, tiny_bundle: Any) -> None
 def watcher(inbox: Path, out: Path, bundle: Any, *extra: str, delay: float = 0.0) -> subprocess.Popen:
     env = {**cli_env(), "CAPSULE_TEST_ENGINE_DELAY": str(delay)}
     cmd = cli_cmd("watch", str(inbox), "-m", str(bundle.path), "-o", str(out), "--engine", SLOW_ENGINE,
-                  "--batch-size", "8", "--block-frames", "16", "--poll", "0.2", "--settle", "1.5", *extra)
+                  "--batch-size", "8", "--block-frames", "16", "--poll", "0.2", "--settle", "3", *extra)
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
