@@ -86,7 +86,8 @@ def test_missing_package_names_the_extra(bundle, monkeypatch):
 
 @pytest.mark.cpu_choice
 def test_precision_and_device_rules(bundle, store):
-    assert create_engine(bundle, backend="torch", device="cpu").precision == "fp32"
+    auto = create_engine(bundle, backend="torch", device="cpu")  # fp32, or bf16 where the CPU choice picks it
+    assert auto.precision == (auto.choice["precision"] if auto.choice else "fp32")
     with pytest.raises(EngineError, match="runs fp32, not bf16"):
         create_engine(bundle, backend="onnxruntime", device="cpu", precision="bf16", store=store)
     with pytest.raises(EngineError, match="unknown precision"):
@@ -321,7 +322,6 @@ def test_auto_on_cuda_is_what_the_gpu_suite_measures_as_run(bundle, monkeypatch)
     assert resolve_batch_size(None, "auto") == 256 and resolve_batch_size(16, "auto") == 16
 
 
-@pytest.mark.cpu_choice
 def test_a_compiled_engine_compiles_when_built_and_never_in_a_run(bundle, inputs):
     """torch.compile compiles on the first call and again for each new shape (the shorter last batch): inside a
     run that is a call the engine watch may end at --engine-timeout. So it compiles while the engine is built and
@@ -330,7 +330,7 @@ def test_a_compiled_engine_compiles_when_built_and_never_in_a_run(bundle, inputs
 
     torch._dynamo.reset()
     counters.clear()
-    engine = create_engine(bundle, backend="torch", device="cpu", max_batch=8, compile=True,
+    engine = create_engine(bundle, backend="torch", device="cpu", precision="fp32", max_batch=8, compile=True,
                            compile_options={"backend": "eager", "dynamic": False})
     compiled = counters["stats"]["unique_graphs"]
     assert compiled >= 1  # compiled while it was built
@@ -342,10 +342,9 @@ def test_a_compiled_engine_compiles_when_built_and_never_in_a_run(bundle, inputs
     assert torch.allclose(probs, eager, atol=1e-5, rtol=0)  # the padding rows are not in the result
 
 
-@pytest.mark.cpu_choice
 def test_torch_compile_path(bundle, inputs, reference):
     # dynamo traces the model for real; the "eager" compiler backend skips Inductor's minutes of codegen on CPU
-    engine = create_engine(bundle, backend="torch", device="cpu", max_batch=8, compile=True,
+    engine = create_engine(bundle, backend="torch", device="cpu", precision="fp32", max_batch=8, compile=True,
                            compile_options={"backend": "eager", "dynamic": False})
     probs = engine.infer(inputs[:8])
     assert engine.describe()["compile"]

@@ -17,13 +17,12 @@ CONFIG_KEYS = {"model", "model_args", "input_size", "source", "backend", "precis
                "frame_height", "codec", "device", "device_name", "cpu", "cpu_count", "torch_threads", "versions"}
 
 
-@pytest.mark.cpu_choice
 def test_bench_cli_prints_one_json_line_per_stage_with_configuration(tiny_bundle, tmp_path):
     rec = make_recording(tmp_path / "rec.mp4", 48)
     out = tmp_path / "bench.jsonl"
     res = CliRunner().invoke(cli, ["bench", str(rec), "-m", str(tiny_bundle.path), "--stage", "all", "--engine",
-                                   "torch", "--source", "decord", "--batch-size", "16", "--repeats", "2",
-                                   "--warmup", "1", "--out", str(out)])
+                                   "torch", "--precision", "fp32", "--source", "decord", "--batch-size", "16",
+                                   "--repeats", "2", "--warmup", "1", "--out", str(out)])
     assert res.exit_code == 0, res.output
     lines = [json.loads(t) for t in res.stdout.splitlines() if t.startswith("{")]
     assert [ln["stage"] for ln in lines] == ["decode", "engine", "e2e"]

@@ -53,7 +53,10 @@ def test_every_part_runs_on_a_cpu(tmp_path: Path) -> None:
     assert engine[0]["mode"] == "as-run" and engine[0]["engine"]["backend"] == "torch"
     assert all(ln["frames_per_s"] > 0 for ln in engine)
     check = next(ln for ln in lines if ln["part"] == "check" and "precision" in ln)
-    assert check["pass"] and check["top1_agreement"] == 1.0  # fp32 on the CPU against the fp32 reference
+    prec = engine[0]["engine"]["precision"]  # what `auto` picked on this CPU (bf16 where it has native bf16)
+    assert check["pass"]  # the Fidelity bounds against the fp32 reference
+    if prec == "fp32":
+        assert check["top1_agreement"] == 1.0
     e2e = [ln for ln in lines if ln["part"] == "e2e"]
     assert [ln["inflight"] for ln in e2e] == [2, 1] and [ln["max_thumbs"] for ln in e2e] == [200, 0]
     for ln in e2e:
@@ -63,7 +66,8 @@ def test_every_part_runs_on_a_cpu(tmp_path: Path) -> None:
     synth = next(ln for ln in lines if ln["part"] == "synth")
     assert synth["frames"] == 160 and Path(synth["recording"]).is_file()
     assert next(ln for ln in lines if ln["part"] == "nvc")["skipped"].startswith("PyNvVideoCodec:")
-    assert "e2e     decord as-run 16 (torch fp32) inflight 2" in cp.stdout and "verdict run's auto choice" in cp.stdout
+    assert f"e2e     decord as-run 16 (torch {prec}) inflight 2" in cp.stdout
+    assert "verdict run's auto choice" in cp.stdout
     assert "part decode" in (tmp_path / "out" / "gpu_suite.log").read_text()  # the log is kept beside the lines
 
 
