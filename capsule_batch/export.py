@@ -13,7 +13,7 @@ import numpy as np
 
 from capsule_batch.errors import StudyError
 from capsule_batch.store import STATUS_NAMES, StudyReader
-from capsule_batch.triage import classify, event_classes
+from capsule_batch.triage import classes_in, classify, event_classes
 
 _logger = logging.getLogger(__name__)
 
@@ -47,15 +47,16 @@ def export_study(study: str | os.PathLike, out_dir: str | os.PathLike, *, overwr
             w.writerow(["event", "class", "start_frame", "end_frame", "start_s", "end_s", "peak_frame", "peak_score",
                         "flagged_frames", "classes", *(["peak_file"] if named else [])])
             masks = event_classes(events)
-            for lo in range(0, len(events), 4096):  # events are sorted by start: read the pts they span
+            for lo in range(0, len(events), 4096):  # events are sorted by start: read the pts (files) they span
                 chunk = events[lo:lo + 4096]
-                first = int(chunk["start"].min())
-                pts = rd.pts(first, int(chunk["end"].max()) + 1)
+                first, last = int(chunk["start"].min()), int(chunk["end"].max()) + 1
+                pts = rd.pts(first, last)
+                peak_files = rd.files(first, last) if named else None
                 for i, e in enumerate(chunk, start=lo):
                     w.writerow([i, names[e["class"]], e["start"], e["end"], _seconds(pts[e["start"] - first]),
                                 _seconds(pts[e["end"] - first]), e["peak_frame"], f"{e['peak_score']:.4f}",
-                                e["n_flagged"], ";".join(n for c, n in enumerate(names) if masks[i] >> c & 1),
-                                *([rd.frame_file(int(e["peak_frame"]))] if named else [])])
+                                e["n_flagged"], ";".join(names[c] for c in classes_in(masks[i]) if c < len(names)),
+                                *([peak_files[int(e["peak_frame"]) - first]] if peak_files is not None else [])])
         files = []
         for t in rd.thumbs():
             cls = names[int(events[t.event]["class"])]

@@ -29,7 +29,7 @@ import numpy as np
 from capsule_batch.errors import CapsuleError
 from capsule_batch.reading import ReadingEstimate, ReadingModel, estimate
 from capsule_batch.store import StudyReader
-from capsule_batch.triage import event_classes
+from capsule_batch.triage import classes_in, event_classes
 
 _logger = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def compare(study: str | os.PathLike, findings: str | os.PathLike | list[Finding
     rows = []
     for f in truth:
         over = np.flatnonzero((starts <= f.end) & (ends >= f.start))
-        classes = sorted({names[c] for m in masks[over].tolist() for c in range(len(names)) if m >> c & 1})
+        classes = sorted({names[c] for m in masks[over].tolist() for c in classes_in(m) if c < len(names)})
         row = FindingResult(f.finding, f.cls, f.start, f.end, bool(len(over)), f.cls in classes, classes,
                             over.tolist())
         if len(over):

@@ -96,8 +96,12 @@ class Event:
     @property
     def class_set(self) -> list[int]:
         """Every class flagged in the event, the leading one first."""
-        mask = self.classes or (1 << self.cls)
-        return [self.cls] + [c for c in range(32) if mask >> c & 1 and c != self.cls]
+        return [self.cls] + [c for c in classes_in(self.classes or 1 << self.cls) if c != self.cls]
+
+
+def classes_in(mask: int) -> list[int]:
+    """The class indices of a `classes` bit mask, in class order."""
+    return [c for c in range(int(mask).bit_length()) if int(mask) >> c & 1]
 
 
 def event_classes(table: np.ndarray) -> np.ndarray:
@@ -111,11 +115,9 @@ def event_classes(table: np.ndarray) -> np.ndarray:
 def merge_across_classes(table: np.ndarray, gap: int) -> np.ndarray:
     """One event per stop: events (any classes) whose spans overlap or lie within `gap` frames of each other become
     one, spanning them all, led by the class of the strongest peak (its peak frame and score), `n_flagged` summed
-    (a frame is flagged with one class only), `classes` the union. `table` sorted by start."""
+    (a frame is flagged with one class only), `classes` the union. `table` (EVENT_DTYPE) sorted by start."""
     if len(table) < 2:
-        out = table.copy()
-        out["classes"] = event_classes(table)
-        return out
+        return table
     starts, ends = table["start"].astype(np.int64), table["end"].astype(np.int64)
     reach = np.maximum.accumulate(ends)
     new = np.r_[True, starts[1:] - reach[:-1] - 1 > gap]
@@ -257,8 +259,6 @@ def compute_event_table(blocks: Blocks, cfg: TriageConfig, chunk: int = 65536) -
         if cfg.top_k is not None and len(table) > cfg.top_k:  # the K strongest stops, in frame order
             keep = np.sort(np.argsort(-table["peak_score"], kind="stable")[: cfg.top_k])
             table = table[keep]
-    else:
-        table["classes"] = event_classes(table)
     return table, n_flagged
 
 
