@@ -236,12 +236,13 @@ def preprocess_batch(frames: Any, pre: Preprocess, dtype: Any = None, device: An
     """torch: uint8 (N,H,W,3) tensor -> (N,3,S,S) normalized tensor in `dtype` (default float32) on `device`
     (default: where the frames are).
 
-    Antialiased modes: uint8 frames on the CPU are resized in uint8 (torch's antialiased uint8 kernels implement
-    PIL's algorithm and its rounding, ~20x faster than the float path on CPU and equal to the reference);
-    elsewhere the resize runs in float. Fixed-kernel modes (no antialiasing, OpenCV's INTER_LINEAR/INTER_CUBIC)
-    always resize in float and round once: torch's uint8 bicubic rounds and clamps between its two passes,
-    which moves up to tens of levels where the kernel overshoots. The crop is a view, and only the cropped
-    frames move to `device` before normalisation.
+    For a CUDA `device`, CPU frames are uploaded first, as uint8, and everything after runs on the GPU with the same
+    kernels and the same rounding as on the CPU. Antialiased modes: uint8 frames on the CPU are resized in uint8
+    (torch's antialiased uint8 kernels implement PIL's algorithm and its rounding, ~20x faster than the float path
+    on CPU and equal to the reference); elsewhere (a GPU) the resize runs in float and rounds once. Fixed-kernel
+    modes (no antialiasing, OpenCV's INTER_LINEAR/INTER_CUBIC) always resize in float and round once: torch's uint8
+    bicubic rounds and clamps between its two passes, which moves up to tens of levels where the kernel
+    overshoots. The crop is a view.
     """
     import torch
     import torch.nn.functional as F
@@ -255,6 +256,12 @@ def preprocess_batch(frames: Any, pre: Preprocess, dtype: Any = None, device: An
 
         whole = replace(pre, field_of_view="full")
         return torch.cat([preprocess_batch(f, whole, dtype, device) for f in crop_batch(frames)])
+    if device is not None and torch.device(device).type == "cuda" and frames.device.type == "cpu":
+        from capsule_batch.devices import to_device_async
+
+        # the decoded uint8 frames cross the bus (pinned, non-blocking; 4x fewer bytes than floats) and the resize
+        # and normalisation run on the GPU: a host-side resize would make end to end CPU-bound far below the engine
+        frames = to_device_async(frames, device)
     _, h, w, _ = frames.shape
     x = frames.permute(0, 3, 1, 2)
     rh, rw = pre.resized_shape(h, w)
@@ -271,7 +278,7 @@ def preprocess_batch(frames: Any, pre: Preprocess, dtype: Any = None, device: An
             x = F.interpolate(x, size=(rh, rw), mode=mode, antialias=aa)
         else:
             kw = {} if mode == "nearest-exact" else {"align_corners": False, "antialias": aa}
-            x = F.interpolate(x.float(), size=(rh, rw), mode=mode, **kw).clamp_(0, 255)
+            x = F.interpolate(x.float(), size=(rh, rw), mode=mode, **kw).clamp_(0, 255).round_()
     top, left = pre.crop_box(h, w)
     s = pre.input_size
     x = x[:, :, top : top + s, left : left + s]

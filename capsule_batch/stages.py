@@ -262,7 +262,9 @@ def _start_host_copy(x: Any) -> tuple[Any, Any]:
 
         host = torch.empty(x.shape, dtype=torch.float32, pin_memory=True)
         host.copy_(x, non_blocking=True)
-        done = torch.cuda.Event()
+        # blocking: the collecting thread sleeps in the driver until the copy is done (a default event's synchronize
+        # spins a CPU core, which on a GPU machine is a core taken from decoding)
+        done = torch.cuda.Event(blocking=True)
         done.record(torch.cuda.current_stream(x.device))  # the stream the copy was queued on, on x's GPU
         return host, done
     return _to_numpy(x), None

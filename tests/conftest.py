@@ -26,6 +26,34 @@ TINY_ARGS = {"img_size": 56, "depth": 2}
 TINY_SIZE = 56
 
 
+def hardware_skips() -> dict[str, str]:
+    """marker -> why tests with it cannot run here: `gpu` without a CUDA GPU, `dali` without a usable DALI,
+    `tensorrt` without the TensorRT package. Applied to every test carrying the marker (collection below)."""
+    import importlib.util
+
+    import torch
+
+    from capsule_batch.sources.dali import DaliSource
+
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["gpu"] = "needs a CUDA GPU (none is visible)"
+    ok, why = DaliSource.available()
+    if not ok:
+        skips["dali"] = f"needs DALI: {why}"
+    if importlib.util.find_spec("tensorrt") is None:
+        skips["tensorrt"] = "needs the TensorRT Python package (pip install 'capsule-batch[tensorrt]')"
+    return skips
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skips = hardware_skips()
+    for item in items:
+        for marker, why in skips.items():
+            if item.get_closest_marker(marker) is not None:
+                item.add_marker(pytest.mark.skip(reason=why))
+
+
 @pytest.fixture(autouse=True)
 def _auto_on_a_cpu_needs_the_cpu_choice_marker(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
     """A test that lets `auto` choose a CPU engine that can differ between CPUs (torch fp32 on AVX2, bf16 on AMX)

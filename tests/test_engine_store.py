@@ -146,6 +146,7 @@ def fake_tensorrt(version: str, calls: list, *, parse_ok: bool = True) -> types.
     flags = Flags()
     if major < 11:  # TensorRT 11 removed the precision builder flags
         flags.FP16, flags.BF16 = "FLAG_FP16", "FLAG_BF16"
+    flags.TF32 = "FLAG_TF32"
     trt.Logger = Logger
     trt.BuilderFlag = flags
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1)
@@ -164,6 +165,9 @@ def fake_tensorrt(version: str, calls: list, *, parse_ok: bool = True) -> types.
 
         def set_flag(self, flag):
             calls.append(("set_flag", flag))
+
+        def clear_flag(self, flag):
+            calls.append(("clear_flag", flag))
 
         def set_memory_pool_limit(self, pool, size):
             calls.append(("pool", pool, size))
@@ -270,10 +274,12 @@ def trt_bundle(tmp_path_factory):
 
 def test_trt_recipe_per_version():
     calls: list = []
+    # strongly typed on 10 and 11: the export's float type is the engine's; no deprecated weak-typing flags
     r10 = trt_recipe(fake_tensorrt("10.13.0", calls), "fp16")
-    assert (r10.strongly_typed, r10.network_flags, r10.builder_flags, r10.onnx_dtype) == (False, 0, ("FP16",), "fp32")
-    assert trt_recipe(fake_tensorrt("10.13.0", calls), "bf16").builder_flags == ("BF16",)
-    assert trt_recipe(fake_tensorrt("10.13.0", calls), "fp32").builder_flags == ()
+    assert (r10.strongly_typed, r10.network_flags, r10.builder_flags, r10.onnx_dtype) == (True, 2, (), "fp16")
+    assert trt_recipe(fake_tensorrt("10.13.0", calls), "bf16").onnx_dtype == "bf16"
+    r32 = trt_recipe(fake_tensorrt("10.13.0", calls), "fp32")
+    assert (r32.builder_flags, r32.cleared_flags, r32.onnx_dtype) == ((), ("TF32",), "fp32")  # fp32 is fp32, no TF32
     r11 = trt_recipe(fake_tensorrt("11.4.1", calls), "bf16")
     assert (r11.strongly_typed, r11.network_flags, r11.builder_flags, r11.onnx_dtype) == (True, 2, (), "bf16")
     with pytest.raises(EngineError, match="not supported"):
@@ -284,7 +290,7 @@ def test_trt_recipe_per_version():
 
 
 @pytest.mark.parametrize("version,expect_flags,expect_net,expect_onnx", [
-    ("10.13.0", [("set_flag", "FLAG_FP16")], 0, "fp32"),
+    ("10.13.0", [], 2, "fp16"),
     ("11.4.1", [], 2, "fp16"),
 ])
 def test_trt_build_flags_profile_cache_and_meta(tmp_path, trt_bundle, version, expect_flags, expect_net,
@@ -301,7 +307,7 @@ def test_trt_build_flags_profile_cache_and_meta(tmp_path, trt_bundle, version, e
     assert ("profile", ("pixels", (1, 3, 56, 56), (128, 3, 56, 56), (256, 3, 56, 56))) in calls
     assert ("pool", "WORKSPACE", 1 << 30) in calls
     assert meta["gpu"] == GPU and meta["backend_version"] == version and meta["batch"] == profile
-    assert meta["strongly_typed"] == (version.startswith("11")) and meta["onnx_dtype"] == expect_onnx
+    assert meta["strongly_typed"] and meta["onnx_dtype"] == expect_onnx
     assert json.loads((path.parent / "meta.json").read_text())["sha256"] == meta["sha256"]
     caches = list((store.root / "timing-cache").iterdir())
     assert len(caches) == 1 and caches[0].read_bytes() == b"+timings"

@@ -48,6 +48,7 @@ from train.trainer import (
     _precision,
     build_model,
     epoch_lr,
+    epoch_sums,
     run_folder,
     save_last,
 )
@@ -265,7 +266,7 @@ def _adapt(start: Start, dist: Dist, run_dir: Path,
         mask_rng = np.random.default_rng([seed, epoch, dist.rank, 0x6D61736B])
         aug_rng = np.random.default_rng([seed, epoch, dist.rank, 0x61756720])
         ddp.train()
-        stats = torch.zeros(3, dtype=torch.float64)  # loss sum, frames, seconds waiting for frames
+        stats = epoch_sums(dist, 3)  # loss sum, frames, seconds waiting for frames
         wait = time.perf_counter()
         for step, (x, _, _) in enumerate(stream.batches(batch, steps)):
             stats[2] += time.perf_counter() - wait
@@ -274,15 +275,15 @@ def _adapt(start: Start, dist: Dist, run_dir: Path,
                 g["lr"] = lr
             x = augment(x.to(dist.device, non_blocking=True), aug_rng, ac)
             mask = batch_masks(len(x), grid, float(ac["mask_ratio"]), mask_rng, int(ac["min_block"])).to(dist.device)
-            loss = float(train_step(ddp, teacher, optimizer, scaler, x, mask, params, float(tc["grad_clip"]), dtype))
+            loss = train_step(ddp, teacher, optimizer, scaler, x, mask, params, float(tc["grad_clip"]), dtype)
             step_total += 1
-            stats[0] += loss * len(x)
+            stats[0] += loss.double() * len(x)
             stats[1] += len(x)
             if dist.main and step % int(rc["log_every"]) == 0:
-                _logger.info("epoch %d step %d/%d loss %.4f lr %.3g", epoch, step, steps, loss, lr)
+                _logger.info("epoch %d step %d/%d loss %.4f lr %.3g", epoch, step, steps, float(loss), lr)
             wait = time.perf_counter()
         c = stream.counts
-        counts = torch.tensor([c.visits, c.decoded, c.left_out, c.failures], dtype=torch.float64)
+        counts = torch.tensor([c.visits, c.decoded, c.left_out, c.failures], dtype=torch.float64, device=dist.device)
         if dist.active:
             torch.distributed.all_reduce(stats)
             torch.distributed.all_reduce(counts)

@@ -436,6 +436,14 @@ def predict_probs(model: Any, samples: list[D.Sample], classes: list[str], pre: 
     return probs, ds.labels()
 
 
+def epoch_sums(dist: Dist, n: int) -> Any:
+    """`n` running sums for an epoch, on the rank's device: NCCL (the process group of GPU runs) reduces CUDA tensors
+    only, and adding a step's loss to a sum on the device does not make the host wait for the GPU every step."""
+    import torch
+
+    return torch.zeros(n, dtype=torch.float64, device=dist.device)
+
+
 def _any_rank(dist: Dist, flag: bool) -> bool:
     if not dist.active:
         return flag
@@ -560,7 +568,7 @@ def _train(cfg: dict[str, Any], stage: str, dist: Dist, run_dir: Path,
             g["lr"] = lr
         sampler.set_epoch(epoch)
         ddp_model.train()
-        stats = torch.zeros(3, dtype=torch.float64)  # loss sum, samples, skipped
+        stats = epoch_sums(dist, 3)  # loss sum, samples, skipped
         for step, (x, y, _, skipped) in enumerate(loader):
             stats[2] += skipped
             if _any_rank(dist, x is None):  # a wholly unreadable batch: every rank skips the step together
@@ -574,7 +582,7 @@ def _train(cfg: dict[str, Any], stage: str, dist: Dist, run_dir: Path,
             torch.nn.utils.clip_grad_norm_(model.parameters(), float(tc["grad_clip"]))
             scaler.step(optimizer)
             scaler.update()
-            stats[0] += float(loss.detach()) * len(y)
+            stats[0] += loss.detach().double() * len(y)
             stats[1] += len(y)
             if dist.main and step % int(rc["log_every"]) == 0:
                 _logger.info("epoch %d step %d/%d loss %.4f", epoch, step, len(loader), float(loss.detach()))

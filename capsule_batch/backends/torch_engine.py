@@ -69,9 +69,9 @@ class TorchEngine(Engine):
         if cast and precision == "fp32":
             raise EngineError("torch engine: `cast` needs a bf16 or fp16 precision")
         self.cast = bool(cast)
-        module = (model if model is not None else bundle.create_model()).eval().to(self.device)
-        if self.cast:
-            module = module.to(self._dtype)
+        # one conversion to the device (and the cast precision): each weight is copied once, never cast on the host
+        module = (model if model is not None else bundle.create_model()).eval()
+        module = module.to(self.device, self._dtype) if self.cast else module.to(self.device)
         self._module = module
         if compile:
             options = {"mode": "reduce-overhead" if cuda_graphs else "default", **(compile_options or {})}

@@ -6,9 +6,13 @@ real path is covered only by GPU tests marked `tensorrt` (see docs/engines.md fo
 
 - Build: ONNX parser -> network; one optimization profile (min/opt/max batch); a timing cache kept in
   the engine store per TensorRT version and GPU; `build_serialized_network` -> `model.plan`.
-- Precision (the only version difference, isolated in `trt_recipe`): TensorRT 10 parses the fp32 export
-  and sets BuilderFlag.FP16/BF16; TensorRT 11 removed those flags and networks are strongly typed, so it
-  parses an fp16/bf16 export and creates the network with NetworkDefinitionCreationFlag.STRONGLY_TYPED.
+- Precision (`trt_recipe`): strongly typed networks on TensorRT 10 and 11 alike. The network is parsed from an
+  export in the engine's own float type (fp16/bf16 with the fp32 islands torch's autocast keeps, onnx_export.py)
+  and created with NetworkDefinitionCreationFlag.STRONGLY_TYPED, so the graph's types alone set the precision.
+  TensorRT 10's weakly typed alternative (an fp32 export plus BuilderFlag.FP16/BF16, letting the builder pick
+  each layer's precision) is deprecated there and removed in 11. An fp32 engine is built with BuilderFlag.TF32
+  cleared: TensorRT enables TF32 by default, which rounds matrix-product inputs to 10 mantissa bits, and an fp32
+  engine is a parity reference (as the torch backend turns TF32 off for fp32).
 - Run: tensors are torch CUDA tensors; their addresses go to `set_tensor_address` and `execute_async_v3` runs
   on the engine's own stream, ordered after torch's current stream (where the pixels were made) and before it
   (where the logits are read) with stream waits, so no copies and no host synchronisation. Not torch's current
@@ -43,8 +47,9 @@ class TrtRecipe:
     major: int
     strongly_typed: bool
     network_flags: int
-    builder_flags: tuple[str, ...]  # names of tensorrt.BuilderFlag members
+    builder_flags: tuple[str, ...]  # names of tensorrt.BuilderFlag members to set
     onnx_dtype: str  # float type of the ONNX export the network is parsed from
+    cleared_flags: tuple[str, ...] = ()  # names of tensorrt.BuilderFlag members to clear (where the version has them)
 
 
 def trt_recipe(trt: Any, precision: str) -> TrtRecipe:
@@ -55,13 +60,11 @@ def trt_recipe(trt: Any, precision: str) -> TrtRecipe:
         raise EngineError(f"cannot read the TensorRT version {trt.__version__!r}") from None
     if precision not in ("fp32", "fp16", "bf16"):
         raise EngineError(f"TensorRT precision must be fp32, fp16 or bf16, not {precision!r}")
-    if major >= 11:
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-        return TrtRecipe(major, True, flags, (), precision)
-    if major == 10:
-        builder_flags = {"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",)}[precision]
-        return TrtRecipe(major, False, 0, builder_flags, "fp32")
-    raise EngineError(f"TensorRT {trt.__version__} is not supported (10.x or 11.x needed)")
+    if major < 10:
+        raise EngineError(f"TensorRT {trt.__version__} is not supported (10.x or 11.x needed)")
+    # TensorRT 11 ignores the flag (every network is strongly typed there); 10 needs it
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    return TrtRecipe(major, True, flags, (), precision, cleared_flags=("TF32",) if precision == "fp32" else ())
 
 
 def batch_profile(max_batch: int, opt_batch: int | None = None) -> dict[str, int]:
@@ -99,6 +102,9 @@ def build_plan(trt: Any, onnx_path: Path, out_path: Path, recipe: TrtRecipe, pro
     config = builder.create_builder_config()
     for flag in recipe.builder_flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
+    for flag in recipe.cleared_flags:
+        if hasattr(trt.BuilderFlag, flag):
+            config.clear_flag(getattr(trt.BuilderFlag, flag))
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
     shape = (3, input_size, input_size)
@@ -111,8 +117,8 @@ def build_plan(trt: Any, onnx_path: Path, out_path: Path, recipe: TrtRecipe, pro
         _logger.warning("%s: timing cache does not fit this GPU/TensorRT; starting a new one", timing_cache)
         config.set_timing_cache(config.create_timing_cache(b""), False)
     _logger.info("building TensorRT %s engine (%s, batch %s); this takes minutes", trt.__version__,
-                 "strongly typed " + recipe.onnx_dtype if recipe.strongly_typed else ",".join(recipe.builder_flags)
-                 or "fp32", profile)
+                 ("strongly typed " if recipe.strongly_typed else "") + recipe.onnx_dtype
+                 + "".join(f", {f} off" for f in recipe.cleared_flags), profile)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise EngineError(f"{onnx_path}: TensorRT failed to build an engine (its log above says why)")

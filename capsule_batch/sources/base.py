@@ -206,7 +206,11 @@ def to_pixels(frames: Any, preprocess: Preprocess, device: Any, dtype: Any) -> A
     stream = side_stream(device)
     with torch.cuda.stream(stream):
         pixels = preprocess_batch(t, preprocess, dtype, device)
-    stream.synchronize()  # this thread's own copies and kernels only
+    # wait for this thread's own copies and kernels only, asleep in the driver (a blocking event; a stream's
+    # synchronize may spin a core that decoding needs)
+    done = torch.cuda.Event(blocking=True)
+    done.record(stream)
+    done.synchronize()
     return pixels
 
 

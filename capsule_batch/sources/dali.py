@@ -36,6 +36,7 @@ DALI 2.x decodes H.264/HEVC/AV1 only on the GPU; on the CPU it reads VP8/VP9/MJP
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import tempfile
@@ -161,6 +162,14 @@ class DaliSource(FrameSource):
     `num_threads`: DALI CPU threads."""
 
     requires = ("nvidia.dali", "pip install 'capsule-batch[dali]'")
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        ok, why = super().available()
+        if ok and dali_version_tuple() < MIN_DALI:
+            return False, (f"DALI {_dali_version()} is older than {'.'.join(map(str, MIN_DALI))}, whose executor "
+                           "the zero-copy hand-off relies on (pip install 'capsule-batch[dali]')")
+        return ok, why
 
     def __init__(self, path: str | Path, preprocess: Preprocess, *, readers: int | None = None, chunk: int = 2048,
                  sequence_length: int = 16, num_threads: int = 2, fps: float | None = None,
@@ -453,6 +462,19 @@ def _dali_version() -> str:
     import nvidia.dali
 
     return nvidia.dali.__version__
+
+
+#: the oldest DALI whose behaviour this module relies on: 2.4's default executor (exec_dynamic) gives every run new
+#: output buffers, which the zero-copy hand-off to torch needs (module docstring); setup.cfg asks for the same
+MIN_DALI = (2, 4)
+
+
+def dali_version_tuple() -> tuple[int, ...]:
+    parts = []
+    for p in _dali_version().split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, p))
+        parts.append(int(digits or 0))
+    return tuple(parts)
 
 
 def take_rows(t: Any, valid: np.ndarray) -> Any:
