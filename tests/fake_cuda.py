@@ -18,6 +18,8 @@ fake device cannot know it: the host receives a deterministic stand-in and the c
   probabilities over C classes: a study gets uniform probabilities, so nothing is flagged);
 - integer tensors read 0, booleans False; `.item()` on a CUDA tensor reads 0 (so a GradScaler sees no inf/NaN and
   its step is taken, and a loss reads 0.0);
+- `x[mask]` with a boolean mask (its length is the mask's count, read back from the GPU: a synchronisation,
+  logged as `sync`) selects every element;
 - `torch.save` writes those stand-ins in place of CUDA tensors.
 Tests that use the harness say so where they rely on these.
 
@@ -527,6 +529,13 @@ class FakeCuda:
             self.check_not_capturing("reading a CUDA value on the host (.item())")
             self.record("to_host", t.device, shape=(), via="item")
             return stand_in((), t.dtype).item()
+        if func is aten.index.Tensor and _leading_bool_mask(args):
+            # x[mask]: the result's length is the mask's count, which the host must read from the device (a
+            # synchronisation on a real GPU, logged); the stand-in count is "every element selected"
+            x, mask = args[0], args[1][0]
+            self.check_not_capturing("a boolean-mask index (data-dependent shape)")
+            self.record("sync", x.device, via="boolean mask index", shape=tuple(mask.shape))
+            return self._fake_call(aten.reshape.default, (x, (-1, *x.shape[mask.dim():])), {})
         if func is aten._to_copy.default and kwargs.get("device") is not None and not _is_cuda_spec(kwargs["device"]):
             t = args[0]  # t.to("cpu") / t.cpu()
             self.check_not_capturing("a copy to the host")
@@ -570,6 +579,13 @@ class FakeCuda:
     def _fake_call(self, func: Any, args: tuple, kwargs: dict) -> Any:
         with self.lock, self.fake:
             return func(*args, **kwargs)
+
+
+def _leading_bool_mask(args: tuple) -> bool:
+    """aten.index(x, [mask]) with one boolean mask over x's leading dimensions."""
+    indices = args[1] if len(args) > 1 else None
+    return (isinstance(indices, (list, tuple)) and len(indices) == 1 and isinstance(indices[0], torch.Tensor)
+            and indices[0].dtype == torch.bool and tuple(indices[0].shape) == tuple(args[0].shape[:indices[0].dim()]))
 
 
 def _non_blocking(args: tuple, kwargs: dict) -> bool:

@@ -26,7 +26,8 @@ class NcclRuleError(RuntimeError):
     pass
 
 
-def install(harness: Any, stack: contextlib.ExitStack) -> None:
+def install(harness: Any, stack: contextlib.ExitStack) -> dict[str, Any]:
+    """Install the doubles on `stack`; returns their state ({'backend': the process group's backend})."""
     from unittest import mock
 
     state: dict[str, Any] = {"backend": None}
@@ -110,3 +111,4 @@ def install(harness: Any, stack: contextlib.ExitStack) -> None:
         p(mock.patch.object(dist, name, object_collective(name)))
     p(mock.patch.object(dist, "barrier", barrier))
     p(mock.patch.object(torch.nn.parallel, "DistributedDataParallel", DistributedDataParallel))
+    return state

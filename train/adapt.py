@@ -213,9 +213,9 @@ def _adapt(start: Start, dist: Dist, run_dir: Path,
         frame_filter = FrameFilter(fc["bundle"], list(fc.get("classes") or []), float(fc["threshold"]), dist.device)
 
     model, init_info = build_model(cfg, classes)
-    model.to(dist.device)
-    teacher = make_teacher(model)
+    teacher = make_teacher(model).to(dist.device)  # copied before the student's hook is on `model`
     teacher_digest = weights_digest(teacher)
+    # one move to the device for the backbone (`model`, trained in place) and the student's new layers
     student = make_student(model).to(dist.device)
     frozen = freeze_off_path(student, pre.input_size)
     _logger.info("teacher: the starting weights (%s), frozen; not trained (off the features' path): %s",
