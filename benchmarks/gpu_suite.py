@@ -203,11 +203,19 @@ def part_env(ctx: Context) -> Iterator[dict[str, Any]]:
 
 
 def _commit() -> str:
+    """The commit under test: git where the repository is one; on the device machine (no .git) the id that
+    benchmarks/gpu_wheels.sh wrote beside the wheels it carried."""
     try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
+        rev = ""
+    if rev:
+        return rev
+    carried = REPO / "wheels" / "COMMIT"
+    if carried.is_file():
+        return " ".join(carried.read_text(encoding="utf-8").split()) or "unknown"
+    return "unknown"
 
 
 def part_probe(ctx: Context) -> Iterator[dict[str, Any]]:

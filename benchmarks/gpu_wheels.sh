@@ -2,7 +2,7 @@
 # The Python 3.12 x86-64 wheels the GPU machine lacks (it has torch, timm, h5py, onnx and no registry), fetched
 # here, carried by the device calls of docs/gpu.md, installed there. Every version is pinned.
 #
-#   bash benchmarks/gpu_wheels.sh              wheels/          av + decord (~47 MiB)                       call 1
+#   bash benchmarks/gpu_wheels.sh              wheels/          av + decord + pytest, COMMIT (~49 MiB)      call 1
 #   bash benchmarks/gpu_wheels.sh --nvc        wheels-nvc/      PyNvVideoCodec (~26 MiB)                    call 2
 #   bash benchmarks/gpu_wheels.sh --dali       wheels-dali-N/   DALI and the pure-Python packages it imports,
 #                                                               in 50 MiB parts, 4 folders (~195 MiB)       a later session
@@ -22,6 +22,8 @@ PLAT=(--python-version 3.12 --implementation cp --only-binary=:all: --no-deps
       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
       --platform manylinux2014_x86_64 --platform manylinux_2_34_x86_64)
 AV_DECORD=(av==18.1.0 decord==0.6.0)
+# pytest for the GPU tests that run first (`pytest -m gpu`): the image has none (pure Python, ~2 MiB)
+PYTEST=(pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 packaging==26.3 pygments==2.21.0)
 NVC=(PyNvVideoCodec==2.2.4)
 # what `import nvidia.dali` and its video reader need (measured with DALI 2.4.0: optree, gast and astunparse are
 # imported at once; nvtx, makefun and libcst by other parts of DALI's Python API); not nvImageCodec/nvCOMP/nvJPEG,
@@ -82,7 +84,13 @@ done
 download() { python3 -m pip download -q "${PLAT[@]}" -d "$@"; }
 
 rm -rf wheels wheels-nvc wheels-dali-*
-[ "$want_main" = 1 ] && download wheels "${AV_DECORD[@]}"
+if [ "$want_main" = 1 ]; then
+  download wheels "${AV_DECORD[@]}" "${PYTEST[@]}"
+  # the commit the wheels were fetched for: the device gets the working tree without .git, and the suite's env line
+  # reads this file there (gpu_suite._commit)
+  git -C "$ROOT" rev-parse HEAD > wheels/COMMIT 2>/dev/null || echo unknown > wheels/COMMIT
+  git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo "+uncommitted changes" >> wheels/COMMIT
+fi
 [ "$want_nvc" = 1 ] && download wheels-nvc "${NVC[@]}"
 if [ "$want_dali" = 1 ]; then
   tmp=$(mktemp -d)

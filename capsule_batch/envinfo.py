@@ -82,8 +82,20 @@ def registry_report() -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+#: What of the GPU code has run where (docs/gpu.md, "What has run where"). Update it with the run that changes it.
+GPU_VERIFICATION: dict[str, str] = {
+    "real_gpu": "nothing yet: no part of capsule-batch has run on a real GPU (no TensorRT, DALI GPU decoding, NVDEC "
+                "or GPU timing has been measured)",
+    "fake_cuda": "every torch-side GPU path, on a fake CUDA device in the test suite (tests/test_fake_cuda.py): run "
+                 "and bench on --device cuda (fp16/bf16/fp32, autocast and cast, CUDA graphs on and off), decoding "
+                 "to the GPU, the GPU suite's torch parts, fine-tune/pre-train/adapt with AMP, DDP on 2 ranks under "
+                 "NCCL's rules; it checks placement, dtypes and call order, not numbers or speed",
+}
+
+
 def environment_report() -> dict[str, Any]:
     return {
+        "gpu_verification": GPU_VERIFICATION,
         "capsule_batch": __version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),

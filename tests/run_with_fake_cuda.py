@@ -18,7 +18,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 if os.environ.get("COVERAGE_PROCESS_START"):  # the GPU coverage figure measures these processes too
     import coverage
 
-    coverage.process_startup()
+    # started already by coverage's own .pth hook where installed, else here
+    _cov = coverage.process_startup() or coverage.Coverage.current()
+    if _cov is not None:  # a rank that joined a process group ends with os._exit (capsule_batch.exits): save first
+        _exit = os._exit
+
+        def _save_then_exit(code: int) -> None:
+            _cov.stop()
+            _cov.save()
+            _exit(code)
+
+        os._exit = _save_then_exit
 
 from fake_cuda import FakeCuda  # noqa: E402
 

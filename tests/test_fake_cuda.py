@@ -320,3 +320,19 @@ def test_adapt_on_cuda(tmp_path: Path) -> None:
     assert cuda.count("backward") == 1 + 4  # freeze_off_path's probe, then 64 frames in batches of 16
     assert len((tmp_path / "run" / "history.jsonl").read_text().splitlines()) == 1
     ModelBundle.load(summary["bundle"]).create_model()
+
+
+def test_env_and_device_choice_on_a_gpu_machine() -> None:
+    """`capsule-batch env` on a GPU machine lists the GPU, and says what has run on a real GPU and on the fake one;
+    `--device auto` is the first GPU; a GPU that is not there is a clear error."""
+    from capsule_batch.devices import resolve_device
+    from capsule_batch.errors import CapsuleError
+
+    with FakeCuda():
+        text = CliRunner().invoke(cli, ["env"]).output
+        assert resolve_device("auto") == torch.device("cuda", 0)
+        with pytest.raises(CapsuleError, match="only 1 CUDA device"):
+            resolve_device("cuda:1")
+    assert "cuda:0 NVIDIA H200 (sm 9.0, 141.0 GiB)" in text
+    assert "on a real GPU: nothing yet" in text and "on a fake CUDA device: every torch-side GPU path" in text
+    assert "on a real GPU: nothing yet" in CliRunner().invoke(cli, ["env"]).output  # said on a CPU machine too

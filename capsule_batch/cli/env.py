@@ -33,6 +33,9 @@ def command(as_json: bool) -> None:
                      "unmeasured")
     for g in dev["gpus"]:
         lines.append(f"  cuda:{g['index']} {g['name']} (sm {g['capability']}, {g['memory_gib']} GiB)")
+    gv = rep["gpu_verification"]
+    lines += ["", "GPU code verified (docs/gpu.md):", f"  on a real GPU: {gv['real_gpu']}",
+              f"  on a fake CUDA device: {gv['fake_cuda']}"]
     for kind in ("sources", "backends"):
         lines += ["", f"{kind}:"]
         if not rep[kind]:
