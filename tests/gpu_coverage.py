@@ -41,6 +41,10 @@ def _negated(node: ast.AST, source: str) -> bool:
     return text.lstrip().startswith("not ") or "!=" in text
 
 
+def _docstring(node: ast.stmt) -> bool:
+    return isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+
+
 def _statements(body: list[ast.stmt]) -> set[int]:
     lines: set[int] = set()
     for stmt in body:
@@ -60,7 +64,7 @@ def gpu_only_lines(path: Path) -> set[int]:
             lines |= _statements(node.orelse if _negated(node.test, source) else node.body)
         elif isinstance(node, ast.stmt) and not isinstance(node, (ast.If, ast.FunctionDef, ast.AsyncFunctionDef,
                                                                    ast.ClassDef, ast.With, ast.For, ast.While,
-                                                                   ast.Try)):
+                                                                   ast.Try)) and not _docstring(node):
             if "torch.cuda." in (ast.get_source_segment(source, node) or ""):
                 lines.add(node.lineno)
     return lines

@@ -159,17 +159,21 @@ def test_fp32_on_cuda_turns_tf32_off_only_inside_its_calls(tiny_bundle: Any) -> 
     assert torch.backends.cudnn.allow_tf32  # restored after the call
 
 
-def test_bench_stages_on_cuda(tiny_bundle: Any, tmp_path: Path) -> None:
-    """`capsule-batch bench --stage all` on cuda: decode, engine and e2e run; the figures are not speed (fake)."""
+@pytest.mark.parametrize("graphs", ["--cuda-graphs", "--no-cuda-graphs"])
+def test_bench_stages_on_cuda(tiny_bundle: Any, tmp_path: Path, graphs: str) -> None:
+    """`capsule-batch bench --stage all` on cuda: decode, engine and e2e run, and the engine's clock is read only
+    after the device is synchronised (the figures themselves are not speed here)."""
     with FakeCuda() as cuda:
         res = CliRunner().invoke(cli, ["bench", "-m", str(tiny_bundle.path), "--device", "cuda", "--engine", "torch",
                                        "--precision", "fp16", "--stage", "all", "--frames", "48", "--batch-size", "16",
-                                       "--warmup", "1", "--repeats", "2", "--workdir", str(tmp_path)])
+                                       "--warmup", "1", "--repeats", "2", "--workdir", str(tmp_path), graphs])
     assert res.exit_code == 0, res.output
     lines = [json.loads(t) for t in res.output.splitlines() if t.startswith("{")]
     assert {ln["stage"] for ln in lines} == {"decode", "engine", "e2e"}
     assert all(ln["config"]["device"] == "cuda:0" and ln["config"]["device_name"] == "NVIDIA H200" for ln in lines)
-    assert cuda.count("graph.capture_end") >= 1
+    assert all(ln["config"]["cuda_graphs"] == (graphs == "--cuda-graphs") for ln in lines)
+    assert (cuda.count("graph.capture_end") >= 1) == (graphs == "--cuda-graphs")
+    assert cuda.count("synchronize") >= 2  # before and after the timed engine calls
 
 
 def test_gpu_suite_torch_parts_on_cuda(tmp_path: Path) -> None:
@@ -322,6 +326,15 @@ def test_adapt_on_cuda(tmp_path: Path) -> None:
     ModelBundle.load(summary["bundle"]).create_model()
 
 
+def test_each_torchrun_rank_runs_on_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from capsule_batch.runner import run_device
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with FakeCuda(devices=2):
+        assert run_device("auto") == torch.device("cuda", 1)
+        assert run_device("cuda:0") == torch.device("cuda", 0)  # an explicit device is kept
+
+
 def test_env_and_device_choice_on_a_gpu_machine() -> None:
     """`capsule-batch env` on a GPU machine lists the GPU, and says what has run on a real GPU and on the fake one;
     `--device auto` is the first GPU; a GPU that is not there is a clear error."""
@@ -336,3 +349,48 @@ def test_env_and_device_choice_on_a_gpu_machine() -> None:
     assert "cuda:0 NVIDIA H200 (sm 9.0, 141.0 GiB)" in text
     assert "on a real GPU: nothing yet" in text and "on a fake CUDA device: every torch-side GPU path" in text
     assert "on a real GPU: nothing yet" in CliRunner().invoke(cli, ["env"]).output  # said on a CPU machine too
+
+
+def test_the_coverage_figure_finds_gpu_only_lines(tmp_path: Path) -> None:
+    """tests/gpu_coverage.py counts the statements of CUDA-only branches and every torch.cuda call, nothing else."""
+    from gpu_coverage import gpu_only_lines
+
+    src = tmp_path / "m.py"
+    src.write_text(
+        "import torch\n"                                  # 1
+        "def f(x, device):\n"                             # 2
+        "    y = x + 1\n"                                 # 3
+        "    if device.type == 'cuda':\n"                 # 4
+        "        y = y.pin_memory()\n"                    # 5
+        "        z = 2\n"                                 # 6
+        "    if device.type != 'cuda':\n"                 # 7
+        "        return y\n"                              # 8
+        "    else:\n"                                     # 9
+        "        torch.cuda.synchronize()\n"              # 10
+        "    s = torch.cuda.Stream()\n"                   # 11
+        "    return y\n",                                 # 12
+        encoding="utf-8")
+    assert gpu_only_lines(src) == {5, 6, 10, 11}
+
+
+def test_graph_capture_out_of_memory_backs_off_to_half_the_batch(tiny_bundle: Any,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Capturing the CUDA graph at max_batch runs out of device memory once (torch's own error type): the engine
+    frees the cache, halves its batch and captures again; runs then go in calls of the smaller batch."""
+    from capsule_batch.backends.base import create_engine
+    from capsule_batch.backends.torch_engine import TorchEngine
+
+    real, failed = TorchEngine._capture, []
+
+    def capture_once_oom(self: TorchEngine) -> None:
+        if not failed:
+            failed.append(self.max_batch)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        real(self)
+
+    monkeypatch.setattr(TorchEngine, "_capture", capture_once_oom)
+    with FakeCuda() as cuda:
+        engine = create_engine(tiny_bundle, backend="torch", device="cuda", precision="fp16", max_batch=16)
+        out = engine.infer(torch.randn(20, 3, TINY_SIZE, TINY_SIZE).to("cuda"))
+    assert failed == [16] and engine.max_batch == 8 and tuple(out.shape) == (20, 10)
+    assert cuda.count("empty_cache") == 1 and cuda.count("graph.capture_end") == 1 and cuda.count("graph.replay") == 3
