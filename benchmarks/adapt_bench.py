@@ -2,7 +2,7 @@
 
     python benchmarks/adapt_bench.py --seeds 0,1,2,3 --work runs/adapt-bench --out benchmarks/results/adapt_cpu.jsonl
 
-The set-up a hospital is in, on synthetic recordings (`capsule_batch.synth`, a tiny EVA-02, CPU):
+The set-up a hospital is in, on synthetic recordings (`capsule_batch.sources.synthesize`, a tiny EVA-02, CPU):
 - a labelled **source** domain (the default look): training recordings and a validation recording;
 - a **target** domain, the same kind of scenes seen by another camera (`--target-style`: dimmer lighting, a
   colour cast, a magnified texture, stronger vignetting): unlabelled H.264 recordings for `adapt`, and
@@ -53,7 +53,7 @@ def _spec(res: Any) -> str:
 
 def make_data(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Source train/val and target test frame folders with labels; unlabelled target H.264 recordings."""
-    from capsule_batch.synth import Style, synthesize
+    from capsule_batch.sources.synthesize import Style, synthesize
 
     target = Style(**{**TARGET_STYLE, **json.loads(args.target_style)})
     root.mkdir(parents=True, exist_ok=True)

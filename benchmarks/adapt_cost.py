@@ -42,7 +42,7 @@ def _models(arch: str, model_args: dict[str, Any], fused: bool) -> tuple[Any, An
     import timm.layers
     import torch
 
-    from capsule_batch.bundle import create_model
+    from capsule_batch.model.bundle import create_model
     from train.mim import freeze_off_path, make_student, make_teacher
 
     timm.layers.set_fused_attn(fused)
@@ -90,8 +90,8 @@ def measure(arch: str, model_args: dict[str, Any], batch: int, device: Any, prec
     import numpy as np
     import torch
 
-    from capsule_batch.preprocess import Preprocess, preprocess_batch
-    from capsule_batch.synth import Scene
+    from capsule_batch.model.preprocess import Preprocess, preprocess_batch
+    from capsule_batch.sources.synthesize import Scene
     from train.adapt import make_optimizer, train_step
     from train.config import load_config
     from train.mim import batch_masks, grid_size

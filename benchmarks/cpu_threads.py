@@ -46,9 +46,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     """One layout, in this (fresh) process: engine-only then e2e."""
     import torch
 
-    from capsule_batch.bench import bench_decode, bench_e2e, bench_engine, environment
-    from capsule_batch.bundle import ModelBundle
-    from capsule_batch.runner import EngineSpec
+    from capsule_batch.model.bundle import ModelBundle
+    from capsule_batch.run.measure import bench_decode, bench_e2e, bench_engine, environment
+    from capsule_batch.run.runner import EngineSpec
     from capsule_batch.sources import decord_source
 
     if spec.get("threads"):
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from suite import random_bundle
 
-    from capsule_batch.bench import synthetic_recording
+    from capsule_batch.run.measure import synthetic_recording
 
     args.work.mkdir(parents=True, exist_ok=True)
     bundle = args.bundle or random_bundle(args.arch, {}, args.work / "bundles").path

@@ -24,9 +24,9 @@ import torch
 
 from capsule_batch.devices import resolve_device, torch_dtype
 from capsule_batch.errors import CapsuleError
-from capsule_batch.preprocess import Preprocess
+from capsule_batch.model.preprocess import Preprocess
 from capsule_batch.sources import open_source
-from capsule_batch.synth import synthesize
+from capsule_batch.sources.synthesize import synthesize
 
 _logger = logging.getLogger("decode_bench")
 

@@ -28,9 +28,9 @@ _logger = logging.getLogger("engine_bench")
 
 
 def bench_bundle(arch: str, root: Path, model_args: dict) -> object:
-    from capsule_batch.bundle import ModelBundle, create_model, save_bundle
-    from capsule_batch.classes import CE24_CLASSES
-    from capsule_batch.preprocess import Preprocess
+    from capsule_batch.model.bundle import ModelBundle, create_model, save_bundle
+    from capsule_batch.model.classes import CE24_CLASSES
+    from capsule_batch.model.preprocess import Preprocess
 
     path = root / arch
     if (path / "model.json").is_file():
@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from capsule_batch import __version__
     from capsule_batch.backends import create_engine
-    from capsule_batch.bundle import ModelBundle
-    from capsule_batch.engine_store import EngineStore
+    from capsule_batch.backends.engine_store import EngineStore
     from capsule_batch.errors import CapsuleError
+    from capsule_batch.model.bundle import ModelBundle
 
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     store = EngineStore(args.engines)

@@ -23,9 +23,9 @@ from typing import Any
 def measure(study: Path, findings: Path) -> list[dict[str, Any]]:
     import numpy as np
 
-    from capsule_batch.groundtruth import read_findings
-    from capsule_batch.store import StudyReader
-    from capsule_batch.triage import compute_event_table, event_classes
+    from capsule_batch.evaluation.groundtruth import read_findings
+    from capsule_batch.study.store import StudyReader
+    from capsule_batch.study.triage import compute_event_table, event_classes
 
     with StudyReader(study) as rd:
         cfg, names = rd.triage, rd.class_names
@@ -58,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     pairs = [(s, s.with_name(s.stem + ".findings.csv")) for s in args.studies]
     if args.synth:
-        from capsule_batch.pipeline import RunOptions
-        from capsule_batch.runner import EngineSpec, run_recordings
-        from capsule_batch.synth import synthesize
+        from capsule_batch.run.pipeline import RunOptions
+        from capsule_batch.run.runner import EngineSpec, run_recordings
+        from capsule_batch.sources.synthesize import synthesize
 
         work = Path(tempfile.mkdtemp(prefix="event-merge-"))
         recs = [synthesize(work / f"s{101 + k}.mp4", args.frames, size=args.size, seed=101 + k,

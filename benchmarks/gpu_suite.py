@@ -95,7 +95,7 @@ class Context:
     @property
     def bundle(self) -> Any:
         if self._bundle is None:
-            from capsule_batch.bundle import ModelBundle
+            from capsule_batch.model.bundle import ModelBundle
 
             a = self.args
             self._bundle = (ModelBundle.load(a.bundle) if a.bundle
@@ -117,7 +117,7 @@ class Context:
                             f"it needs ~{need:g})")
 
     def batch_size(self) -> int:
-        from capsule_batch.backends.base import auto_batch_size
+        from capsule_batch.backends.select import auto_batch_size
 
         return self.args.e2e_batch or auto_batch_size(self.device.type)
 
@@ -133,7 +133,7 @@ class Context:
 
     def as_run_engine(self) -> Any:
         """The engine `run` builds with --engine/--precision/--batch-size left at auto (--backend here)."""
-        from capsule_batch.runner import EngineSpec
+        from capsule_batch.run.runner import EngineSpec
 
         eng = EngineSpec(self.args.backend, self.device, "auto").build(self.bundle, self.batch_size())
         self.as_run = eng.describe()
@@ -184,7 +184,7 @@ class Suite:
 def part_env(ctx: Context) -> Iterator[dict[str, Any]]:
     import torch
 
-    from capsule_batch.bench import environment
+    from capsule_batch.run.measure import environment
 
     smi = ""
     try:
@@ -248,8 +248,8 @@ def import_probe(module: str, dist: str, timeout: float = 120) -> dict[str, Any]
 def part_engine(ctx: Context) -> Iterator[dict[str, Any]]:
     import torch
 
-    from capsule_batch.backends.base import create_engine
-    from capsule_batch.bench import bench_engine, flops_per_frame
+    from capsule_batch.backends.select import create_engine
+    from capsule_batch.run.measure import bench_engine, flops_per_frame
 
     a, dev = ctx.args, ctx.device
     bundle = ctx.bundle
@@ -305,7 +305,7 @@ def verdict(lines: list[dict[str, Any]], checked: dict[str, bool]) -> dict[str, 
 
 
 def part_synth(ctx: Context) -> Iterator[dict[str, Any]]:
-    from capsule_batch.synth import synthesize
+    from capsule_batch.sources.synthesize import synthesize
 
     rec = ctx.recording
     if rec.exists():
@@ -322,7 +322,7 @@ def reference_probs(bundle: Any, rec: Path, frames: list[int]) -> np.ndarray:
     import av
     import torch
 
-    from capsule_batch.preprocess import reference_preprocess
+    from capsule_batch.model.preprocess import reference_preprocess
 
     want, got = set(frames), {}
     with av.open(str(rec)) as c:
@@ -343,10 +343,10 @@ def reference_probs(bundle: Any, rec: Path, frames: list[int]) -> np.ndarray:
 def part_check(ctx: Context) -> Iterator[dict[str, Any]]:
     """`run` with each precision on the first --check-frames frames; the sampled rows against the CPU reference."""
     from capsule_batch.backends.cpu_choice import within_fidelity
-    from capsule_batch.pipeline import RunOptions
-    from capsule_batch.runner import EngineSpec, run_recordings
-    from capsule_batch.store import StudyReader
-    from capsule_batch.synth import synthesize
+    from capsule_batch.run.pipeline import RunOptions
+    from capsule_batch.run.runner import EngineSpec, run_recordings
+    from capsule_batch.sources.synthesize import synthesize
+    from capsule_batch.study.store import StudyReader
 
     a, bundle, n = ctx.args, ctx.bundle, ctx.args.check_frames
     rec = ctx.workdir / f"check_{n}.mp4"
@@ -379,7 +379,7 @@ def part_check(ctx: Context) -> Iterator[dict[str, Any]]:
 
 
 def part_e2e(ctx: Context) -> Iterator[dict[str, Any]]:
-    from capsule_batch.bench import bench_e2e
+    from capsule_batch.run.measure import bench_e2e
 
     if not ctx.recording.exists():
         raise RuntimeError(f"{ctx.recording}: no recording (the synth part makes it)")
@@ -403,7 +403,7 @@ def part_e2e(ctx: Context) -> Iterator[dict[str, Any]]:
 def part_decode(ctx: Context) -> Iterator[dict[str, Any]]:
     import torch
 
-    from capsule_batch.bench import bench_decode
+    from capsule_batch.run.measure import bench_decode
 
     if not ctx.recording.exists():
         raise RuntimeError(f"{ctx.recording}: no recording (the synth part makes it)")
@@ -431,7 +431,7 @@ def part_nvc(ctx: Context) -> Iterator[dict[str, Any]]:
         return
     rec = ctx.recording
     if not rec.exists():
-        from capsule_batch.synth import synthesize
+        from capsule_batch.sources.synthesize import synthesize
 
         rec = ctx.workdir / f"nvc_h264_{ctx.args.nvc_frames}_336.mp4"
         if not rec.exists():
@@ -443,7 +443,7 @@ def nvc_decode(nvc: Any, rec: Path, bundle: Any, batch: int, device: Any) -> dic
     import torch
 
     from capsule_batch.devices import side_stream
-    from capsule_batch.preprocess import preprocess_batch
+    from capsule_batch.model.preprocess import preprocess_batch
 
     dec = nvc.SimpleDecoder(str(rec), gpu_id=device.index or 0, use_device_memory=True,
                             output_color_type=nvc.OutputColorType.RGB)
@@ -494,7 +494,7 @@ def _what(ln: dict[str, Any]) -> str:
 
 
 def table_row(ln: dict[str, Any]) -> str:
-    from capsule_batch.pipeline import time_split
+    from capsule_batch.run.pipeline import time_split
 
     part, what = ln.get("part", "?"), _what(ln)
     if "error" in ln:

@@ -82,11 +82,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import timm
     import torch
 
-    from capsule_batch.bundle import create_model, save_bundle
-    from capsule_batch.classes import CE24_CLASSES
-    from capsule_batch.pipeline import RunOptions
-    from capsule_batch.preprocess import Preprocess
-    from capsule_batch.runner import EngineSpec, run_recordings
+    from capsule_batch.model.bundle import create_model, save_bundle
+    from capsule_batch.model.classes import CE24_CLASSES
+    from capsule_batch.model.preprocess import Preprocess
+    from capsule_batch.run.pipeline import RunOptions
+    from capsule_batch.run.runner import EngineSpec, run_recordings
 
     for i, f in enumerate(args.imports):
         spec = importlib.util.spec_from_file_location(f"_bench_plugin{i}", f)

@@ -54,7 +54,7 @@ def infer_one_at_a_time(paths: list[Path], bundle: Any, model: Any, batch_size: 
     import torch
     from PIL import Image
 
-    from capsule_batch.preprocess import reference_preprocess
+    from capsule_batch.model.preprocess import reference_preprocess
 
     out = []
     with torch.no_grad():
@@ -72,7 +72,7 @@ def run_seed_baseline(recording: Path, bundle_path: Path, batch_size: int = 32, 
     import timm
     import torch
 
-    from capsule_batch.bundle import ModelBundle
+    from capsule_batch.model.bundle import ModelBundle
 
     bundle = ModelBundle.load(bundle_path)
     model = bundle.create_model()

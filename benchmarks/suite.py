@@ -2,7 +2,7 @@
 
 For each architecture it makes one synthetic 336x336 H.264 recording (or uses --recording), times the
 seed's way of inferring on it (frames extracted to JPEG, loaded one at a time, eager fp32 — see
-seed_baseline.py), then every configuration's decode / engine / e2e stages through capsule_batch.bench.
+seed_baseline.py), then every configuration's decode / engine / e2e stages through capsule_batch.run.measure.
 Each e2e line carries its speed-up over the baseline and its parity with the baseline's probabilities
 (top-1 agreement, max |dp|), so a speed-up is never bought with accuracy unseen.
 
@@ -33,8 +33,8 @@ def random_bundle(arch: str, model_args: dict[str, Any], root: Path) -> Any:
     """A random-weight bundle (seeded) for speed measurements; real weights do not change the speed."""
     import torch
 
-    from capsule_batch.bundle import ModelBundle, create_model, default_preprocess, save_bundle
-    from capsule_batch.classes import CE24_CLASSES
+    from capsule_batch.model.bundle import ModelBundle, create_model, default_preprocess, save_bundle
+    from capsule_batch.model.classes import CE24_CLASSES
 
     path = root / f"{arch}-{hashlib.sha256(json.dumps(model_args, sort_keys=True).encode()).hexdigest()[:8]}"
     if (path / "model.json").is_file():
@@ -56,10 +56,10 @@ def parity(probs: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 
 
 def run_suite(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from capsule_batch.bench import run_benchmarks, synthetic_recording
-    from capsule_batch.bundle import ModelBundle
     from capsule_batch.devices import resolve_device
-    from capsule_batch.store import StudyReader
+    from capsule_batch.model.bundle import ModelBundle
+    from capsule_batch.run.measure import run_benchmarks, synthetic_recording
+    from capsule_batch.study.store import StudyReader
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from capsule_batch.backends.cpu_choice import cpu_info
-    from capsule_batch.synth import synthesize
+    from capsule_batch.sources.synthesize import synthesize
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="watch-latency-"))
     inbox, out, src = work / "inbox", work / "out", work / "src"
@@ -86,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
 def _tiny_bundle(path: Path) -> Path:
     import torch
 
-    from capsule_batch.bundle import create_model, save_bundle
-    from capsule_batch.classes import CE24_CLASSES
-    from capsule_batch.preprocess import Preprocess
+    from capsule_batch.model.bundle import create_model, save_bundle
+    from capsule_batch.model.classes import CE24_CLASSES
+    from capsule_batch.model.preprocess import Preprocess
 
     torch.manual_seed(0)
     args = {"img_size": 56, "depth": 2}

@@ -21,7 +21,7 @@ import numpy as np
 
 from capsule_batch.backends.base import BACKENDS, Engine
 from capsule_batch.errors import SourceError
-from capsule_batch.preprocess import preprocess_batch
+from capsule_batch.model.preprocess import preprocess_batch
 from capsule_batch.sources.base import SOURCES, FrameBatch, FrameSource, RecordingInfo
 
 _DELAY = float(os.environ.get("CAPSULE_TEST_ENGINE_DELAY", "0"))

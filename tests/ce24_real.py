@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from capsule_batch.classes import CE24_CLASSES
+from capsule_batch.model.classes import CE24_CLASSES
 
 SEED_NAMES = ["angioectasia", "bleeding", "erosion", "erythema", "foreign-body", "lymphangiectasia", "normal-mucosa",
               "polyp", "ulcer", "worms"]

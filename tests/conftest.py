@@ -82,9 +82,9 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory):
     """A randomly initialised 2-block EVA-02 at 56 px with the CE24 classes (no thresholds)."""
     import torch
 
-    from capsule_batch.bundle import create_model, save_bundle
-    from capsule_batch.classes import CE24_CLASSES
-    from capsule_batch.preprocess import Preprocess
+    from capsule_batch.model.bundle import create_model, save_bundle
+    from capsule_batch.model.classes import CE24_CLASSES
+    from capsule_batch.model.preprocess import Preprocess
 
     torch.manual_seed(0)
     model = create_model(TINY_ARCH, len(CE24_CLASSES), TINY_ARGS)
@@ -97,7 +97,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory):
 
 
 def make_recording(path: Path, frames: int, seed: int = 0) -> Path:
-    from capsule_batch.synth import synthesize
+    from capsule_batch.sources.synthesize import synthesize
 
     return synthesize(path, frames, size=TINY_SIZE, seed=seed, findings_per_1000=40.0).path
 

@@ -402,7 +402,8 @@ class FakeCuda:
     def _forget_product_caches(self) -> None:
         """The product keeps a few per-device objects for the process's life; fake ones must not outlive the
         harness (they would reach the next test's real CPU run)."""
-        from capsule_batch import devices, preprocess
+        from capsule_batch import devices
+        from capsule_batch.model import preprocess
 
         for key in [k for k in preprocess._NORMALISATION if str(k[0]).startswith("cuda")]:
             del preprocess._NORMALISATION[key]

@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from test_real_inputs import KVASIR, pillcam_like
 
-from capsule_batch.preprocess import reference_preprocess, seed_preprocess, to_rgb
+from capsule_batch.model.preprocess import reference_preprocess, seed_preprocess, to_rgb
 
 
 def main(out: Path) -> None:

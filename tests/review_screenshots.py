@@ -12,8 +12,8 @@ from review_browser import chromium, wait_images_loaded  # noqa: E402
 from review_studies import make_study  # noqa: E402
 
 from capsule_batch.review.app import ReviewApp, Server  # noqa: E402
-from capsule_batch.review.decisions import DecisionLog  # noqa: E402
 from capsule_batch.review.report import write_report  # noqa: E402
+from capsule_batch.study.decisions import DecisionLog  # noqa: E402
 
 RUNS = [(300, 330, 1, 0.9), (900, 912, 8, 0.8), (1500, 1560, 7, 0.7), (2100, 2108, 0, 0.95), (2600, 2640, 3, 0.75),
         (3300, 3320, 2, 0.85), (3900, 3906, 5, 0.6), (4500, 4530, 1, 0.97), (5200, 5260, 9, 0.8), (5700, 5712, 4, 0.9)]

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from capsule_batch.classes import CE24_CLASSES
-from capsule_batch.store import StudyWriter, recording_identity
-from capsule_batch.synth import Scene
-from capsule_batch.triage import TriageConfig, compute_events, thumbnail_frames
+from capsule_batch.model.classes import CE24_CLASSES
+from capsule_batch.sources.synthesize import Scene
+from capsule_batch.study.store import StudyWriter, recording_identity
+from capsule_batch.study.triage import TriageConfig, compute_events, thumbnail_frames
 
 NORMAL = CE24_CLASSES.index("Normal")
 
@@ -77,7 +77,7 @@ def make_event_study(path: Path, n: int, events: list[tuple[int, int, str, float
                      pts: np.ndarray | None = None) -> Path:
     """A complete study whose events are exactly `events` (start, end inclusive, class name, peak score), for
     figures computed by hand: every frame is stored as plainly normal, the events table is written as given."""
-    from capsule_batch.triage import Event
+    from capsule_batch.study.triage import Event
 
     probs = np.tile(np.eye(len(CE24_CLASSES), dtype=np.float32)[NORMAL], (n, 1))
     pts = (np.arange(n) / (fps or 1.0)) if pts is None else pts

@@ -11,16 +11,17 @@ import pytest
 import torch
 
 from capsule_batch.backends import BACKENDS, create_engine
-from capsule_batch.backends.base import AUTO_ORDER, Engine, choose_backend, is_out_of_memory
+from capsule_batch.backends.base import Engine, is_out_of_memory
+from capsule_batch.backends.engine_store import EngineStore
 from capsule_batch.backends.onnx_export import check_onnx, export_onnx, onnx_opset
 from capsule_batch.backends.ort_engine import OrtEngine
+from capsule_batch.backends.select import AUTO_ORDER, choose_backend
 from capsule_batch.backends.torch_engine import TorchEngine
 from capsule_batch.backends.trt_engine import TensorRTEngine
-from capsule_batch.bundle import create_model, save_bundle
-from capsule_batch.classes import CE24_CLASSES
-from capsule_batch.engine_store import EngineStore
 from capsule_batch.errors import EngineError, MissingPackageError
-from capsule_batch.preprocess import Preprocess
+from capsule_batch.model.bundle import create_model, save_bundle
+from capsule_batch.model.classes import CE24_CLASSES
+from capsule_batch.model.preprocess import Preprocess
 
 ARCH = "eva02_tiny_patch14_224"
 ARGS = {"depth": 2, "img_size": 56}
@@ -295,8 +296,8 @@ def test_fp32_engines_run_with_tf32_off_on_cuda():
 
 def test_auto_on_cuda_is_what_the_gpu_suite_measures_as_run(bundle, monkeypatch):
     """`run` with nothing given on a GPU: the torch backend (no TensorRT here) in fp16 with CUDA graphs, batch 256
-    (backends.base.CUDA_AUTO_OPTIONS / AUTO_BATCH_SIZE); an option given explicitly wins."""
-    import capsule_batch.backends.base as base
+    (backends.select.CUDA_AUTO_OPTIONS / AUTO_BATCH_SIZE); an option given explicitly wins."""
+    import capsule_batch.backends.select as select
     from capsule_batch.backends.torch_engine import TorchEngine
     from capsule_batch.cli.options import resolve_batch_size
 
@@ -309,7 +310,7 @@ def test_auto_on_cuda_is_what_the_gpu_suite_measures_as_run(bundle, monkeypatch)
         built.append(kw)
         raise Built
 
-    monkeypatch.setattr(base, "resolve_device", lambda spec: torch.device("cuda", 0))
+    monkeypatch.setattr(select, "resolve_device", lambda spec: torch.device("cuda", 0))
     monkeypatch.setattr(TensorRTEngine, "requires", (("no_such_package_xyz", "tensorrt"),))
     monkeypatch.setattr(TorchEngine, "__init__", record)
     for kwargs in ({}, {"cuda_graphs": False}):
@@ -318,7 +319,7 @@ def test_auto_on_cuda_is_what_the_gpu_suite_measures_as_run(bundle, monkeypatch)
     assert built == [{"device": torch.device("cuda", 0), "precision": "fp16", "max_batch": 64, "cuda_graphs": True},
                      {"device": torch.device("cuda", 0), "precision": "fp16", "max_batch": 64, "cuda_graphs": False}]
     assert resolve_batch_size(None, "cpu") == 64 and resolve_batch_size(32, "cpu") == 32
-    monkeypatch.setattr("capsule_batch.runner.run_device", lambda spec: torch.device("cuda", 1))
+    monkeypatch.setattr("capsule_batch.run.runner.run_device", lambda spec: torch.device("cuda", 1))
     assert resolve_batch_size(None, "auto") == 256 and resolve_batch_size(16, "auto") == 16
 
 

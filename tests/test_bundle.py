@@ -16,11 +16,11 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from capsule_batch.bundle import ModelBundle, import_checkpoint, read_checkpoint
-from capsule_batch.classes import CE24_CLASSES
 from capsule_batch.cli import cli
 from capsule_batch.errors import BundleError
-from capsule_batch.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from capsule_batch.model.bundle import ModelBundle, import_checkpoint, read_checkpoint
+from capsule_batch.model.classes import CE24_CLASSES
+from capsule_batch.model.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 ARCH = "eva02_tiny_patch14_224"
 

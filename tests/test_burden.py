@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from review_studies import make_event_study
 
-from capsule_batch.burden import summarise
 from capsule_batch.errors import CapsuleError
-from capsule_batch.groundtruth import compare, pair_studies, recording_duration
-from capsule_batch.reading import ReadingModel, estimate, frames_in_spans
-from capsule_batch.stats import bootstrap, mean_of, wilson
+from capsule_batch.evaluation.burden import summarise
+from capsule_batch.evaluation.groundtruth import compare, pair_studies, recording_duration
+from capsule_batch.evaluation.reading_time import ReadingModel, estimate, frames_in_spans
+from capsule_batch.evaluation.stats import bootstrap, mean_of, wilson
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "finding,class,start_frame,end_frame\n"
@@ -207,7 +207,7 @@ def test_cli_folder_json_text_and_plot(studies: Path, tmp_path: Path) -> None:
 
 
 def test_hostile_class_names_stay_text_in_the_chart(tmp_path: Path) -> None:
-    from capsule_batch.burden import curve_svg
+    from capsule_batch.evaluation.burden import curve_svg
 
     study = make_event_study(tmp_path / "s.h5", 50, [(4, 5, "Bleeding", 0.9)])
     hostile = "<script>alert(1)</script>&"
@@ -221,7 +221,7 @@ def test_hostile_class_names_stay_text_in_the_chart(tmp_path: Path) -> None:
 def test_sensitivity_interval_respects_findings_clustered_in_studies() -> None:
     """Correlated findings (a study's lesions caught or missed together) widen the interval; independent-looking
     ones (every study alike) keep Wilson's."""
-    from capsule_batch.stats import clustered_proportion_ci
+    from capsule_batch.evaluation.stats import clustered_proportion_ci
 
     n = np.full(10, 10.0)
     together = np.array([10.0] * 5 + [0.0] * 5)  # five studies with every finding caught, five with none

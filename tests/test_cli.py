@@ -78,3 +78,21 @@ def test_bad_input_is_one_line_and_exit_1(tmp_path, args, message):
 def test_usage_errors_exit_2(args):
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 2 and "Traceback" not in res.output
+
+
+def test_run_option_defaults_are_the_options_dataclasses_own() -> None:
+    """A default is written once, on RunOptions / TriageConfig; `run --help` shows it from there."""
+    import dataclasses
+
+    from capsule_batch.cli.run import command
+    from capsule_batch.run.pipeline import RunOptions
+    from capsule_batch.study.triage import TriageConfig
+
+    shown = {p.name: p.default for p in command.params}
+    run_fields = {f.name: f.default for f in dataclasses.fields(RunOptions)}
+    triage_fields = {f.name: f.default for f in dataclasses.fields(TriageConfig)}
+    for name in ("resume", "reuse", "probs_dtype", "block_frames", "thumbs_per_event", "max_thumbs", "progress",
+                 "decode_timeout", "engine_timeout", "inflight", "fps", "progress_every"):
+        assert shown[name] == run_fields[name], name
+    for name in ("merge_gap", "min_run", "smooth", "top_k"):
+        assert shown[name] == triage_fields[name], name

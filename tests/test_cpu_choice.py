@@ -16,12 +16,12 @@ import torch
 from click.testing import CliRunner
 
 from capsule_batch.backends import cpu_choice, create_engine
-from capsule_batch.bundle import create_model, save_bundle
-from capsule_batch.classes import CE24_CLASSES
+from capsule_batch.backends.engine_store import EngineStore
 from capsule_batch.cli import cli as cli_main
-from capsule_batch.engine_store import EngineStore
 from capsule_batch.errors import EngineError
-from capsule_batch.preprocess import Preprocess
+from capsule_batch.model.bundle import create_model, save_bundle
+from capsule_batch.model.classes import CE24_CLASSES
+from capsule_batch.model.preprocess import Preprocess
 
 ARCH = "eva02_tiny_patch14_224"
 ARGS = {"depth": 2, "img_size": 56}
@@ -165,7 +165,7 @@ def test_the_decision_is_stored_reused_and_measured_again_when_cpu_or_bundle_cha
     assert len(measured) == n and not again.choice["measured_now"] and again.choice["label"] == first.choice["label"]
     assert again.describe()["cast"]
     on_cpu(monkeypatch, {**WITH_BF16, "model": "Another CPU"})  # the store moved to another machine
-    with caplog.at_level(logging.WARNING, logger="capsule_batch.engine_store"):
+    with caplog.at_level(logging.WARNING, logger="capsule_batch.backends.engine_store"):
         moved = auto(soft, store)
     assert moved.choice["measured_now"] and len(measured) > n
     assert "stale engine" in caplog.text and "cpu is" in caplog.text

@@ -1,7 +1,7 @@
 """The README's demo path (`make demo` -> `python -m train.demo`), smaller: the caught-findings figure it
 prints must equal what the study file's events and the synthetic ground truth give, computed here
-without capsule_batch.groundtruth; the summary speaks a reader's terms and says what to do next, and the report says
-what it is for."""
+without capsule_batch.evaluation.groundtruth; the summary speaks a reader's terms and says what to do next,
+and the report says what it is for."""
 
 from __future__ import annotations
 

@@ -78,7 +78,7 @@ def test_every_markdown_file_named_in_code_and_docs_exists() -> None:
 
 
 def test_the_design_page_lists_every_root_attribute() -> None:
-    from capsule_batch.store import ROOT_ATTRS
+    from capsule_batch.study.store import ROOT_ATTRS
 
     design = (REPO / "docs" / "design.md").read_text(encoding="utf-8")
     assert [k for k in ROOT_ATTRS if f"`{k}`" not in design] == []

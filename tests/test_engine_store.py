@@ -21,13 +21,13 @@ import torch
 from click.testing import CliRunner
 
 from capsule_batch.backends import create_engine
+from capsule_batch.backends.engine_store import EngineStore, default_root, mismatches
 from capsule_batch.backends.trt_engine import PLAN_FILE, batch_profile, ensure_plan, trt_recipe
-from capsule_batch.bundle import create_model, save_bundle
-from capsule_batch.classes import CE24_CLASSES
 from capsule_batch.cli import cli
-from capsule_batch.engine_store import EngineStore, default_root, mismatches
 from capsule_batch.errors import EngineError
-from capsule_batch.preprocess import Preprocess
+from capsule_batch.model.bundle import create_model, save_bundle
+from capsule_batch.model.classes import CE24_CLASSES
+from capsule_batch.model.preprocess import Preprocess
 
 ARCH = "eva02_tiny_patch14_224"
 ARGS = {"depth": 1, "img_size": 56}

@@ -26,9 +26,9 @@ from fake_nccl import NcclRuleError
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorDeviceMismatchError
 
 from capsule_batch.cli import cli
-from capsule_batch.preprocess import Preprocess, preprocess_batch, reference_preprocess, seed_preprocess
-from capsule_batch.store import StudyReader
-from capsule_batch.synth import synthesize
+from capsule_batch.model.preprocess import Preprocess, preprocess_batch, reference_preprocess, seed_preprocess
+from capsule_batch.sources.synthesize import synthesize
+from capsule_batch.study.store import StudyReader
 
 #: recordings bigger than the bundle's input, so that frames are resized on the (fake) GPU
 FRAME = 96
@@ -126,7 +126,7 @@ def test_run_on_cuda_end_to_end(tiny_bundle: Any, rec96: Path, tmp_path: Path, p
                          ids=["cast-graphs", "cast-eager", "autocast-eager"])
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_torch_engine_variants_on_cuda(tiny_bundle: Any, precision: str, options: dict[str, Any]) -> None:
-    from capsule_batch.backends.base import create_engine
+    from capsule_batch.backends.select import create_engine
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     with FakeCuda() as cuda:
@@ -144,7 +144,7 @@ def test_torch_engine_variants_on_cuda(tiny_bundle: Any, precision: str, options
 
 
 def test_fp32_on_cuda_turns_tf32_off_only_inside_its_calls(tiny_bundle: Any) -> None:
-    from capsule_batch.backends.base import create_engine
+    from capsule_batch.backends.select import create_engine
 
     seen = []
     with FakeCuda():
@@ -258,7 +258,7 @@ def test_training_on_cuda_with_amp(tmp_path: Path, stage: str) -> None:
     """`run.precision=auto` on cuda is fp16 autocast with a GradScaler; the model, its gradients and the optimizer
     state live on the GPU; the bundle is written. Losses and metrics are the stand-ins (loss 0, uniform
     probabilities), so only the run's shape is asserted."""
-    from capsule_batch.bundle import ModelBundle
+    from capsule_batch.model.bundle import ModelBundle
     from train.config import load_config
     from train.trainer import run_training
 
@@ -311,7 +311,7 @@ def test_adapt_on_cuda(tmp_path: Path) -> None:
     under fp16 autocast against the frozen teacher, the adapted bundle is written (weights: stand-ins)."""
     from test_train_adapt import FAST, _tiny_bundle
 
-    from capsule_batch.bundle import ModelBundle
+    from capsule_batch.model.bundle import ModelBundle
     from train import adapt as A
     from train.config import load_config
 
@@ -327,7 +327,7 @@ def test_adapt_on_cuda(tmp_path: Path) -> None:
 
 
 def test_each_torchrun_rank_runs_on_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    from capsule_batch.runner import run_device
+    from capsule_batch.run.runner import run_device
 
     monkeypatch.setenv("LOCAL_RANK", "1")
     with FakeCuda(devices=2):
@@ -377,7 +377,7 @@ def test_graph_capture_out_of_memory_backs_off_to_half_the_batch(tiny_bundle: An
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Capturing the CUDA graph at max_batch runs out of device memory once (torch's own error type): the engine
     frees the cache, halves its batch and captures again; runs then go in calls of the smaller batch."""
-    from capsule_batch.backends.base import create_engine
+    from capsule_batch.backends.select import create_engine
     from capsule_batch.backends.torch_engine import TorchEngine
 
     real, failed = TorchEngine._capture, []

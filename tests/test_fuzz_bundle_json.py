@@ -8,9 +8,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from capsule_batch.bundle import BUNDLE_FORMAT, ModelBundle
-from capsule_batch.classes import CE24_CLASSES
 from capsule_batch.errors import BundleError
+from capsule_batch.model.bundle import BUNDLE_FORMAT, ModelBundle
+from capsule_batch.model.classes import CE24_CLASSES
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),

@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 from review_studies import make_study
 
 from capsule_batch.errors import StudyError
-from capsule_batch.export import export_study
 from capsule_batch.review.report import build_report
 from capsule_batch.review.view import StudyView
-from capsule_batch.store import StudyReader
+from capsule_batch.study.export import export_study
+from capsule_batch.study.store import StudyReader
 
 FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 ATTRS = ["schema", "complete", "frames_done", "class_names", "normal_class", "triage", "thresholds", "fps",

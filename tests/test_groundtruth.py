@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from capsule_batch.errors import CapsuleError
-from capsule_batch.groundtruth import compare, read_findings
-from capsule_batch.store import StudyReader
+from capsule_batch.evaluation.groundtruth import compare, read_findings
+from capsule_batch.study.store import StudyReader
 from tests.review_studies import make_study
 
 ROOT = Path(__file__).resolve().parents[1]

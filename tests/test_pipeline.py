@@ -15,12 +15,12 @@ import pytest
 import torch
 from conftest import ENGINE, SOURCE, TINY_SIZE, make_recording
 
-from capsule_batch.backends.base import create_engine
-from capsule_batch.pipeline import Pipeline, RunOptions
-from capsule_batch.preprocess import reference_preprocess
-from capsule_batch.runner import resolve_shard, select_shard
+from capsule_batch.backends.select import create_engine
+from capsule_batch.model.preprocess import reference_preprocess
+from capsule_batch.run.pipeline import Pipeline, RunOptions
+from capsule_batch.run.runner import resolve_shard, select_shard
 from capsule_batch.sources.base import SOURCES, DecodeFailure, FrameBatch
-from capsule_batch.store import STATUS_DECODE_FAILED, StudyReader, StudyWriter, partial_path
+from capsule_batch.study.store import STATUS_DECODE_FAILED, StudyReader, StudyWriter, partial_path
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_rows_match_reference_decode_and_model(tmp_path: Path, recording: Path, 
 def test_thumbnails_are_the_event_frames(tmp_path: Path, tiny_bundle: Any, engine: Any) -> None:
     from PIL import Image
 
-    from capsule_batch.synth import synthesize
+    from capsule_batch.sources.synthesize import synthesize
 
     rec = synthesize(tmp_path / "thumbs.mp4", 60, size=TINY_SIZE * 2, findings_per_1000=50).path
     res = Pipeline(tiny_bundle, engine, opts(thumbs_per_event=3, max_thumbs=6)).run(rec, tmp_path)
@@ -282,7 +282,7 @@ def test_second_recording_gets_its_own_file(tmp_path: Path, tiny_bundle: Any, en
 
 
 def test_resume_refuses_another_bundle(tmp_path: Path, recording: Path, tiny_bundle: Any, engine: Any) -> None:
-    from capsule_batch.bundle import save_bundle
+    from capsule_batch.model.bundle import save_bundle
 
     first = Pipeline(tiny_bundle, engine, opts(source="test-raise")).run(recording, tmp_path)
     assert first.status == "failed" and partial_path(Path(first.output)).exists()  # the blocks before the crash
@@ -298,7 +298,7 @@ def test_resume_refuses_another_bundle(tmp_path: Path, recording: Path, tiny_bun
 
 def test_crash_while_finishing_resumes_to_the_same_study(tmp_path: Path, recording: Path, tiny_bundle: Any,
                                                          engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    import capsule_batch.store as store
+    import capsule_batch.study.store as store
 
     def no_rename(*a: Any) -> None:
         raise OSError(5, "Input/output error")

@@ -23,11 +23,11 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw, ImageFont
 
 from capsule_batch.cli import cli
-from capsule_batch.preprocess import Preprocess, to_rgb
+from capsule_batch.model.preprocess import Preprocess, to_rgb
 from capsule_batch.review.app import ReviewApp, Server
 from capsule_batch.sources.base import open_source
-from capsule_batch.store import StudyReader
-from capsule_batch.synth import draw_stamp, read_stamp
+from capsule_batch.sources.synthesize import draw_stamp, read_stamp
+from capsule_batch.study.store import StudyReader
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 KVASIR = REAL / "kvasir_capsule_seg"
@@ -341,8 +341,8 @@ def test_field_of_view_crops_to_the_lens_in_inference_and_training(tmp_path: Pat
 
     import torch
 
-    from capsule_batch.fov import crop_to_fov
-    from capsule_batch.preprocess import preprocess_batch, reference_preprocess, seed_preprocess
+    from capsule_batch.model.fov import crop_to_fov
+    from capsule_batch.model.preprocess import preprocess_batch, reference_preprocess, seed_preprocess
     from train.transforms import TrainTransform
 
     needs_real()

@@ -19,13 +19,13 @@ import pytest
 import torch
 from conftest import ENGINE, SLOW_ENGINE, cli_cmd, cli_env, make_recording
 
-from capsule_batch.backends.base import create_engine
-from capsule_batch.errors import StudyError
-from capsule_batch.locks import run_lock
-from capsule_batch.pipeline import Pipeline, RunOptions
+from capsule_batch.backends.select import create_engine
+from capsule_batch.errors import CapsuleError, StudyError
 from capsule_batch.review.app import _lock_study, _unlock_study
-from capsule_batch.runner import check_writable
-from capsule_batch.store import StudyReader, StudyWriter, partial_path
+from capsule_batch.run.pipeline import Pipeline, RunOptions
+from capsule_batch.run.runner import check_writable
+from capsule_batch.study.locks import run_lock
+from capsule_batch.study.store import StudyReader, StudyWriter, partial_path
 
 FRAMES = 96
 
@@ -363,3 +363,27 @@ def test_full_tmpfs_stops_before_hdf5_runs_out(tmp_path: Path) -> None:
             assert rd.index().tolist() == list(range(kept))
     finally:
         subprocess.run(["umount", str(d)], check=False)
+
+
+def test_isolation_is_entered_below_the_cli(tmp_path: Path, tiny_bundle: Any) -> None:
+    """`run_recordings(isolate=True)` from Python (no command line to re-execute): the worker runs a job description,
+    imports the module that registered the plug-in source (tests/capsule_doubles.py), and a native crash in it
+    fails one recording while the others complete."""
+    from capsule_batch.run.isolation import WorkerJob
+    from capsule_batch.run.runner import EngineSpec, run_recordings, worker_job
+
+    d = tmp_path / "in"
+    d.mkdir()
+    rs = [make_recording(d / n, 16, seed=k) for k, n in enumerate(["a.mp4", "b_crash.mp4"])]
+    opts = RunOptions(source="test-crash", batch_size=8, progress=False)
+    job = worker_job([str(r) for r in rs], tiny_bundle, tmp_path / "out", EngineSpec("torch", "cpu", "fp32"), opts,
+                     {str(r): r.stem for r in rs})
+    assert "capsule_doubles" in job.plugins and job.options["source"] == "test-crash"
+    assert WorkerJob.read(job.write(tmp_path / "job.json")) == job
+    batch = run_recordings(rs, tiny_bundle, tmp_path / "out", engine=EngineSpec("torch", "cpu", "fp32"), options=opts,
+                           isolate=True)
+    by = {Path(r.recording).name: r for r in batch.results}
+    assert by["a.mp4"].status == "done" and by["a.mp4"].frames == 16
+    assert by["b_crash.mp4"].status == "failed" and "SIGSEGV" in by["b_crash.mp4"].error
+    with pytest.raises(CapsuleError, match="engine object cannot go to a worker"):
+        run_recordings(rs, tiny_bundle, tmp_path / "out2", engine=object(), options=opts, isolate=True)

@@ -17,7 +17,7 @@ from review_studies import make_study
 
 from capsule_batch.errors import StudyError
 from capsule_batch.review.app import ReviewApp, Server
-from capsule_batch.review.decisions import journal_path, read_decisions
+from capsule_batch.study.decisions import journal_path, read_decisions
 
 HOSTILE = "<script>window.__pwned=1<\\script><img src=x onerror=window.__pwned=2>.mp4"
 COMMENT = "<script>window.__pwned=3</script> bleeding & <b>ulcer</b>?"

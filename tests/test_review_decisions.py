@@ -10,11 +10,11 @@ import h5py
 import pytest
 from review_studies import make_study
 
-import capsule_batch.review.decisions as decisions_mod
-import capsule_batch.store as store_mod
+import capsule_batch.study.decisions as decisions_mod
+import capsule_batch.study.store as store_mod
 from capsule_batch.errors import StudyError
-from capsule_batch.review.decisions import DecisionLog, journal_path, read_decisions, read_log
-from capsule_batch.store import StudyReader
+from capsule_batch.study.decisions import DecisionLog, journal_path, read_decisions, read_log
+from capsule_batch.study.store import StudyReader
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from pathlib import Path
 from review_browser import chromium, wait_images_loaded
 from review_studies import make_study
 
-from capsule_batch.review.decisions import DecisionLog
 from capsule_batch.review.report import build_report, write_report
+from capsule_batch.study.decisions import DecisionLog
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTILE = "<script>document.title='pwned'<\\script><img src=x onerror=document.title='pwned'>.mp4"

@@ -14,12 +14,12 @@ import pytest
 from review_browser import chromium
 from review_studies import jpeg, study_attrs
 
-from capsule_batch.classes import CE24_CLASSES
+from capsule_batch.model.classes import CE24_CLASSES
 from capsule_batch.review.app import ReviewApp, Server
 from capsule_batch.review.report import write_report
-from capsule_batch.store import StudyWriter
-from capsule_batch.synth import Scene
-from capsule_batch.triage import Event, TriageConfig
+from capsule_batch.sources.synthesize import Scene
+from capsule_batch.study.store import StudyWriter
+from capsule_batch.study.triage import Event, TriageConfig
 
 _logger = logging.getLogger(__name__)
 N, EVENTS, THUMBED, PER_EVENT, BLOCK = 1_000_000, 4000, 400, 3, 200_000

@@ -22,9 +22,9 @@ from review_studies import make_study
 
 from capsule_batch.errors import SourceError
 from capsule_batch.review.app import ReviewApp, Server
-from capsule_batch.review.decisions import read_decisions
-from capsule_batch.review.video import VideoFrames
-from capsule_batch.synth import read_stamp, synthesize
+from capsule_batch.review.frames import VideoFrames
+from capsule_batch.sources.synthesize import read_stamp, synthesize
+from capsule_batch.study.decisions import read_decisions
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import ENGINE, SLOW_ENGINE, SOURCE, cli_cmd, cli_env, make_recording
 
-from capsule_batch.store import StudyReader, partial_path
+from capsule_batch.study.store import StudyReader, partial_path
 
 
 @pytest.fixture(scope="module")

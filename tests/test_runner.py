@@ -17,13 +17,13 @@ import torch
 from conftest import TINY_SIZE
 from PIL import Image
 
-from capsule_batch.pipeline import RunOptions
-from capsule_batch.preprocess import to_rgb
-from capsule_batch.runner import EngineSpec, run_recordings
+from capsule_batch.model.preprocess import to_rgb
+from capsule_batch.run.pipeline import RunOptions
+from capsule_batch.run.runner import EngineSpec, run_recordings
 from capsule_batch.sources.base import DecodeFailure, FrameBatch, FrameSource, RecordingInfo, to_pixels
 from capsule_batch.sources.decord_source import DecordSource
-from capsule_batch.store import STATUS_OK, StudyReader, partial_path
-from capsule_batch.synth import Scene, synthesize
+from capsule_batch.sources.synthesize import Scene, synthesize
+from capsule_batch.study.store import STATUS_OK, StudyReader, partial_path
 
 CPU = EngineSpec("torch", "cpu", "fp32")
 

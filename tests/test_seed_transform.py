@@ -23,9 +23,9 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from capsule_batch.bundle import ModelBundle, import_checkpoint  # noqa: E402
 from capsule_batch.errors import BundleError  # noqa: E402
-from capsule_batch.preprocess import (  # noqa: E402
+from capsule_batch.model.bundle import ModelBundle, import_checkpoint  # noqa: E402
+from capsule_batch.model.preprocess import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
     SEED_PREPROCESS,

@@ -16,14 +16,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from capsule_batch.errors import SourceError
-from capsule_batch.preprocess import Preprocess, reference_preprocess
+from capsule_batch.errors import CapsuleError, SourceError
+from capsule_batch.model.preprocess import Preprocess, reference_preprocess
 from capsule_batch.sources import SOURCES, DecodeFailure, open_source
 from capsule_batch.sources.base import choose_source, list_frames, natural_key
 from capsule_batch.sources.images import load_rgb
 from capsule_batch.sources.prefetch import Prefetcher
+from capsule_batch.sources.synthesize import read_stamp, synthesize
 from capsule_batch.sources.synthetic import parse_spec
-from capsule_batch.synth import read_stamp, synthesize
 
 FRAMES = 60
 SIZE = 96
@@ -93,6 +93,45 @@ def test_start_is_frame_exact(rec: Path, name: str, source: str, kw: dict) -> No
     index, stamps, _, _, _ = read_all(rec / name, source, start=37, **kw)
     assert index == list(range(37, FRAMES))
     assert stamps == index
+
+
+#: inputs a source may be given in the contract test, in order of preference: the first it accepts and can decode on
+#: this machine (DALI decodes H.264 only on a GPU) is used
+CONTRACT_INPUTS = ("h264.mp4", "vp9.webm", "jpg", f"synthetic:frames={FRAMES},size={SIZE},seed=3,fps=4")
+
+
+def _contract_input(name: str, rec: Path) -> str | Path:
+    for candidate in CONTRACT_INPUTS:
+        path = candidate if candidate.startswith("synthetic:") else rec / candidate
+        if candidate.startswith("synthetic:") != (name == "synthetic"):
+            continue
+        try:
+            with open_source(path, PRE, source=name, batch_size=BATCH):
+                return path
+        except CapsuleError:  # not this kind of input, or not on this machine
+            continue
+    raise AssertionError(f"source {name}: none of {CONTRACT_INPUTS} can be read here")
+
+
+@pytest.mark.parametrize("name", [n for n in SOURCES.names() if not n.startswith("test-")])
+@pytest.mark.parametrize("start", [0, 37])
+def test_every_registered_source_keeps_the_contract(rec: Path, name: str, start: int) -> None:
+    """Every source in the registry (a new one is tested by being registered): every frame from `start` once, in
+    order, timestamps increasing (a frame folder has none: NaN, unless a rate is given), frame numbers that match the
+    frames' own pixels (file sources' stamps)."""
+    if not SOURCES.get(name).available()[0]:
+        pytest.skip(f"source {name}: {SOURCES.get(name).available()[1]}")
+    path = _contract_input(name, rec)
+    index, stamps, pts, failures, src = read_all(path, name, start=start)
+    assert index == list(range(start, FRAMES))
+    assert failures == []
+    if Path(str(path)).is_dir():
+        assert all(np.isnan(pts))
+    else:
+        assert all(b > a for a, b in zip(pts, pts[1:], strict=False))
+    if name != "synthetic":  # generated frames carry no stamp; their index and pts are checked above
+        assert stamps == index
+    assert src.frames_decoded == FRAMES - start
 
 
 def test_synthetic_source_index_pts_and_start() -> None:

@@ -16,7 +16,7 @@ import torch
 
 from capsule_batch.sources import open_source
 from capsule_batch.sources.base import choose_source
-from capsule_batch.synth import synthesize
+from capsule_batch.sources.synthesize import synthesize
 from tests.test_sources import BATCH, CROP_PRE, FRAMES, read_all, reference
 
 pytestmark = [
@@ -78,7 +78,7 @@ def test_dali_gpu_seed_transform_matches_albumentations(rec: Path, name: str) ->
     import albumentations as A
     import cv2
 
-    from capsule_batch.preprocess import IMAGENET_STD, Preprocess, seed_preprocess
+    from capsule_batch.model.preprocess import IMAGENET_STD, Preprocess, seed_preprocess
 
     cuda = torch.device("cuda", 0)
     pre = seed_preprocess(64)
@@ -112,7 +112,7 @@ def test_decoding_never_waits_for_the_engine_stream(rec: Path, how: str) -> None
     """A decode thread's copies and kernels go to its own stream: no pageable copy (`x.to(cuda)`), no
     `torch.tensor(..., device=cuda)`, no boolean-mask indexing and no synchronise on the default stream, so a batch
     is ready while the engine's work queued before it is still running."""
-    from capsule_batch.preprocess import seed_preprocess
+    from capsule_batch.model.preprocess import seed_preprocess
     from capsule_batch.sources.base import to_pixels
 
     cuda = torch.device("cuda", 0)
@@ -137,7 +137,7 @@ def test_decoding_never_waits_for_the_engine_stream(rec: Path, how: str) -> None
 def test_the_result_copy_of_cuda_1_is_waited_for_on_cuda_1() -> None:
     """A thread whose current device is 0 (every thread starts so) copies results from cuda:1: the copy's event is
     recorded on cuda:1's stream, so the host waits for the copy, queued here behind a second of work on cuda:1."""
-    from capsule_batch.stages import _host_result, _start_host_copy
+    from capsule_batch.run.stages import _host_result, _start_host_copy
 
     x = torch.randn(4096, 10, device="cuda:1")
     expected = x.cpu().numpy()

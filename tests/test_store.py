@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from capsule_batch.errors import StudyError
-from capsule_batch.store import SCHEMA, StudyReader, StudyWriter, partial_path, recording_identity
-from capsule_batch.triage import Event, TriageConfig
+from capsule_batch.study.store import SCHEMA, StudyReader, StudyWriter, partial_path, recording_identity
+from capsule_batch.study.triage import Event, TriageConfig
 
 NAMES = ["A", "B", "Normal"]
 

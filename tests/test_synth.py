@@ -14,7 +14,7 @@ from PIL import Image
 
 from capsule_batch.cli import cli
 from capsule_batch.errors import CapsuleError
-from capsule_batch.synth import FINDING_CLASSES, Scene, Style, read_stamp, synthesize
+from capsule_batch.sources.synthesize import FINDING_CLASSES, Scene, Style, read_stamp, synthesize
 
 
 def decode_all(path: Path) -> tuple[list[np.ndarray], list[float]]:

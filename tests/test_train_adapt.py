@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from capsule_batch.bundle import ModelBundle, create_model, save_bundle
-from capsule_batch.classes import CE24_CLASSES
-from capsule_batch.preprocess import Preprocess
+from capsule_batch.model.bundle import ModelBundle, create_model, save_bundle
+from capsule_batch.model.classes import CE24_CLASSES
+from capsule_batch.model.preprocess import Preprocess
 from capsule_batch.sources import open_source
-from capsule_batch.synth import read_stamp, synthesize
+from capsule_batch.sources.synthesize import read_stamp, synthesize
 from train import adapt as A
 from train.__main__ import main
 from train.config import load_config

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from capsule_batch.reading import ReadingModel
+from capsule_batch.evaluation.reading_time import ReadingModel
 from train.budget import Budget, Evaluator, budget_from_config, fit_budget, lesion_runs, recordings_of
 from train.config import ConfigError
 from train.data import Sample
@@ -156,8 +156,8 @@ def test_calibrate_command_with_a_budget(tiny_bundle: Any, tmp_path: Path, caplo
     """`python -m train calibrate` on a synthetic PNG recording with per-frame labels, for a frames budget."""
     import shutil
 
-    from capsule_batch.bundle import ModelBundle
-    from capsule_batch.synth import synthesize
+    from capsule_batch.model.bundle import ModelBundle
+    from capsule_batch.sources.synthesize import synthesize
     from train.__main__ import main
 
     bundle = tmp_path / "bundle"

@@ -14,7 +14,7 @@ import openpyxl
 import pytest
 from ce24_real import SEED_NAMES, copy_tree, make_ce24_tree
 
-from capsule_batch.classes import CE24_CLASSES, resolve_classes
+from capsule_batch.model.classes import CE24_CLASSES, resolve_classes
 from train import data as D
 from train.__main__ import main
 from train.config import load_config

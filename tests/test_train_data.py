@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from capsule_batch.classes import CE24_CLASSES
-from capsule_batch.synth import read_stamp, synthesize
+from capsule_batch.model.classes import CE24_CLASSES
+from capsule_batch.sources.synthesize import read_stamp, synthesize
 from train import data as D
 from train.config import ConfigError, load_config, save_resolved
 from train.synthetic import class_frames, make_ce24_folder

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from capsule_batch.bundle import ModelBundle
+from capsule_batch.model.bundle import ModelBundle
 from train.synthetic import make_ce24_folder
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from capsule_batch.bundle import ModelBundle
-from capsule_batch.classes import CE24_CLASSES
-from capsule_batch.preprocess import IMAGENET_MEAN, IMAGENET_STD, reference_preprocess
+from capsule_batch.model.bundle import ModelBundle
+from capsule_batch.model.classes import CE24_CLASSES
+from capsule_batch.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, reference_preprocess
 from train.__main__ import main
 from train.config import load_config
 from train.synthetic import class_frames, make_ce24_folder
@@ -87,7 +87,7 @@ def test_trained_bundle_runs_through_capsule_batch_run(trained: dict[str, Any], 
     from click.testing import CliRunner
 
     from capsule_batch.cli import cli
-    from capsule_batch.store import StudyReader
+    from capsule_batch.study.store import StudyReader
 
     saved = np.load(Path(trained["run_dir"]) / "val_predictions.npz")
     frames = tmp_path / "val frames"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from capsule_batch.classes import CE24_CLASSES
+from capsule_batch.model.classes import CE24_CLASSES
 from train.metrics import calibrate_thresholds, compute_metrics
 
 sk = pytest.importorskip("sklearn.metrics")

@@ -12,7 +12,7 @@ import pytest
 from ce24_real import make_ce24_tree
 from sklearn import metrics as sk
 
-from capsule_batch.classes import CE24_CLASSES
+from capsule_batch.model.classes import CE24_CLASSES
 from train.__main__ import main
 
 CLASSES = list(CE24_CLASSES)

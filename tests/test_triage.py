@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from capsule_batch.triage import Event, TriageConfig, classify, compute_events, thumbnail_frames
+from capsule_batch.study.triage import Event, TriageConfig, classify, compute_events, thumbnail_frames
 
 NAMES = ("A", "B", "Normal")
 A, B, N = 0, 1, 2

@@ -20,9 +20,9 @@ from click.testing import CliRunner
 from conftest import SLOW_ENGINE, TINY_SIZE, cli_cmd, cli_env, make_recording
 
 from capsule_batch.cli import cli
-from capsule_batch.pipeline import study_names
-from capsule_batch.store import StudyReader, partial_path
-from capsule_batch.synth import synthesize
+from capsule_batch.run.pipeline import study_names
+from capsule_batch.sources.synthesize import synthesize
+from capsule_batch.study.store import StudyReader, partial_path
 
 PIN = ("--engine", "torch", "--precision", "fp32", "--device", "cpu")
 
@@ -121,7 +121,7 @@ def test_a_finished_study_is_reused_only_when_it_answers_the_same_question(tmp_p
 
 
 def test_a_changed_bundle_redoes_the_study(tmp_path: Path, tiny_bundle: Any) -> None:
-    from capsule_batch.bundle import ModelBundle, save_bundle
+    from capsule_batch.model.bundle import ModelBundle, save_bundle
 
     rec = make_recording(tmp_path / "r.mp4", 16, seed=6)
     out = tmp_path / "out"
@@ -169,7 +169,7 @@ def test_progress_lines_where_stderr_is_a_file_and_a_json_log(tmp_path: Path, ti
     assert cp.returncode == 0
     text = (tmp_path / "stderr.txt").read_text()
     assert "\r" not in text and "\x1b" not in text
-    progress = [ln for ln in text.splitlines() if "capsule_batch.progress" in ln]
+    progress = [ln for ln in text.splitlines() if "capsule_batch.run.progress" in ln]
     assert len(progress) >= 2, text
     assert all("/64 frames (" in ln and "frames/s, ETA" in ln and "flagged" in ln for ln in progress)
     lines = [json.loads(ln) for ln in log.read_text().splitlines()]
@@ -380,7 +380,7 @@ def test_decisions_from_the_review_app_to_training(tmp_path: Path, tiny_bundle: 
 def test_watch_takes_a_recording_when_its_marker_appears(tmp_path: Path) -> None:
     """With --marker, completeness is the uploader's word: nothing is taken before the marker, however quiet the
     file; in-progress names and the markers themselves are never recordings."""
-    from capsule_batch.watch import Watcher, WatchOptions
+    from capsule_batch.run.watch import Watcher, WatchOptions
 
     inbox = tmp_path / "inbox"
     inbox.mkdir()

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from capsule_batch.bundle import META_FILE, ModelBundle, save_bundle
-from capsule_batch.preprocess import Preprocess
+from capsule_batch.model.bundle import META_FILE, ModelBundle, save_bundle
+from capsule_batch.model.preprocess import Preprocess
 from train import data as D
 from train.config import git_revision
 from train.mim import (

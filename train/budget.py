@@ -10,8 +10,8 @@ cost stays within the budget. The candidates are the values of s at which some c
 flagged frames can merge events into fewer), so the search scans 64 of them, takes the highest that fits, and
 bisects between it and the next one scanned.
 
-Costs come from the runtime's own triage (`capsule_batch.triage`: the same flag rule and event building) and
-reading model (`capsule_batch.reading`), on the validation frames:
+Costs come from the runtime's own triage (`capsule_batch.study.triage`: the same flag rule and event building) and
+reading model (`capsule_batch.evaluation.reading_time`), on the validation frames:
 - flag rate: flagged validation frames / validation frames;
 - with frames of recordings in data.val (`recording` datasets): per recording, events are built from its
   validation frames in frame order; frames to read = distinct frames inside events, scaled by the recording's
@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from capsule_batch.reading import ReadingModel, frames_in_spans
-from capsule_batch.stats import wilson
-from capsule_batch.triage import TriageConfig, classify, compute_event_table
+from capsule_batch.evaluation.reading_time import ReadingModel, frames_in_spans
+from capsule_batch.evaluation.stats import wilson
+from capsule_batch.study.triage import TriageConfig, classify, compute_event_table
 from train.config import ConfigError
 from train.metrics import calibrate_thresholds
 
@@ -146,8 +146,8 @@ class Evaluator:
     """Scores thresholds on fixed validation data: flags and classes by the runtime's rule, costs, lesions."""
 
     def __init__(self, labels: np.ndarray, probs: np.ndarray, class_names: list[str], normal: str | None,
-                 recordings: list[Recording], study_frames: float | None, model: ReadingModel, merge_gap: int = 2,
-                 merge_classes: bool = True):
+                 recordings: list[Recording], study_frames: float | None, model: ReadingModel,
+                 merge_gap: int = TriageConfig.merge_gap, merge_classes: bool = TriageConfig.merge_classes):
         self.labels, self.probs, self.class_names, self.normal = np.asarray(labels), probs, class_names, normal
         self.recordings, self.model, self.merge_gap = recordings, model, merge_gap
         self.merge_classes = merge_classes  # events as `run` makes them: one per stop (see triage.TriageConfig)

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from capsule_batch.bundle import ModelBundle, save_bundle
 from capsule_batch.devices import resolve_device
+from capsule_batch.model.bundle import ModelBundle, save_bundle
 from train import data as D
 from train.metrics import calibrate_thresholds, compute_metrics, save_plots, write_metrics
 from train.trainer import TrainError, _precision, predict_probs

@@ -7,7 +7,7 @@ with the dataset's own labels; `build_samples` then maps them onto the target cl
 - `seed_csv`: the seed's CSV (`dataset, patient_id, frame_path, proposed_name, class, fold, original_class`);
 - `folder`: `<root>/<label>/**/*.jpg` for any labelled image collection;
 - `recording`: frames inside a video, by frame number, with a per-frame label CSV (Kvasir-Capsule's
-  metadata, Galar's per-frame CSVs, capsule_batch.synth's `<stem>.labels.csv`);
+  metadata, Galar's per-frame CSVs, capsule_batch.sources.synthesize's `<stem>.labels.csv`);
 - `merged`: several of the above plus a class-mapping CSV (EE24-style corpora).
 """
 
@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from capsule_batch.classes import CE24_CLASSES, resolve_classes, validate_class_names
 from capsule_batch.errors import CapsuleError
+from capsule_batch.model.classes import CE24_CLASSES, resolve_classes, validate_class_names
 from capsule_batch.sources.listing import FRAME_SUFFIXES
 
 _logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def load_rgb(sample: Sample) -> Any:
     from PIL import Image
 
     if sample.frame is not None:
-        from train.video import read_frame
+        from train.frame_refs import read_frame
 
         return Image.fromarray(read_frame(sample.ref, sample.frame))
     with Image.open(sample.ref) as im:
@@ -304,7 +304,7 @@ def read_recording(spec: dict[str, Any], where: str) -> list[Sample]:
         video = Path(spec["video"])
         if not video.is_file():
             raise DataError(f"{video}: no such video")
-        from train.video import frame_count
+        from train.frame_refs import frame_count
 
         n, stem = frame_count(video), video.stem
     else:

@@ -1,15 +1,15 @@
 """The demo: train a tiny model on synthetic recordings, triage a synthetic study, check it against the truth.
 
 `python -m train.demo -o demo` (what `make demo` runs). Everything is generated here, nothing is downloaded:
-1. training and validation recordings from `capsule_batch.synth` (JPEG frame folders + per-frame labels);
+1. training and validation recordings from `capsule_batch.sources.synthesize` (JPEG frame folders + per-frame labels);
 2. a tiny EVA-02 fine-tuned on them by the training module (the same code path as the real recipe), in fp32 with
    deterministic algorithms and a fixed thread count, so that a CPU's other float kernels move little;
 3. with `--budget F`, its thresholds calibrated (`python -m train calibrate`) on a separate recording with the
    study's density of findings, for a reading budget of at most F of the frames flagged (off by default: on the
    demo's tiny model and dense findings a 5 % budget missed 10 of 45 findings, see docs/evaluation.md);
-4. a separate synthetic study (H.264, unseen seed) run as `capsule-batch run` runs it (`capsule_batch.runner`)
+4. a separate synthetic study (H.264, unseen seed) run as `capsule-batch run` runs it (`capsule_batch.run.runner`)
    -> `<out>/study.h5`;
-5. the HTML report, and the study's events compared with the injected findings (`capsule_batch.groundtruth`):
+5. the HTML report, and the study's events compared with the injected findings (`capsule_batch.evaluation.groundtruth`):
    the summary in a reader's terms (minutes to read against the whole recording, findings caught, false alerts per
    hour) and the commands to try next.
 It lives in train/ because capsule_batch never imports the training module.
@@ -45,7 +45,7 @@ MODEL = ["model.arch=eva02_tiny_patch14_224", "model.model_args={depth: 3, img_s
 
 
 def _synth(path: Path, frames: int, size: int, seed: int, per_1000: float, codec: str) -> Any:
-    from capsule_batch.synth import synthesize
+    from capsule_batch.sources.synthesize import synthesize
 
     return synthesize(path, frames, codec=codec, size=size, seed=seed, findings_per_1000=per_1000, overwrite=True)
 
@@ -104,11 +104,11 @@ def calibrate_budget(bundle_dir: Path, out: Path, frames: int, size: int, seed: 
 
 def triage_study(bundle_dir: Path, out: Path, frames: int, size: int, seed: int, batch_size: int) -> dict[str, Any]:
     """Synthesize the study recording, run it, write the report and compare with the injected findings."""
-    from capsule_batch.groundtruth import compare
-    from capsule_batch.pipeline import RunOptions
+    from capsule_batch.evaluation.groundtruth import compare
     from capsule_batch.review.report import write_report
-    from capsule_batch.runner import run_recordings
-    from capsule_batch.store import StudyReader
+    from capsule_batch.run.pipeline import RunOptions
+    from capsule_batch.run.runner import run_recordings
+    from capsule_batch.study.store import StudyReader
 
     rec = _synth(out / "study.mp4", frames, size, seed, 15.0, "h264")
     _logger.info("study recording: %s (%d frames, %d injected findings)", rec.path, frames, len(rec.findings))
@@ -152,7 +152,7 @@ def run_demo(out: str | Path, frames: int = 3000, train_frames: int = 400, recor
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    from capsule_batch.reading import clock
+    from capsule_batch.evaluation.reading_time import clock
 
     ratio = s["full_reading_min"] / s["reading_min"] if s["reading_min"] else float("inf")
     per_hour = f"{s['false_alerts_per_hour']:.1f}" if s["false_alerts_per_hour"] is not None else "-"

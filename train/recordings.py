@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from capsule_batch.errors import CapsuleError
-from capsule_batch.preprocess import Preprocess
+from capsule_batch.model.preprocess import Preprocess
 
 _logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class FrameFilter:
     def __init__(self, bundle_path: str | Path, classes: list[str], threshold: float, device: Any):
         import torch
 
-        from capsule_batch.bundle import ModelBundle
+        from capsule_batch.model.bundle import ModelBundle
 
         p = Path(bundle_path)
         if (p / "bundle" / "model.json").is_file():

@@ -1,4 +1,4 @@
-"""Synthetic labelled images in the CE24 layout, from capsule_batch.synth scenes (tests and demos).
+"""Synthetic labelled images in the CE24 layout, from capsule_batch.sources.synthesize scenes (tests and demos).
 
 Each (class, recording) pair is one synthetic scene whose frames showing the class are kept, so every
 recording holds several similar frames: exactly the grouping a patient-level split must respect.
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from capsule_batch.classes import CE24_CLASSES
-from capsule_batch.synth import NORMAL, Scene
+from capsule_batch.model.classes import CE24_CLASSES
+from capsule_batch.sources.synthesize import NORMAL, Scene
 
 
 def class_frames(cls: str, n: int, size: int, seed: int, zoom: float = 2.0) -> Iterator[tuple[int, np.ndarray]]:

@@ -24,10 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from capsule_batch.bundle import META_FILE, ModelBundle, create_model, fit_state_dict, read_checkpoint, save_bundle
 from capsule_batch.errors import CapsuleError
 from capsule_batch.exits import exit_now
-from capsule_batch.preprocess import Preprocess
+from capsule_batch.model.bundle import (
+    META_FILE,
+    ModelBundle,
+    create_model,
+    fit_state_dict,
+    read_checkpoint,
+    save_bundle,
+)
+from capsule_batch.model.preprocess import Preprocess
 from train import data as D
 from train.config import git_revision, save_resolved
 from train.metrics import compute_metrics, save_plots

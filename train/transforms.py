@@ -1,7 +1,7 @@
 """Training augmentations (the seed recipe, in the seed's order) and the validation transform (the bundle's own
 preprocessing).
 
-Validation uses `capsule_batch.preprocess.reference_preprocess` with the Preprocess that goes into the
+Validation uses `capsule_batch.model.preprocess.reference_preprocess` with the Preprocess that goes into the
 bundle, so what was validated is exactly what `capsule-batch run` computes. Mean/std come from that
 Preprocess, never from literals here.
 """
@@ -13,14 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from capsule_batch.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, reference_preprocess
+from capsule_batch.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, reference_preprocess
 
 
 def make_preprocess(data_cfg: dict[str, Any], arch: str, model_args: dict[str, Any]) -> Preprocess:
     """The bundle's preprocessing from the config (the defaults are the seed's validation transform), with the
     seed's ImageNet statistics or the arch's own."""
-    from capsule_batch.bundle import default_preprocess
     from capsule_batch.errors import BundleError
+    from capsule_batch.model.bundle import default_preprocess
 
     if data_cfg.get("normalisation", "imagenet") == "imagenet":
         mean, std = IMAGENET_MEAN, IMAGENET_STD
@@ -115,7 +115,7 @@ class TrainTransform:
 
         a = self.aug
         if self.pre.field_of_view == "fov":  # the same crop as inference, before any augmentation
-            from capsule_batch.fov import crop_to_fov
+            from capsule_batch.model.fov import crop_to_fov
 
             img = TF.to_pil_image(crop_to_fov(np.asarray(img.convert("RGB"))))
         x = TF.pil_to_tensor(img).float()

@@ -39,8 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from capsule_batch.bundle import ModelBundle
 from capsule_batch.errors import EngineError
+from capsule_batch.model.bundle import ModelBundle
 
 _logger = logging.getLogger(__name__)
 
@@ -150,8 +150,8 @@ def parity_pixels(bundle: ModelBundle, n: int, seed: int = 0) -> Any:
     import numpy as np
     import torch
 
-    from capsule_batch.preprocess import preprocess_batch
-    from capsule_batch.synth import Scene
+    from capsule_batch.model.preprocess import preprocess_batch
+    from capsule_batch.sources.synthesize import Scene
 
     size = max(bundle.preprocess.input_size, 64)
     # frames spread over a long recording (camera moved between them), one finding every ~8 frames
@@ -204,7 +204,7 @@ def identity(bundle: ModelBundle, cpu: dict[str, Any], parity_frames: int, cands
     import timm
     import torch
 
-    from capsule_batch.engine_store import bundle_identity
+    from capsule_batch.backends.engine_store import bundle_identity
 
     try:
         import onnxruntime
@@ -278,7 +278,7 @@ def choose(bundle: ModelBundle, *, backend: str, precision: str, max_batch: int,
     `build(candidate)` creates a candidate's engine at `max_batch`. The decision is loaded from the store when its
     identity matches (policy `auto`), measured and stored otherwise (`force`: always measured; `never`: refused)."""
     from capsule_batch.backends.base import BACKENDS
-    from capsule_batch.engine_store import EngineStore
+    from capsule_batch.backends.engine_store import EngineStore
 
     ort_ok = BACKENDS.get("onnxruntime").available()[0]
     cpu = cpu_info()

@@ -23,8 +23,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from capsule_batch.bundle import ModelBundle
 from capsule_batch.errors import EngineError, MissingPackageError
+from capsule_batch.model.bundle import ModelBundle
 
 _logger = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def ensure_onnx(
 ) -> tuple[Path, dict[str, Any]]:
     """The bundle's ONNX export from the engine store (keyed by bundle sha256, dtype, opset, exporter),
     exported on first use; onnxruntime and TensorRT share it."""
-    from capsule_batch.engine_store import bundle_identity
+    from capsule_batch.backends.engine_store import bundle_identity
 
     expected = {"kind": "onnx", **bundle_identity(bundle), "dtype": dtype, "opset": opset, "exporter": exporter,
                 "fp32_ops": [] if dtype == "fp32" else list(FP32_OPS)}

@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from capsule_batch.backends.base import BACKENDS, Engine, is_out_of_memory
-from capsule_batch.bundle import ModelBundle
 from capsule_batch.devices import torch_dtype
 from capsule_batch.errors import EngineError
+from capsule_batch.model.bundle import ModelBundle
 
 _logger = logging.getLogger(__name__)
 

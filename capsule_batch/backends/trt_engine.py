@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from capsule_batch.backends.base import BACKENDS, Engine
+from capsule_batch.backends.engine_store import EngineStore, bundle_identity, slug
 from capsule_batch.backends.onnx_export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, ensure_onnx
-from capsule_batch.bundle import ModelBundle
-from capsule_batch.engine_store import EngineStore, bundle_identity, slug
 from capsule_batch.errors import EngineError
+from capsule_batch.model.bundle import ModelBundle
 
 _logger = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ import click
 
 from capsule_batch import __version__
 from capsule_batch.errors import CapsuleError
+from capsule_batch.logs import NOISY_LOGGERS, STDERR_FORMAT
 
 #: command name -> module under capsule_batch.cli that defines `command`
 COMMANDS: dict[str, str] = {
@@ -59,9 +60,9 @@ class LazyGroup(click.Group):
 def cli(verbose: int, quiet: bool) -> None:
     """Triage whole capsule endoscopy recordings: decode, classify every frame, flag events, review."""
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    logging.basicConfig(level=level, format=STDERR_FORMAT, stream=sys.stderr, force=True)
     if verbose < 2:
-        for noisy in ("timm", "PIL", "matplotlib", "urllib3", "h5py"):
+        for noisy in NOISY_LOGGERS:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

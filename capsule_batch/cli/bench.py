@@ -38,9 +38,9 @@ def command(recording: Path | None, bundle_path: Path, stage: str, frames: int, 
     """Measure frames/s of decode only, engine only and end to end on RECORDING (a synthetic 336x336 H.264
     recording when none is given). Prints one JSON line per stage on stdout with the whole configuration;
     the engine line also carries GFLOP/frame and the achieved TFLOP/s."""
-    from capsule_batch.bench import STAGES, run_benchmarks
-    from capsule_batch.bundle import ModelBundle
     from capsule_batch.errors import CapsuleError
+    from capsule_batch.model.bundle import ModelBundle
+    from capsule_batch.run.measure import STAGES, run_benchmarks
 
     bundle = ModelBundle.load(bundle_path)
     if workdir is not None:

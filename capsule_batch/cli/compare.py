@@ -1,5 +1,5 @@
 """`capsule-batch compare`: what a study's events caught, how late, and what reading them costs, for one study
-or a folder of studies (capsule_batch.groundtruth, capsule_batch.burden)."""
+or a folder of studies (capsule_batch.evaluation.groundtruth, capsule_batch.evaluation.burden)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from capsule_batch.cli.options import (
     output_path,
     reading_options,
 )
-from capsule_batch.reading import clock
-from capsule_batch.stats import DEFAULT_BOOTSTRAP
+from capsule_batch.evaluation.reading_time import clock
+from capsule_batch.evaluation.stats import DEFAULT_BOOTSTRAP
 
 
 @click.command("compare")
@@ -38,9 +38,9 @@ def command(studies: Path, findings: Path | None, reading_fps: float, event_seco
     Reports lesion-level sensitivity per class, detection delays, false alerts per hour, frames to read and an
     estimated reading time (definitions: docs/evaluation.md).
     """
-    from capsule_batch.burden import curve_svg, summarise
-    from capsule_batch.groundtruth import compare, pair_studies
-    from capsule_batch.reading import ReadingModel
+    from capsule_batch.evaluation.burden import curve_svg, summarise
+    from capsule_batch.evaluation.groundtruth import compare, pair_studies
+    from capsule_batch.evaluation.reading_time import ReadingModel
     from capsule_batch.review.report import class_colours
 
     if plot is not None:

@@ -40,8 +40,8 @@ def build_cmd(bundle: Path, backend: str, device: str, precision: str, max_batch
     On a CPU, `auto` backend or precision is measured: every configuration this CPU runs natively is checked
     against fp32 and timed, and the fastest that passes is stored and used by later runs."""
     from capsule_batch.backends import create_engine
-    from capsule_batch.bundle import ModelBundle
-    from capsule_batch.engine_store import EngineStore
+    from capsule_batch.backends.engine_store import EngineStore
+    from capsule_batch.model.bundle import ModelBundle
 
     b = ModelBundle.load(bundle)
     kwargs = {"opt_batch": opt_batch} if opt_batch else {}
@@ -83,7 +83,7 @@ def echo_choice(choice: dict) -> None:
 @json_option
 def list_cmd(engines_dir: Path | None, verify: bool, as_json: bool) -> None:
     """List the engines in the store with what they were built from and whether they are usable."""
-    from capsule_batch.engine_store import EngineStore
+    from capsule_batch.backends.engine_store import EngineStore
 
     store = EngineStore(engines_dir)
     rows = store.entries(verify=verify)

@@ -11,7 +11,7 @@ from capsule_batch.cli.options import emit_json, json_option
 @json_option
 def command(as_json: bool) -> None:
     """Show package versions, devices, and which sources/backends work here (and why not)."""
-    from capsule_batch.envinfo import environment_report
+    from capsule_batch.run.environment import environment_report
 
     rep = environment_report()
     if as_json:

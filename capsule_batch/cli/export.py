@@ -38,7 +38,7 @@ def command(studies: tuple[Path, ...], out_dir: Path, decisions: bool, labels: b
             as_json: bool) -> None:
     """Export STUDY.h5: event thumbnails, events.csv, frames.csv; or with --decisions / --labels, what the readers
     decided in one or more studies."""
-    from capsule_batch import export
+    from capsule_batch.study import export
 
     if decisions or labels:
         found = _studies(studies)

@@ -52,8 +52,8 @@ def import_cmd(checkpoint: Path, arch: str, out: Path, classes: str, normal_clas
 
     The checkpoint is read without executing pickled code, and its tensors must fit ARCH exactly.
     """
-    from capsule_batch.bundle import import_checkpoint
-    from capsule_batch.classes import resolve_classes
+    from capsule_batch.model.bundle import import_checkpoint
+    from capsule_batch.model.classes import resolve_classes
 
     check_writable_parent(out)
     names = resolve_classes(classes)
@@ -76,7 +76,7 @@ def import_cmd(checkpoint: Path, arch: str, out: Path, classes: str, normal_clas
 @json_option
 def info_cmd(bundle: Path, verify: bool, as_json: bool) -> None:
     """Describe BUNDLE: architecture, classes, preprocessing, thresholds, provenance."""
-    from capsule_batch.bundle import ModelBundle
+    from capsule_batch.model.bundle import ModelBundle
 
     b = ModelBundle.load(bundle)
     info = b.info()

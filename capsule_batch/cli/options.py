@@ -53,8 +53,9 @@ def emit_json(obj: Any) -> None:
 
 
 def reading_options(f: Any) -> Any:
-    """--reading-fps/--event-seconds: the assumptions of every reading-time estimate (capsule_batch.reading)."""
-    from capsule_batch.reading import DEFAULT_EVENT_S, DEFAULT_READING_FPS
+    """--reading-fps/--event-seconds: the assumptions of every reading-time estimate
+    (capsule_batch.evaluation.reading_time)."""
+    from capsule_batch.evaluation.reading_time import DEFAULT_EVENT_S, DEFAULT_READING_FPS
 
     f = click.option("--event-seconds", type=click.FloatRange(min=0), default=DEFAULT_EVENT_S, show_default=True,
                      help="Assumed time a reader spends on each event, on top of its frames.")(f)
@@ -89,9 +90,19 @@ def engine_options(f: Any) -> Any:
     return f
 
 
+def dataclass_default(cls: Any, name: str) -> Any:
+    """The default of field `name` of the dataclass `cls`: an option's default is written once, on the options
+    dataclass the command fills (RunOptions, TriageConfig), and the CLI shows it from there."""
+    import dataclasses
+
+    f = {x.name: x for x in dataclasses.fields(cls)}[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
 def log_options(f: Any) -> Any:
     """-v/-q (also after the subcommand), --log-file, --log-format, --progress-every: for runs nobody watches."""
     from capsule_batch.logs import LOG_FORMATS
+    from capsule_batch.run.pipeline import RunOptions
 
     for opt in reversed([
         click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -100,7 +111,8 @@ def log_options(f: Any) -> Any:
         click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True,
                      envvar=env_name("log-format"), show_envvar=True,
                      help="The log file's lines: text, or one JSON object per line for a log collector."),
-        click.option("--progress-every", type=click.FloatRange(min=0), default=30.0, show_default=True,
+        click.option("--progress-every", type=click.FloatRange(min=0),
+                     default=dataclass_default(RunOptions, "progress_every"), show_default=True,
                      help="Where stderr is not a terminal (cron, SLURM, a service): a progress line every this many "
                           "seconds (0: none); on a terminal the bar."),
         click.option("-v", "--verbose", "sub_verbose", count=True, help="More log output (-vv for debug)."),
@@ -134,10 +146,10 @@ def apply_log_options(log_file: Path | None, log_format: str, verbose: int, quie
 
 
 def resolve_batch_size(batch_size: int | None, device: str) -> int:
-    """--batch-size, or the auto batch size of the device the run will use (backends.base.AUTO_BATCH_SIZE)."""
+    """--batch-size, or the auto batch size of the device the run will use (backends.select.AUTO_BATCH_SIZE)."""
     if batch_size is not None:
         return batch_size
-    from capsule_batch.backends.base import auto_batch_size
-    from capsule_batch.runner import run_device
+    from capsule_batch.backends.select import auto_batch_size
+    from capsule_batch.run.runner import run_device
 
     return auto_batch_size(run_device(device).type)

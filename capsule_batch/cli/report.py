@@ -31,7 +31,7 @@ from capsule_batch.cli.options import (
 def command(study: Path, out: Path, thumbs_per_event: int, max_image_mb: float, findings: Path | None,
             reading_fps: float, event_seconds: float, as_json: bool) -> None:
     """Write a self-contained HTML report of STUDY.h5 (with its reading estimate; --findings adds what was caught)."""
-    from capsule_batch.reading import ReadingModel
+    from capsule_batch.evaluation.reading_time import ReadingModel
     from capsule_batch.review.report import write_report
 
     check_writable_parent(out)

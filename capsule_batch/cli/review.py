@@ -29,7 +29,7 @@ from capsule_batch.cli.options import existing_path, reading_options
 def command(study: Path, video: Path | None, port: int, reviewer: str, no_browser: bool, findings: Path | None,
             reading_fps: float, event_seconds: float) -> None:
     """Review STUDY.h5's events in the browser; decisions are saved into the study file."""
-    from capsule_batch.reading import ReadingModel
+    from capsule_batch.evaluation.reading_time import ReadingModel
     from capsule_batch.review.app import ReviewApp, Server
 
     stop = threading.Event()

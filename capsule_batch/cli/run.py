@@ -1,11 +1,11 @@
-"""`capsule-batch run`: classify whole recordings into HDF5 study files (capsule_batch.runner.run_recordings)."""
+"""`capsule-batch run`: classify whole recordings into HDF5 study files (capsule_batch.run.runner.run_recordings)."""
 
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import click
 
 from capsule_batch.cli.options import (
     apply_log_options,
+    dataclass_default,
     emit_json,
     engine_options,
     env_name,
@@ -27,7 +28,7 @@ _logger = logging.getLogger(__name__)
 
 def _check_shard(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """A malformed --shard is a usage error (exit 2), found before any recording is opened."""
-    from capsule_batch.runner import parse_shard
+    from capsule_batch.run.runner import parse_shard
 
     if value is not None:
         try:
@@ -39,7 +40,12 @@ def _check_shard(ctx: click.Context, param: click.Parameter, value: str | None) 
 
 def study_options(f: Any) -> Any:
     """What `run` and `watch` share: the model, the output folder, the engine, how studies are made and reused, and
-    the logs. `run_options(**kwargs)` turns them into RunOptions."""
+    the logs. `run_options(**kwargs)` turns them into RunOptions. The defaults are RunOptions' and TriageConfig's
+    own: written once, there."""
+    from capsule_batch.run.pipeline import RunOptions
+    from capsule_batch.study.triage import TriageConfig
+
+    run, triage = partial(dataclass_default, RunOptions), partial(dataclass_default, TriageConfig)
     for opt in reversed([
         click.option("-m", "--model", "bundle_path", required=True, type=existing_path(), envvar=env_name("model"),
                      show_envvar=True, help="Model bundle folder."),
@@ -48,44 +54,46 @@ def study_options(f: Any) -> Any:
                      help="Folder for the study files (OUTDIR/<name>.h5: the recording's name, its parent's too where "
                           "the name says nothing, e.g. a/images -> a_images.h5); created if missing."),
         engine_options,
-        click.option("--resume/--overwrite", default=True, show_default=True,
+        click.option("--resume/--overwrite", default=run("resume"), show_default=True,
                      help="Continue a partial study file (default), or start every study over, finished ones "
                           "included (the old ones are not kept)."),
-        click.option("--reuse", type=click.Choice(["same", "never", "any"]), default="same", show_default=True,
+        click.option("--reuse", type=click.Choice(["same", "never", "any"]), default=run("reuse"), show_default=True,
                      envvar=env_name("reuse"), show_envvar=True,
                      help="A finished study is skipped when it answers the same question (same: the same recording "
                           "content, bundle weights, triage settings and precision class), never, or whenever it "
                           "exists (any). A study redone is kept beside the new one as <name>.<created>.h5."),
-        click.option("--top-k", type=click.IntRange(min=1), default=None,
+        click.option("--top-k", type=click.IntRange(min=1), default=triage("top_k"),
                      help="Keep only the K highest-scoring events."),
-        click.option("--merge-gap", type=click.IntRange(min=0), default=2, show_default=True,
+        click.option("--merge-gap", type=click.IntRange(min=0), default=triage("merge_gap"), show_default=True,
                      help="Flagged frames of one class at most this many frames apart form one event."),
-        click.option("--min-run", type=click.IntRange(min=1), default=1, show_default=True,
+        click.option("--min-run", type=click.IntRange(min=1), default=triage("min_run"), show_default=True,
                      help="Drop events with fewer flagged frames (off by default: validate per class first)."),
-        click.option("--smooth", type=click.IntRange(min=1), default=1, show_default=True,
+        click.option("--smooth", type=click.IntRange(min=1), default=triage("smooth"), show_default=True,
                      help="Moving average of the probabilities over this many frames before flagging (1: off)."),
         click.option("--per-class-events", is_flag=True,
                      help="One event per class; by default neighbouring runs of different classes are one event "
                           "(one stop per finding), led by the strongest peak."),
-        click.option("--probs-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+        click.option("--probs-dtype", type=click.Choice(["float16", "float32"]), default=run("probs_dtype"),
+                     show_default=True,
                      help="Storage type of frames/probs."),
-        click.option("--block-frames", type=click.IntRange(min=1), default=4096, show_default=True,
+        click.option("--block-frames", type=click.IntRange(min=1), default=run("block_frames"), show_default=True,
                      help="Frames per flushed block: the most a crash can lose."),
-        click.option("--thumbs-per-event", type=click.IntRange(min=1), default=3, show_default=True),
-        click.option("--max-thumbs", type=click.IntRange(min=0), default=200, show_default=True,
+        click.option("--thumbs-per-event", type=click.IntRange(min=1), default=run("thumbs_per_event"),
+                     show_default=True),
+        click.option("--max-thumbs", type=click.IntRange(min=0), default=run("max_thumbs"), show_default=True,
                      help="Thumbnails per study at most (events with the highest peaks first)."),
-        click.option("--progress/--no-progress", default=None,
+        click.option("--progress/--no-progress", default=run("progress"),
                      help="Progress bar on stderr (default: when a terminal)."),
-        click.option("--decode-timeout", type=click.FloatRange(min=0), default=300.0, show_default=True,
+        click.option("--decode-timeout", type=click.FloatRange(min=0), default=run("decode_timeout"), show_default=True,
                      help="Fail a recording whose decoder yields no frames for this many seconds (0: wait forever)."),
-        click.option("--engine-timeout", type=click.FloatRange(min=0), default=300.0, show_default=True,
+        click.option("--engine-timeout", type=click.FloatRange(min=0), default=run("engine_timeout"), show_default=True,
                      help="Fail the recording and end the process when one engine call takes this many seconds (a "
                           "hung GPU or driver; with a worker the next recordings go on in a new one; 0: wait "
                           "forever)."),
-        click.option("--inflight", type=click.IntRange(min=1), default=2, show_default=True,
+        click.option("--inflight", type=click.IntRange(min=1), default=run("inflight"), show_default=True,
                      help="Batches queued on the device at once: the next batch is launched before the last one's "
                           "results are waited for (1: one at a time)."),
-        click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=None,
+        click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=run("fps"),
                      help="Frame folders: the capture rate in frames/s, for the frames' times (stored in the study). "
                           "Without it a folder's frames have no times, and none are shown. Videos carry their own."),
         click.option("--exclude", multiple=True, metavar="PATTERN",
@@ -105,7 +113,7 @@ def run_options(*, source: str, device: str, batch_size: int | None, resume: boo
                 fps: float | None, exclude: tuple[str, ...], log_file: Path | None, log_format: str,
                 progress_every: float, sub_verbose: int, sub_quiet: bool, shard: str = "0/1", **_: Any) -> Any:
     """RunOptions from `study_options`' values (the log options applied on the way)."""
-    from capsule_batch.pipeline import RunOptions
+    from capsule_batch.run.pipeline import RunOptions
 
     apply_log_options(log_file, log_format, sub_verbose, sub_quiet)
     return RunOptions(source=source, batch_size=resolve_batch_size(batch_size, device), resume=resume,
@@ -135,8 +143,15 @@ def command(recordings: tuple[Path, ...], bundle_path: Path, out_dir: Path, engi
     Exit 0 when all succeed, 1 when any failed, 130 when interrupted (rerun the command to resume).
     """
     from capsule_batch.exits import exit_process
-    from capsule_batch.isolation import worker_report
-    from capsule_batch.runner import EngineSpec, output_problem, preflight, resolve_shard, run_recordings
+    from capsule_batch.run.isolation import worker_report
+    from capsule_batch.run.runner import (
+        EngineSpec,
+        StopOnSignals,
+        output_problem,
+        preflight,
+        resolve_shard,
+        run_recordings,
+    )
 
     rank, world = resolve_shard(shard)
     opts = run_options(device=device, shard=f"{rank}/{world}", **kw)
@@ -148,7 +163,7 @@ def command(recordings: tuple[Path, ...], bundle_path: Path, out_dir: Path, engi
         _summarise(failed, rank, world, as_json)
         exit_process(1)
     stop = threading.Event()
-    with _stop_on_signals(stop):
+    with StopOnSignals(stop):
         batch = run_recordings(usable, bundle_path, out_dir, engine=EngineSpec(engine, device, precision),
                                options=opts, stop=stop, shard=(rank, world), isolate=isolate)
     if not batch.worker and batch.worker_exit is None:
@@ -171,28 +186,3 @@ def _summarise(results: list[Any], rank: int, world: int, as_json: bool) -> None
             click.echo(f"{r.status:11s} {r.recording}" + (f" -> {r.output}" if r.output else "") + f": {what}")
     if interrupted:
         click.echo("interrupted: run the same command again to resume from the last flushed block", err=True)
-
-
-class _stop_on_signals:
-    """First SIGINT/SIGTERM: set `stop` (the run flushes and ends); a second SIGINT aborts at once."""
-
-    def __init__(self, stop: threading.Event):
-        self.stop = stop
-        self._old: dict[int, Any] = {}
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.stop.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.stop.set()
-        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after the current block is flushed "
-                         "(Ctrl-C again to abort)\n")
-
-    def __enter__(self) -> _stop_on_signals:
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handler)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)

@@ -42,8 +42,8 @@ def command(out: Path, frames: int, codec: str | None, size: int, fps: float, se
 
     The style options render the same scene (same findings on the same frames) in another visual domain.
     """
-    from capsule_batch.progress import Progress
-    from capsule_batch.synth import FINDING_CLASSES, Style, synthesize
+    from capsule_batch.run.progress import Progress
+    from capsule_batch.sources.synthesize import FINDING_CLASSES, Style, synthesize
 
     check_writable_parent(out)
     cls = tuple(c.strip() for c in classes.split(",")) if classes else FINDING_CLASSES

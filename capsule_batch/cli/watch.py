@@ -1,4 +1,4 @@
-"""`capsule-batch watch`: run every recording that arrives in a folder (capsule_batch.watch.Watcher)."""
+"""`capsule-batch watch`: run every recording that arrives in a folder (capsule_batch.run.watch.Watcher)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Any
 import click
 
 from capsule_batch.cli.options import env_name
-from capsule_batch.cli.run import _stop_on_signals, run_options, study_options
+from capsule_batch.cli.run import run_options, study_options
+from capsule_batch.run.runner import StopOnSignals
 
 
 @click.command("watch")
@@ -36,8 +37,8 @@ def command(inbox: Path, bundle_path: Path, out_dir: Path, engine: str, device: 
     on. SIGTERM or Ctrl-C stop it after the current batch is flushed (exit 0; a partial study resumes next time).
     """
     from capsule_batch.exits import exit_process
-    from capsule_batch.runner import EngineSpec, open_pipeline
-    from capsule_batch.watch import Watcher, WatchOptions, inbox_problem
+    from capsule_batch.run.runner import EngineSpec, open_pipeline
+    from capsule_batch.run.watch import Watcher, WatchOptions, inbox_problem
 
     why = inbox_problem(inbox)
     if why:
@@ -48,6 +49,6 @@ def command(inbox: Path, bundle_path: Path, out_dir: Path, engine: str, device: 
                        stop=stop) as pipeline:
         watcher = Watcher(inbox, out_dir, pipeline, WatchOptions(settle=settle, poll=poll, marker=marker, once=once),
                           stop)
-        with _stop_on_signals(stop):
+        with StopOnSignals(stop):
             rc = watcher.run()
     exit_process(rc)

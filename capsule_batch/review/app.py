@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 
 from capsule_batch.errors import CapsuleError, MissingPackageError, StudyError
-from capsule_batch.reading import ReadingModel, study_estimate
-from capsule_batch.review.decisions import VERDICTS, BackgroundFolder, DecisionLog
+from capsule_batch.evaluation.reading_time import ReadingModel, study_estimate
 from capsule_batch.review.report import reading_context
 from capsule_batch.review.view import SORTS, StudyView
+from capsule_batch.study.decisions import VERDICTS, BackgroundFolder, DecisionLog
 
 _logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class ReviewApp:
         self.reviewer = reviewer
         self.video = None
         if video is not None:
-            from capsule_batch.review.video import open_recording
+            from capsule_batch.review.frames import open_recording
 
             self.video = open_recording(video, self.view.attrs, self.view.reader.files())
         self.flask = self._build()
@@ -251,10 +251,10 @@ class ReviewApp:
 
 def _findings_summary(study: str | os.PathLike, findings: str | os.PathLike, reading: ReadingModel | None
                       ) -> dict[str, Any]:
-    """What the page shows of a comparison with `findings` (capsule_batch.groundtruth): findings one by one with
-    the events that caught them, the events' findings, and the pooled figures of this one study."""
-    from capsule_batch.burden import summarise
-    from capsule_batch.groundtruth import compare
+    """What the page shows of a comparison with `findings` (capsule_batch.evaluation.groundtruth): findings one by one
+    with the events that caught them, the events' findings, and the pooled figures of this one study."""
+    from capsule_batch.evaluation.burden import summarise
+    from capsule_batch.evaluation.groundtruth import compare
 
     cmp = compare(study, findings, reading)
     s = summarise([cmp], reading).overall
@@ -270,8 +270,8 @@ def _findings_summary(study: str | os.PathLike, findings: str | os.PathLike, rea
 def _lock_study(study: Path) -> int:
     """One review app per study at a time: two would interleave their journals and overwrite each other's folds.
 
-    The same lock tells `run --overwrite` that the study is open here (capsule_batch.locks)."""
-    from capsule_batch.locks import REVIEW_LOCK_SUFFIX, acquire, lock_path
+    The same lock tells `run --overwrite` that the study is open here (capsule_batch.study.locks)."""
+    from capsule_batch.study.locks import REVIEW_LOCK_SUFFIX, acquire, lock_path
 
     lock = lock_path(study, REVIEW_LOCK_SUFFIX)
     try:
@@ -284,7 +284,7 @@ def _lock_study(study: Path) -> int:
 
 
 def _unlock_study(study: Path, fd: int) -> None:
-    from capsule_batch.locks import REVIEW_LOCK_SUFFIX, lock_path, release
+    from capsule_batch.study.locks import REVIEW_LOCK_SUFFIX, lock_path, release
 
     release(lock_path(study, REVIEW_LOCK_SUFFIX), fd)
 

@@ -22,13 +22,13 @@ import numpy as np
 
 from capsule_batch import __version__
 from capsule_batch.errors import MissingPackageError
-from capsule_batch.reading import ReadingEstimate, ReadingModel, clock, study_estimate
-from capsule_batch.review.decisions import read_decisions
+from capsule_batch.evaluation.reading_time import ReadingEstimate, ReadingModel, clock, study_estimate
 from capsule_batch.review.view import StudyView
+from capsule_batch.study.decisions import read_decisions
 
 if TYPE_CHECKING:
-    from capsule_batch.burden import Summary
-    from capsule_batch.groundtruth import Comparison
+    from capsule_batch.evaluation.burden import Summary
+    from capsule_batch.evaluation.groundtruth import Comparison
 
 _logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def reading_context(est: ReadingEstimate) -> dict[str, Any]:
 
 def findings_context(cmp: Comparison, summary: Summary, findings: str | os.PathLike) -> dict[str, Any]:
     """What was caught, for the report: the findings one by one, per-class figures, the curve as SVG."""
-    from capsule_batch.burden import curve_svg
+    from capsule_batch.evaluation.burden import curve_svg
 
     def pct(v: float | None, ci: Any) -> str:
         if v is None:
@@ -181,8 +181,8 @@ def build_report(study: str | os.PathLike, per_event: int = DEFAULT_PER_EVENT,
         raise MissingPackageError("jinja2", "review", "the HTML report") from e
     found = None
     if findings is not None:
-        from capsule_batch.burden import summarise
-        from capsule_batch.groundtruth import compare
+        from capsule_batch.evaluation.burden import summarise
+        from capsule_batch.evaluation.groundtruth import compare
 
         cmp = compare(study, findings, reading)
         found = findings_context(cmp, summarise([cmp], reading), findings)

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from capsule_batch.store import StudyReader
-from capsule_batch.triage import events_from_table
+from capsule_batch.study.store import StudyReader
+from capsule_batch.study.triage import events_from_table
 
 _logger = logging.getLogger(__name__)
 

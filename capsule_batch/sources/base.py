@@ -22,7 +22,7 @@ truth, `info().frame_count` keeps the container's claim and `frames_decoded` the
 index `start`. `reopen(start)` gives the same recording from another frame (a resume, the thumbnail pass).
 
 A source decodes in the thread that iterates it; in a run that is the pipeline's one decode thread
-(capsule_batch.stages.DecodeStage), so sources start no thread of their own to hand batches on.
+(capsule_batch.run.stages.DecodeStage), so sources start no thread of their own to hand batches on.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from capsule_batch.errors import SourceError
-from capsule_batch.preprocess import Preprocess, preprocess_batch
+from capsule_batch.model.preprocess import Preprocess, preprocess_batch
 from capsule_batch.registry import Registry
 from capsule_batch.sources.listing import FRAME_SUFFIXES, list_frames, natural_key  # noqa: F401 (re-exported)
 
@@ -83,7 +83,7 @@ class RecordingInfo:
 
 class FrameSource(abc.ABC):
     """Base class of sources; construct with `open_source` rather than directly (or directly, to hand an
-    object to `capsule_batch.runner.run_recordings`)."""
+    object to `capsule_batch.run.runner.run_recordings`)."""
 
     name: ClassVar[str] = "?"
 

@@ -48,7 +48,7 @@ import numpy as np
 
 from capsule_batch.devices import nvdec_problem, side_stream, to_device_async
 from capsule_batch.errors import MissingPackageError, SourceError
-from capsule_batch.preprocess import Preprocess, preprocess_batch
+from capsule_batch.model.preprocess import Preprocess, preprocess_batch
 from capsule_batch.sources.base import (
     SOURCES,
     DecodeFailure,

@@ -10,9 +10,9 @@ reported, see base.py), and a file decord stops decoding part-way through: PyAV 
 stopped, and only a frame neither can decode ends the recording. The decoder used, and why, is in
 `info().extra["decoder"]` (the study's `decoder` attribute), and a switch is logged in one line.
 
-No resize happens in the decoder: decord's scaler is not the bundle's resize (see capsule_batch/preprocess.py),
+No resize happens in the decoder: decord's scaler is not the bundle's resize (see capsule_batch/model/preprocess.py),
 so frames are decoded at full size and preprocessed with `preprocess_batch`. Batches are decoded in the
-thread that iterates the source (in a run: the pipeline's decode thread, capsule_batch.stages).
+thread that iterates the source (in a run: the pipeline's decode thread, capsule_batch.run.stages).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from capsule_batch.errors import MissingPackageError, SourceError
-from capsule_batch.preprocess import Preprocess
+from capsule_batch.model.preprocess import Preprocess
 from capsule_batch.sources.base import (
     SOURCES,
     FrameBatch,

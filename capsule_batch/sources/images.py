@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from capsule_batch.preprocess import Preprocess
+from capsule_batch.model.preprocess import Preprocess
 from capsule_batch.sources.base import (
     SOURCES,
     DecodeFailure,

@@ -1,6 +1,6 @@
 """Run a producer generator in a thread behind a bounded queue, so producing overlaps the consumer.
 
-The pipeline's decode stage is one of these around a `FrameSource` (capsule_batch.stages): the only thread
+The pipeline's decode stage is one of these around a `FrameSource` (capsule_batch.run.stages): the only thread
 a recording is decoded in. A worker exception is re-raised in the consumer (never a hang), a worker that ends
 without a result is an error, and `close()` stops the thread even when the consumer stops early: the worker
 checks a stop flag between items and never blocks forever on a full queue.

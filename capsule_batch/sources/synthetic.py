@@ -1,7 +1,7 @@
 """`synthetic`: a recording that needs no file, for benchmarks and scale tests.
 
 The "path" is a spec such as `synthetic:frames=1000000,size=336,seed=0` (optional `fps`, `pool`).
-A small pool of frames is rendered once with `capsule_batch.synth.Scene` and preprocessed once;
+A small pool of frames is rendered once with `capsule_batch.sources.synthesize.Scene` and preprocessed once;
 batches are views into that pool (frame i shows pool frame i % pool), so a frame costs almost
 nothing and the source measures everything downstream of decode. Index and pts are exact and
 contiguous like a real recording's. Batches share memory with the pool: do not modify them in place.
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from capsule_batch.errors import SourceError
-from capsule_batch.preprocess import Preprocess
+from capsule_batch.model.preprocess import Preprocess
 from capsule_batch.sources.base import (
     SOURCES,
     SYNTHETIC_PREFIX,
@@ -72,7 +72,7 @@ class SyntheticSource(FrameSource):
         """Pool frames repeated to pool + batch_size entries, so every batch is one contiguous slice."""
         import torch
 
-        from capsule_batch.synth import Scene
+        from capsule_batch.sources.synthesize import Scene
 
         n = int(min(self.spec["pool"], self.frames))
         scene = Scene(int(self.spec["size"]), n, int(self.spec["seed"]), float(self.spec["fps"]),

@@ -1,4 +1,4 @@
-"""The stages of a run and what each hands the next; `capsule_batch.pipeline` sequences them for one recording.
+"""The stages of a run and what each hands the next; `capsule_batch.run.pipeline` sequences them for one recording.
 
     FrameSource --FrameBatch--> DecodeStage --FrameBatch--> layout() --Layout--> EngineStage --Rows--> WriterStage
                                 (decode thread)                                  (calling thread)   (writer thread)
@@ -38,10 +38,11 @@ import numpy as np
 
 from capsule_batch.backends.base import chunks
 from capsule_batch.errors import SourceError, StudyError
-from capsule_batch.preprocess import Preprocess, to_rgb
+from capsule_batch.model.preprocess import Preprocess, to_rgb
 from capsule_batch.sources.base import FrameBatch, FrameSource
 from capsule_batch.sources.prefetch import END, Prefetcher, WorkerDied
-from capsule_batch.store import STATUS_DECODE_FAILED, STATUS_OK, StudyWriter
+from capsule_batch.study.schema import FRAME_DATASETS, STATUS_DECODE_FAILED, STATUS_OK
+from capsule_batch.study.store import StudyWriter
 
 _logger = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ class EngineWatch:
     A call into TensorRT, CUDA or torch that hangs (a stuck GPU, driver or engine) cannot be interrupted from
     Python, and the engine that made it cannot be used again: the only way on is a new process. So the
     pipeline's `on_hang` reports the recording as failed and ends the process; with a worker process
-    (capsule_batch.isolation) the supervisor then goes on with the next recording in a new worker, and the
+    (capsule_batch.run.isolation) the supervisor then goes on with the next recording in a new worker, and the
     partial study resumes from its last flushed block on the next run. `timeout` None or 0: no watch."""
 
     def __init__(self, timeout: float | None, on_hang: Callable[[float, int], None]):
@@ -322,7 +323,7 @@ class WriterStage:
                     n += len(item)
                 if pending and (n >= self.block_frames or item is _END):
                     self.writer.append(*(np.concatenate([getattr(r, k) for r in pending])
-                                         for k in ("index", "pts", "probs", "status")))
+                                         for k in FRAME_DATASETS))
                     _logger.debug("%s: flushed frames_done=%d", self.writer.partial, self.writer.frames_done)
                     pending, n = [], 0
                 if item is _END:

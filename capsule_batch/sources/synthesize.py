@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from capsule_batch.classes import CE24_CLASSES
 from capsule_batch.errors import CapsuleError
 from capsule_batch.files import output_folder_problem
+from capsule_batch.model.classes import CE24_CLASSES
 
 _logger = logging.getLogger(__name__)
 

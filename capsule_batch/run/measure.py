@@ -48,7 +48,7 @@ def environment(device: Any) -> dict[str, Any]:
     import torch
 
     from capsule_batch.backends.cpu_choice import cpu_info
-    from capsule_batch.envinfo import PACKAGES, _version
+    from capsule_batch.run.environment import PACKAGES, _version
 
     versions = {mod: _version(dists) for mod, dists, _ in PACKAGES}
     return {
@@ -164,8 +164,8 @@ def bench_e2e(recording: str | Path, bundle: Any, engine: Any, *, source: str, b
     and waiting for their results; waiting for decode; waiting for the writer); `outside_engine_s` is the rest of
     the wall time. Nothing extra is synchronised, so batches stay in flight as in a real run. `max_thumbs` and
     `prefetch` (batches decoded ahead, and batches queued for the writer) None: `run`'s defaults."""
-    from capsule_batch.pipeline import RunOptions
-    from capsule_batch.runner import run_recordings
+    from capsule_batch.run.pipeline import RunOptions
+    from capsule_batch.run.runner import run_recordings
 
     opts = RunOptions(source=source, batch_size=batch_size, overwrite=True, progress=False, inflight=inflight)
     if max_thumbs is not None:
@@ -188,7 +188,7 @@ def bench_e2e(recording: str | Path, bundle: Any, engine: Any, *, source: str, b
 
 def synthetic_recording(workdir: str | Path, frames: int, size: int = 336, seed: int = 0) -> Path:
     """A 336x336 H.264 synthetic recording, reused when it already exists."""
-    from capsule_batch.synth import synthesize
+    from capsule_batch.sources.synthesize import synthesize
 
     path = Path(workdir) / f"bench_h264_{frames}_{size}_{seed}.mp4"
     if not path.exists():
@@ -203,7 +203,7 @@ def run_benchmarks(bundle: Any, recording: str | Path | None = None, *, stages: 
                    workdir: str | Path | None = None, inflight: int = 2,
                    engine_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Run the requested stages on one configuration; one result dict per stage, each with the full config."""
-    from capsule_batch.runner import EngineSpec
+    from capsule_batch.run.runner import EngineSpec
 
     tmp = None
     if workdir is None:
@@ -245,7 +245,7 @@ def run_benchmarks(bundle: Any, recording: str | Path | None = None, *, stages: 
 
 def _frame_size(recording: Path) -> dict[str, Any]:
     from capsule_batch.errors import SourceError
-    from capsule_batch.preprocess import Preprocess
+    from capsule_batch.model.preprocess import Preprocess
     from capsule_batch.sources.base import open_source
 
     try:

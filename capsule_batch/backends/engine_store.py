@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from capsule_batch import __version__
-from capsule_batch.bundle import ModelBundle, sha256_file
 from capsule_batch.errors import EngineError
 from capsule_batch.files import publish_dir
+from capsule_batch.model.bundle import ModelBundle, sha256_file
 
 _logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Full-resolution frames from the recording for the review app, frame-exact: a video file (PyAV) or a frame folder.
 
 `open_recording` first checks that the recording is the one the study was made from (its content hash,
-`capsule_batch.store.recording_identity`): a re-encoded or different recording would show a reviewer other
+`capsule_batch.study.store.recording_identity`): a re-encoded or different recording would show a reviewer other
 frames than the model saw. Video: found by frame number with `capsule_batch.sources.video.VideoFrames` (the one
 single-frame reader), which numbers frames in presentation order as the run's decoders do, whatever the stream's
 start time (MPEG-TS, edit lists), B-frames or frame rate: a stored timestamp is seconds from the first frame, not the
@@ -19,7 +19,7 @@ from typing import Any
 
 from capsule_batch.errors import SourceError
 from capsule_batch.sources.video import VideoFrames as SourceVideoFrames
-from capsule_batch.store import recording_identity
+from capsule_batch.study.store import recording_identity
 
 
 def _jpeg(img: Any, quality: int = 92) -> bytes:

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from capsule_batch.study.schema import EVENT_DTYPE
+
 
 @dataclass(frozen=True)
 class TriageConfig:
@@ -74,10 +76,6 @@ class TriageConfig:
         return cls(**d)
 
 
-#: one row of the study file's `events` table; `classes` is a bit mask of every class flagged inside the event (bit c
-#: for class c; the leading `class` included). Studies made before it have no `classes` column: see `event_classes`
-EVENT_DTYPE = np.dtype([("start", "<u4"), ("end", "<u4"), ("class", "<u2"), ("peak_frame", "<u4"),
-                        ("peak_score", "<f4"), ("n_flagged", "<u4"), ("classes", "<u4")])
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from capsule_batch.groundtruth import Comparison
-from capsule_batch.reading import ReadingModel, frames_in_spans
-from capsule_batch.stats import (
+from capsule_batch.evaluation.groundtruth import Comparison
+from capsule_batch.evaluation.reading_time import ReadingModel, frames_in_spans
+from capsule_batch.evaluation.stats import (
     DEFAULT_BOOTSTRAP,
     DEFAULT_CONFIDENCE,
     DEFAULT_SEED,
@@ -250,7 +250,7 @@ def reading_curve(comparisons: Sequence[Comparison], classes: list[str], model: 
 
 def curve_svg(curve: Curve, colours: dict[str, str] | None = None, title: str = "") -> str:
     """The curve as an SVG line chart: sensitivity against frames to read per study, one line per class."""
-    from capsule_batch.svgplot import Series, line_chart
+    from capsule_batch.evaluation.svgplot import Series, line_chart
 
     colours = colours or {}
     series = []

@@ -1,4 +1,4 @@
-"""Run whole recordings, one study file each: the sequencer of the stages in capsule_batch.stages.
+"""Run whole recordings, one study file each: the sequencer of the stages in capsule_batch.run.stages.
 
 For one recording `Pipeline.run`:
 1. opens (or resumes) the study file: `StudyWriter`, with the attributes of `store.run_attrs`;
@@ -11,7 +11,7 @@ A recording is a path (a video file, a frame folder, a `synthetic:` spec), or a 
 as it is (resume and thumbnails then `reopen` it). Errors become a failed `StudyResult`, never an exception, so
 `run_many` goes on with the next recording. Setting `stop` (the CLI does on SIGINT/SIGTERM) ends a run after the
 rows computed so far (those on the device included) are flushed; the partial file then resumes from there.
-Building the bundle and engine, sharding and worker processes are `capsule_batch.runner`'s.
+Building the bundle and engine, sharding and worker processes are `capsule_batch.run.runner`'s.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from typing import Any
 
 from capsule_batch.errors import CapsuleError, StudyError
 from capsule_batch.exits import exit_now
-from capsule_batch.locks import check_not_in_review, run_lock
-from capsule_batch.progress import Progress
+from capsule_batch.run.progress import Progress
+from capsule_batch.run.stages import DecodeStage, EngineStage, EngineWatch, Rows, WriterStage, layout, thumbnails
 from capsule_batch.sources.base import FrameSource, open_source
-from capsule_batch.stages import DecodeStage, EngineStage, EngineWatch, Rows, WriterStage, layout, thumbnails
-from capsule_batch.store import (
+from capsule_batch.study.locks import check_not_in_review, run_lock
+from capsule_batch.study.store import (
     StudyReader,
     StudyWriter,
     partial_path,
@@ -42,7 +42,7 @@ from capsule_batch.store import (
     side_files,
     source_attrs,
 )
-from capsule_batch.triage import TriageConfig, classify, compute_event_table, thumbnail_frames
+from capsule_batch.study.triage import TriageConfig, classify, compute_event_table, thumbnail_frames
 
 _logger = logging.getLogger(__name__)
 
@@ -81,6 +81,20 @@ class RunOptions:
     #: not frames (None: capsule_batch.sources.listing.DEFAULT_EXCLUDE)
     fps: float | None = None
     exclude: tuple[str, ...] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain data (a worker process's job carries it): `from_json` gives these options back."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RunOptions:
+        d = dict(d)
+        if d.get("triage") is not None:
+            t = dict(d["triage"])
+            d["triage"] = TriageConfig(**{**t, "class_names": tuple(t["class_names"])})
+        if d.get("exclude") is not None:
+            d["exclude"] = tuple(d["exclude"])
+        return cls(**d)
 
 
 @dataclass
@@ -254,7 +268,7 @@ class Pipeline:
         """Each recording to its own study; a failing one is reported and the rest go on.
 
         `report(recording, None)` is called before and `report(recording, result)` after each one (the
-        worker of capsule_batch.isolation tells its supervisor where it is)."""
+        worker of capsule_batch.run.isolation tells its supervisor where it is)."""
         self.names = {**study_names(recordings), **self.names}
         outs: dict[Path, str] = {}
         for r in recordings:

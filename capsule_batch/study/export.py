@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from capsule_batch.errors import StudyError
-from capsule_batch.store import STATUS_NAMES, StudyReader
-from capsule_batch.triage import classes_in, classify, event_classes
+from capsule_batch.study.store import STATUS_NAMES, StudyReader
+from capsule_batch.study.triage import classes_in, classify, event_classes
 
 _logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ DECISION_COLUMNS = ["recording", "study", "event", "start_frame", "end_frame", "
 
 def _decided_events(rd: StudyReader) -> list[tuple[Any, Any]]:
     """[(event row, its latest decision)] of the events a reader decided on, by event."""
-    from capsule_batch.review.decisions import read_decisions
+    from capsule_batch.study.decisions import read_decisions
 
     decisions = read_decisions(rd.path)
     events = rd.events_table()

@@ -4,10 +4,10 @@ all run recordings with `run_recordings`.
 Layers, as nnU-Net's entry points (files -> sources -> a stream of batches):
 - `run_recordings(recordings, bundle, out_dir, engine=..., options=...)` does what every batch of recordings
   needs once: this process's shard of them (`select_shard`), the output folder's writability probe, a worker
-  process when asked (capsule_batch.isolation: a native crash then fails one recording, not the batch), the
+  process when asked (capsule_batch.run.isolation: a native crash then fails one recording, not the batch), the
   bundle loaded and the engine built (`EngineSpec`, or an engine the caller built), then `Pipeline.run_many`;
-- `Pipeline.run` (capsule_batch.pipeline) runs one recording into one study file, sequencing the stages of
-  capsule_batch.stages (decode thread -> engine -> writer thread).
+- `Pipeline.run` (capsule_batch.run.pipeline) runs one recording into one study file, sequencing the stages of
+  capsule_batch.run.stages (decode thread -> engine -> writer thread).
 A recording is a path (video file, frame folder, `synthetic:` spec), opened with `open_source`, or a
 `FrameSource` object used as it is, so that a test or a script can feed frames without registering a source.
 """
@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import sys
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from typing import Any
 
 from capsule_batch.errors import CapsuleError, StudyError
 from capsule_batch.files import unwritable
-from capsule_batch.pipeline import Pipeline, Recording, RunOptions, StudyResult, recording_path, study_names
+from capsule_batch.run.pipeline import Pipeline, Recording, RunOptions, StudyResult, recording_path, study_names
 from capsule_batch.sources.base import FrameSource
 
 _logger = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ class EngineSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
     def build(self, bundle: Any, batch_size: int = 64) -> Any:
-        from capsule_batch.backends.base import create_engine
+        from capsule_batch.backends.select import create_engine
 
         return create_engine(bundle, backend=self.backend, device=run_device(self.device), precision=self.precision,
                              max_batch=self.max_batch or batch_size, **self.options)
@@ -57,7 +59,7 @@ class Batch:
     results: list[StudyResult]
     rank: int = 0
     world_size: int = 1
-    #: this process is a worker of capsule_batch.isolation (its supervisor reports the results)
+    #: this process is a worker of capsule_batch.run.isolation (its supervisor reports the results)
     worker: bool = False
     #: a worker process ended before its first recording with this exit code (it said why on stderr)
     worker_exit: int | None = None
@@ -82,18 +84,21 @@ class Batch:
 
 def run_recordings(recordings: Sequence[Recording], bundle: Any, out_dir: str | os.PathLike, *,
                    engine: Any = None, options: RunOptions | None = None, stop: threading.Event | None = None,
-                   shard: tuple[int, int] = (0, 1), isolate: bool | None = False) -> Batch:
+                   shard: tuple[int, int] = (0, 1), isolate: bool | None = False,
+                   names: dict[str, str] | None = None) -> Batch:
     """Run this shard of `recordings` into OUT_DIR/<name>.h5 each (`pipeline.study_names` of all of them).
 
     `bundle`: a ModelBundle or its folder. `engine`: an `EngineSpec` (default: all `auto`), built here and closed
     at the end, or an engine object the caller keeps. `stop` ends the run cleanly (the CLI sets it on SIGINT).
-    `isolate`: run in worker processes started with this process's own command line (for command-line programs
-    whose run is all they do); None: when the shard has more than one recording. Raises CapsuleError for what
+    `isolate`: run in worker processes (capsule_batch.run.isolation: each gets a job description, not this
+    process's command line); None: when the shard has more than one recording. `names`: the study names of a
+    larger batch these recordings belong to (default: `pipeline.study_names` of these). Raises CapsuleError for what
     stops the whole batch (an unwritable folder, a bundle or engine that cannot load); a recording that fails
     is a failed result and the others go on."""
-    from capsule_batch.isolation import Supervisor, worker_argv, worker_report
+    from capsule_batch.run.isolation import Supervisor, worker_report
 
     options = options or RunOptions()
+    names = names or study_names(recordings)
     stop = stop or threading.Event()
     rank, world = shard
     mine = select_shard(recordings, rank, world)
@@ -105,9 +110,10 @@ def run_recordings(recordings: Sequence[Recording], bundle: Any, out_dir: str | 
         if stop.is_set():
             return Batch([StudyResult(str(r), "interrupted", error="not started: interrupted") for r in mine],
                          rank, world)
-        results, rc = Supervisor([str(r) for r in mine], worker_argv(), out_dir, study_names(recordings)).run()
+        job = worker_job([str(r) for r in mine], bundle, out_dir, engine, options, names)
+        results, rc = Supervisor([str(r) for r in mine], job, out_dir, names).run()
         return Batch(results, rank, world, worker_exit=rc)
-    from capsule_batch.bundle import ModelBundle
+    from capsule_batch.model.bundle import ModelBundle
 
     if not isinstance(bundle, ModelBundle):
         bundle = ModelBundle.load(bundle)
@@ -116,7 +122,7 @@ def run_recordings(recordings: Sequence[Recording], bundle: Any, out_dir: str | 
     try:
         _logger.info("rank %d/%d: %d of %d recordings", rank, world, len(mine), len(recordings))
         report, skip = worker if worker is not None else (None, 0)
-        results = Pipeline(bundle, eng, options, stop, names=study_names(recordings)).run_many(
+        results = Pipeline(bundle, eng, options, stop, names=names).run_many(
             mine[skip:], out_dir, report=report)
     finally:
         if own:
@@ -124,12 +130,35 @@ def run_recordings(recordings: Sequence[Recording], bundle: Any, out_dir: str | 
     return Batch(results, rank, world, worker=worker is not None)
 
 
+def worker_job(recordings: list[str], bundle: Any, out_dir: str | os.PathLike, engine: Any, options: RunOptions,
+               names: dict[str, str]) -> Any:
+    """The job description a worker process runs (capsule_batch.run.isolation.WorkerJob)."""
+    import json
+    import sys
+
+    from capsule_batch.logs import logging_state
+    from capsule_batch.run.isolation import WorkerJob, plugin_modules
+
+    if engine is not None and not isinstance(engine, EngineSpec):
+        raise CapsuleError("an engine object cannot go to a worker process: pass an EngineSpec, or isolate=False")
+    spec = engine or EngineSpec()
+    spec_dict = {"backend": spec.backend, "device": str(spec.device), "precision": spec.precision,
+                 "max_batch": spec.max_batch, "options": spec.options}
+    try:
+        json.dumps(spec_dict)
+    except TypeError as e:
+        raise CapsuleError(f"engine options cannot go to a worker process ({e}): isolate=False") from None
+    bundle_path = getattr(bundle, "path", bundle)
+    return WorkerJob(recordings, str(bundle_path), str(out_dir), spec_dict, options.to_json(), names,
+                     logging=logging_state(), plugins=plugin_modules(), sys_path=list(sys.path))
+
+
 @contextlib.contextmanager
 def open_pipeline(bundle: Any, out_dir: str | os.PathLike, *, engine: EngineSpec | None = None,
                   options: RunOptions | None = None, stop: threading.Event | None = None) -> Iterator[Pipeline]:
     """A Pipeline for recordings that are not known up front (`capsule-batch watch`): the output folder checked,
     the bundle loaded and the engine built once, closed at the end."""
-    from capsule_batch.bundle import ModelBundle
+    from capsule_batch.model.bundle import ModelBundle
 
     options = options or RunOptions()
     check_writable(out_dir)
@@ -244,3 +273,28 @@ def resolve_shard(spec: str | None, env: dict[str, str] | None = None) -> tuple[
     if "WORLD_SIZE" in env:
         return int(env.get("RANK", "0")), int(env["WORLD_SIZE"])
     return 0, 1
+
+
+class StopOnSignals:
+    """First SIGINT/SIGTERM: set `stop` (the run flushes and ends); a second SIGINT aborts at once."""
+
+    def __init__(self, stop: threading.Event):
+        self.stop = stop
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.stop.set()
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after the current block is flushed "
+                         "(Ctrl-C again to abort)\n")
+
+    def __enter__(self) -> StopOnSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)

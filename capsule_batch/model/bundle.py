@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from capsule_batch import __version__
-from capsule_batch.classes import CE24_CLASSES, validate_class_names
 from capsule_batch.errors import BundleError
 from capsule_batch.files import output_folder_problem, publish_dir
-from capsule_batch.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, seed_preprocess
+from capsule_batch.model.classes import CE24_CLASSES, validate_class_names
+from capsule_batch.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, seed_preprocess
 
 _logger = logging.getLogger(__name__)
 
@@ -508,7 +508,7 @@ def import_checkpoint(
     norm = norm or ("imagenet" if seed else "timm")
     transform = transform or ("seed" if seed else "timm")
     pre = default_preprocess(arch, model_args, norm, transform)
-    if field_of_view != "full":  # only for weights trained on field-of-view crops (capsule_batch/fov.py)
+    if field_of_view != "full":  # only for weights trained on field-of-view crops (capsule_batch/model/fov.py)
         pre = dataclasses.replace(pre, field_of_view=field_of_view)
     prov = {
         "source": Path(src).name,

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capsule_batch.pipeline import Pipeline, StudyResult, log_result
+from capsule_batch.run.pipeline import Pipeline, StudyResult, log_result
 
 _logger = logging.getLogger(__name__)
 

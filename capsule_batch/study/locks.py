@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from capsule_batch.errors import StudyError
-from capsule_batch.store import LOCK_SUFFIX as RUN_LOCK_SUFFIX
-from capsule_batch.store import REVIEW_LOCK_SUFFIX, side_files
+from capsule_batch.study.store import LOCK_SUFFIX as RUN_LOCK_SUFFIX
+from capsule_batch.study.store import REVIEW_LOCK_SUFFIX, side_files
 
 __all__ = ["RUN_LOCK_SUFFIX", "REVIEW_LOCK_SUFFIX", "acquire", "check_not_in_review", "lock_path", "release",
            "run_lock"]

@@ -8,6 +8,12 @@ recordings in turn and reports, per recording, when it starts and how it ended. 
 supervisor marks the recording it was working on as failed (naming the signal) and starts a new worker
 for the rest. The cost is one process start per crash, plus one at the beginning.
 
+The worker is entered below the command line, through a job description (`WorkerJob`, a JSON file): which
+recordings, the bundle, the output folder, the engine to build (`EngineSpec`), the run's options (`RunOptions`),
+the batch's study names, the logging set-up, and the modules that registered sources or backends from outside the
+package (imported first, so a plug-in source runs in the worker too). `python -m capsule_batch.run.isolation JOB`
+runs it; whoever calls `run_recordings(isolate=True)` (the CLI, a script, a notebook) gets the same worker.
+
 The worker runs in its own session, so the terminal's Ctrl-C reaches only the supervisor, which forwards
 SIGINT/SIGTERM to it (the worker then flushes and stops as usual; a second Ctrl-C aborts it). The worker
 dies with the supervisor (PR_SET_PDEATHSIG), so a SIGKILLed run leaves no orphan writing a study.
@@ -15,6 +21,7 @@ dies with the supervisor (PR_SET_PDEATHSIG), so a SIGKILLed run leaves no orphan
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -22,11 +29,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capsule_batch.pipeline import StudyResult, study_path
+from capsule_batch.run.pipeline import StudyResult, study_path
 
 _logger = logging.getLogger(__name__)
 
@@ -85,18 +94,83 @@ def _signal_name(rc: int) -> str:
         return f"signal {-rc}"
 
 
+@dataclass
+class WorkerJob:
+    """What a worker process runs: `recordings` (this shard's, in order) of `bundle` into `out_dir` with the engine
+    `engine` (EngineSpec's fields) and `options` (RunOptions.to_json); `names` the whole batch's study names;
+    `logging` the supervisor's set-up (capsule_batch.logs.logging_state); `plugins` modules to import first (they
+    register sources or backends), found on `sys_path`."""
+
+    recordings: list[str]
+    bundle: str
+    out_dir: str
+    engine: dict[str, Any]
+    options: dict[str, Any]
+    names: dict[str, str]
+    logging: dict[str, Any] = field(default_factory=dict)
+    plugins: list[str] = field(default_factory=list)
+    sys_path: list[str] = field(default_factory=list)
+
+    def write(self, path: Path) -> Path:
+        path.write_text(json.dumps(asdict(self)), encoding="utf-8")
+        return path
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> WorkerJob:
+        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def command(self, path: Path) -> list[str]:
+        """The worker's command line: this interpreter, this module, the job file."""
+        return [sys.executable, "-m", __name__, str(path)]
+
+
+def plugin_modules() -> list[str]:
+    """Modules outside capsule_batch whose import registered a source or backend (a worker imports them first)."""
+    from capsule_batch.backends.base import BACKENDS
+    from capsule_batch.sources import SOURCES
+
+    mods = {cls.__module__ for reg in (SOURCES, BACKENDS) for _, cls in reg.items()}
+    return sorted(m for m in mods if not m.startswith("capsule_batch.") and m != "__main__")
+
+
+def worker_main(argv: list[str]) -> int:
+    """`python -m capsule_batch.run.isolation JOB`: run the job's recordings, reporting each (worker_report);
+    0 when they ran (failures are in the report), 130 interrupted, 1 when nothing could start (said on stderr)."""
+    from capsule_batch.errors import CapsuleError
+    from capsule_batch.logs import apply_logging_state
+    from capsule_batch.run.pipeline import RunOptions
+    from capsule_batch.run.runner import EngineSpec, StopOnSignals, run_recordings
+
+    job = WorkerJob.read(argv[0])
+    sys.path[:0] = [p for p in job.sys_path if p not in sys.path]
+    if job.logging:
+        apply_logging_state(job.logging)
+    for module in job.plugins:
+        importlib.import_module(module)
+    stop = threading.Event()
+    try:
+        with StopOnSignals(stop):
+            batch = run_recordings(job.recordings, job.bundle, job.out_dir, engine=EngineSpec(**job.engine),
+                                   options=RunOptions.from_json(job.options), stop=stop, isolate=False,
+                                   names=job.names)
+    except CapsuleError as e:
+        sys.stderr.write(f"Error: {e}\n")
+        return 1
+    return 130 if batch.interrupted else 0
+
+
 class Supervisor:
     """Start workers for `recordings` until each one has a result; `run()` returns (results, exit code or None).
 
-    `argv` is the worker's command line (the same `run` command); the exit code is not None when a worker
-    failed before any recording (a bad bundle, an unusable engine): it has printed the reason itself."""
+    `job` is what every worker runs (its recordings are these); the exit code is not None when a worker failed
+    before any recording (a bad bundle, an unusable engine): it has printed the reason itself."""
 
-    def __init__(self, recordings: list[str], argv: list[str], out_dir: str | os.PathLike,
+    def __init__(self, recordings: list[str], job: WorkerJob, out_dir: str | os.PathLike,
                  names: dict[str, str] | None = None):
         self.recordings = recordings
         self.out_dir = out_dir
         self.names = names  # the batch's study names (pipeline.study_names), for the results of crashed workers
-        self.argv = argv
+        self.job = job
         self.proc: subprocess.Popen | None = None
         self.signals: list[int] = []
 
@@ -117,10 +191,12 @@ class Supervisor:
         results: dict[str, StudyResult] = {}
         skip = 0
         with tempfile.TemporaryDirectory(prefix="capsule-run-") as tmp:
+            job_file = self.job.write(Path(tmp) / "job.json")
             while skip < len(self.recordings) and not self.signals:
                 report = Path(tmp) / f"worker{skip}.jsonl"
                 env = dict(os.environ, **{WORKER_ENV: str(report), SKIP_ENV: str(skip)})
-                self.proc = subprocess.Popen(self.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+                self.proc = subprocess.Popen(self.job.command(job_file), env=env, start_new_session=True,
+                                             preexec_fn=_die_with_parent)
                 while True:
                     try:  # a timed wait: a signal the kernel hands to another thread of this process
                         rc = self.proc.wait(timeout=0.5)  # runs its Python handler only when this thread wakes
@@ -149,6 +225,7 @@ class Supervisor:
         return out, None
 
 
-def worker_argv() -> list[str]:
-    """This process's own command line, to start a worker running the same command."""
-    return [sys.executable, *sys.orig_argv[1:]]
+if __name__ == "__main__":
+    from capsule_batch.exits import exit_process
+
+    exit_process(worker_main(sys.argv[1:]))

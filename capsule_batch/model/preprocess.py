@@ -12,7 +12,7 @@ What a `Preprocess` means, exactly:
   centres (PIL's NEAREST) either way.
 - The resized frame is uint8 (rounded, clamped) before normalisation, as in a PIL or OpenCV pipeline.
 - `field_of_view`: `full` resizes the whole frame (the seed's recipe); `fov` first crops each frame to the lens
-  image, black outside it (capsule_batch/fov.py), then resizes that.
+  image, black outside it (capsule_batch/model/fov.py), then resizes that.
 
 The seed's checkpoints were validated with `SEED_PREPROCESS`: albumentations `Resize(224, 224,
 interpolation=cv2.INTER_CUBIC)` on the whole frame (no antialiasing), `CenterCrop(224)` (a no-op) and
@@ -127,7 +127,7 @@ class Preprocess:
                 raise BundleError(f"{where}: crop 'none' resizes the whole frame (resize_mode 'whole')")
             kw["resize_mode"] = d["resize_mode"]
         if "field_of_view" in d:
-            from capsule_batch.fov import FIELDS_OF_VIEW
+            from capsule_batch.model.fov import FIELDS_OF_VIEW
 
             if d["field_of_view"] not in FIELDS_OF_VIEW:
                 raise BundleError(f"{where}.field_of_view: must be one of {FIELDS_OF_VIEW}, got {d['field_of_view']!r}")
@@ -213,7 +213,7 @@ def reference_preprocess(image: Any, pre: Preprocess) -> np.ndarray:
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
     img = img.convert("RGB")
     if pre.field_of_view == "fov":
-        from capsule_batch.fov import crop_to_fov
+        from capsule_batch.model.fov import crop_to_fov
 
         img = Image.fromarray(crop_to_fov(np.asarray(img)))
     w, h = img.size
@@ -252,7 +252,7 @@ def preprocess_batch(frames: Any, pre: Preprocess, dtype: Any = None, device: An
     if pre.field_of_view == "fov" and frames.shape[0]:  # each frame its own crop (sizes differ), then as usual
         from dataclasses import replace
 
-        from capsule_batch.fov import crop_batch
+        from capsule_batch.model.fov import crop_batch
 
         whole = replace(pre, field_of_view="full")
         return torch.cat([preprocess_batch(f, whole, dtype, device) for f in crop_batch(frames)])

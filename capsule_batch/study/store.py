@@ -41,13 +41,17 @@ import numpy as np
 from capsule_batch import __version__
 from capsule_batch.errors import StudyError
 from capsule_batch.exits import skip_finalization
-from capsule_batch.triage import EVENT_DTYPE, Event, TriageConfig, events_from_table, events_to_table
+from capsule_batch.study.schema import (
+    EVENT_DTYPE,
+    FRAME_DATASETS,
+    SCHEMA,
+    STATUS_NAMES,
+    STATUS_OK,
+)
+from capsule_batch.study.triage import Event, TriageConfig, events_from_table, events_to_table
 
 _logger = logging.getLogger(__name__)
 
-SCHEMA = "capsule-batch/1"
-STATUS_OK, STATUS_DECODE_FAILED = 0, 1
-STATUS_NAMES = {STATUS_OK: "ok", STATUS_DECODE_FAILED: "decode-failed"}
 PROBS_DTYPES = ("float16", "float32")
 HASH_BYTES = 1 << 20
 CHUNK_ROWS = 8192
@@ -120,7 +124,7 @@ class SideFiles:
 
     @property
     def lock(self) -> Path:
-        """NAME.h5.lock: held (flock) by the `run` writing the study (capsule_batch.locks)."""
+        """NAME.h5.lock: held (flock) by the `run` writing the study (capsule_batch.study.locks)."""
         return self._beside(LOCK_SUFFIX)
 
     @property
@@ -130,7 +134,7 @@ class SideFiles:
 
     @property
     def journal(self) -> Path:
-        """NAME.h5.review.jsonl: reviewer decisions not yet folded into the study (capsule_batch.review.decisions)."""
+        """NAME.h5.review.jsonl: reviewer decisions not yet folded into the study (capsule_batch.study.decisions)."""
         return self._beside(JOURNAL_SUFFIX)
 
 
@@ -321,7 +325,7 @@ class StudyWriter:
         done = int(f.attrs.get("frames_done", 0))
         g = f["frames"]
         try:
-            lengths = {k: g[k].shape[0] for k in ("index", "pts", "probs", "status")}
+            lengths = {k: g[k].shape[0] for k in FRAME_DATASETS}
         except (KeyError, OSError) as e:
             _logger.warning("%s: damaged partial file (%s); starting over", part, e)
             return None
@@ -347,11 +351,12 @@ class StudyWriter:
             f.attrs[k] = _attr(v)
         g = f.create_group("frames")
         kw = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
-        g.create_dataset("index", (0,), maxshape=(None,), dtype="<u4", chunks=(CHUNK_ROWS,), **kw)
-        g.create_dataset("pts", (0,), maxshape=(None,), dtype="<f8", chunks=(CHUNK_ROWS,), **kw)
-        g.create_dataset("probs", (0, c), maxshape=(None, c), dtype=attrs["probs_dtype"],
-                         chunks=(max(1, CHUNK_ROWS // max(1, c // 4)), c), **kw)
-        g.create_dataset("status", (0,), maxshape=(None,), dtype="u1", chunks=(CHUNK_ROWS,), **kw)
+        for name, (ndim, _, dtype) in FRAME_DATASETS.items():
+            if ndim == 1:
+                g.create_dataset(name, (0,), maxshape=(None,), dtype=dtype, chunks=(CHUNK_ROWS,), **kw)
+            else:  # probs: one column per class, in the study's storage type
+                g.create_dataset(name, (0, c), maxshape=(None, c), dtype=dtype or attrs["probs_dtype"],
+                                 chunks=(max(1, CHUNK_ROWS // max(1, c // 4)), c), **kw)
         g["status"].attrs["values"] = json.dumps(STATUS_NAMES)
         f.flush()
 
@@ -367,7 +372,7 @@ class StudyWriter:
         g = self._f["frames"]
         lo, hi = self.frames_done, self.frames_done + n
         try:
-            for name, data in (("index", index), ("pts", pts), ("probs", probs), ("status", status)):
+            for name, data in zip(FRAME_DATASETS, (index, pts, probs, status), strict=True):
                 ds = g[name]
                 ds.resize(hi, axis=0)
                 ds[lo:hi] = np.asarray(data, dtype=ds.dtype)
@@ -383,7 +388,7 @@ class StudyWriter:
         """Bytes a block may need at most: HDF5 rewrites a grown chunk at the end of the file, so one raw chunk per
         dataset, plus room for metadata."""
         g = self._f["frames"]
-        return sum(int(np.prod(g[k].chunks)) * g[k].dtype.itemsize for k in ("index", "pts", "probs", "status")) \
+        return sum(int(np.prod(g[k].chunks)) * g[k].dtype.itemsize for k in FRAME_DATASETS) \
             + (64 << 10)
 
     def _check_space(self) -> None:
@@ -542,7 +547,7 @@ class StudyReader:
         g = f.get("frames")
         if not isinstance(g, h5py_group()):
             raise bad("no frames group")
-        for k, ndim, kinds in (("index", 1, "iu"), ("pts", 1, "f"), ("probs", 2, "f"), ("status", 1, "iu")):
+        for k, (ndim, kinds, _) in FRAME_DATASETS.items():
             ds = g.get(k)
             if not hasattr(ds, "shape") or len(ds.shape) != ndim or ds.dtype.kind not in kinds:
                 raise bad(f"frames/{k} missing or of the wrong type")
@@ -657,7 +662,7 @@ class StudyReader:
 
     def scores(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """1 - p(normal) per frame (see triage.classify)."""
-        from capsule_batch.triage import classify
+        from capsule_batch.study.triage import classify
 
         cfg = self.triage
         if cfg is None:
@@ -694,7 +699,7 @@ class StudyReader:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The `review` group: reviewer decisions (capsule_batch.review.decisions keeps the journal and decides when to fold)
+# The `review` group: reviewer decisions (capsule_batch.study.decisions keeps the journal and decides when to fold)
 
 REVIEW_SCHEMA = "capsule-batch-review/1"
 #: verdict codes of the `verdict` column (index = code)

@@ -1,6 +1,6 @@
 """Reviewer decisions: the journal beside a study and its `review` group, kept so that a crash never corrupts it.
 
-The group's HDF5 side is capsule_batch.store's (`read_review_log`, `write_review_log`); this module decides
+The group's HDF5 side is capsule_batch.study.store's (`read_review_log`, `write_review_log`); this module decides
 what is written when. Schema (`review` group, attribute `schema` = `capsule-batch-review/1`):
 
 - `review/decisions`: one row per reviewed event, the latest decision: `event` (u4, row of `events`),
@@ -13,7 +13,7 @@ Crash safety, in two steps:
 
 1. Each decision is first appended as one JSON line to the journal `NAME.h5.review.jsonl` beside the
    study, flushed and fsync'ed before the app answers. A line cut short by a crash is ignored on reading.
-2. The journal is folded into the HDF5 file by copy-on-write (`capsule_batch.store.write_review_log`): the
+2. The journal is folded into the HDF5 file by copy-on-write (`capsule_batch.study.store.write_review_log`): the
    study is copied to a temporary file in the same folder, the `review` group is rewritten there, the copy is
    flushed, fsync'ed and then `os.replace`d over the study. The study file is never modified in place, so at
    every instant it is either the old or the new complete file; HDF5 in-place writes cannot promise that.
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from capsule_batch.errors import StudyError
-from capsule_batch.store import REVIEW_SCHEMA, REVIEW_VERDICTS, read_review_log, side_files, write_review_log
+from capsule_batch.study.store import REVIEW_SCHEMA, REVIEW_VERDICTS, read_review_log, side_files, write_review_log
 
 _logger = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ recording in the same format validates triage the same way. Definitions (docs/ev
   (max(finding start, earliest overlapping event start)); the delay is that frame minus the finding's first
   frame, in frames and in seconds of recording time (stored timestamps; frame / fps where they are missing);
 - a *false alert* is an event that overlaps no finding; per class, an event of that class that overlaps none;
-- the reading estimate is `capsule_batch.reading`'s (frames inside events, reading time under stated
+- the reading estimate is `capsule_batch.evaluation.reading_time`'s (frames inside events, reading time under stated
   assumptions).
-Across many studies, `capsule_batch.burden` pools these and adds confidence intervals.
+Across many studies, `capsule_batch.evaluation.burden` pools these and adds confidence intervals.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from capsule_batch.errors import CapsuleError
-from capsule_batch.reading import ReadingEstimate, ReadingModel, estimate
-from capsule_batch.store import StudyReader
-from capsule_batch.triage import classes_in, event_classes
+from capsule_batch.evaluation.reading_time import ReadingEstimate, ReadingModel, estimate
+from capsule_batch.study.store import StudyReader
+from capsule_batch.study.triage import classes_in, event_classes
 
 _logger = logging.getLogger(__name__)
 
