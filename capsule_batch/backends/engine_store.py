@@ -45,7 +45,7 @@ def default_root() -> Path:
     (an installed package has no checkout) — never a folder relative to wherever the command was started."""
     if os.environ.get(ENV_VAR):
         return Path(os.environ[ENV_VAR])
-    checkout = Path(__file__).resolve().parent.parent / "engines"
+    checkout = Path(__file__).resolve().parents[2] / "engines"  # this file: capsule_batch/backends/engine_store.py
     if (checkout / "README.md").is_file():
         return checkout
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
