@@ -238,7 +238,7 @@ def test_the_gpu_resize_path_matches_the_reference(pre: Preprocess) -> None:
 
 
 def _ce24(root: Path) -> Path:
-    from train.synthetic import make_ce24_folder
+    from train.synthetic_ce24 import make_ce24_folder
 
     make_ce24_folder(root, per_class=4, recordings=2, size=48, xlsx=False)
     return root

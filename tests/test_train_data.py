@@ -17,7 +17,7 @@ from capsule_batch.model.classes import CE24_CLASSES
 from capsule_batch.sources.synthesize import read_stamp, synthesize
 from train import data as D
 from train.config import ConfigError, load_config, save_resolved
-from train.synthetic import class_frames, make_ce24_folder
+from train.synthetic_ce24 import class_frames, make_ce24_folder
 from train.trainer import prepare_data
 
 CLASSES = list(CE24_CLASSES)

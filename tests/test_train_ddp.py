@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from capsule_batch.model.bundle import ModelBundle
-from train.synthetic import make_ce24_folder
+from train.synthetic_ce24 import make_ce24_folder
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -19,7 +19,7 @@ from capsule_batch.model.classes import CE24_CLASSES
 from capsule_batch.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, reference_preprocess
 from train.__main__ import main
 from train.config import load_config
-from train.synthetic import class_frames, make_ce24_folder
+from train.synthetic_ce24 import class_frames, make_ce24_folder
 from train.trainer import build_model, run_training
 
 CLASSES = list(CE24_CLASSES)
