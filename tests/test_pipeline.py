@@ -20,7 +20,8 @@ from capsule_batch.model.preprocess import reference_preprocess
 from capsule_batch.run.pipeline import Pipeline, RunOptions
 from capsule_batch.run.runner import resolve_shard, select_shard
 from capsule_batch.sources.base import SOURCES, DecodeFailure, FrameBatch
-from capsule_batch.study.store import STATUS_DECODE_FAILED, StudyReader, StudyWriter, partial_path
+from capsule_batch.study.schema import STATUS_DECODE_FAILED
+from capsule_batch.study.store import StudyReader, StudyWriter, partial_path
 
 
 @pytest.fixture(scope="module")

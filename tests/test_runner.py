@@ -23,7 +23,8 @@ from capsule_batch.run.runner import EngineSpec, run_recordings
 from capsule_batch.sources.base import DecodeFailure, FrameBatch, FrameSource, RecordingInfo, to_pixels
 from capsule_batch.sources.decord_source import DecordSource
 from capsule_batch.sources.synthesize import Scene, synthesize
-from capsule_batch.study.store import STATUS_OK, StudyReader, partial_path
+from capsule_batch.study.schema import STATUS_OK
+from capsule_batch.study.store import StudyReader, partial_path
 
 CPU = EngineSpec("torch", "cpu", "fp32")
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from capsule_batch.errors import StudyError
-from capsule_batch.study.store import SCHEMA, StudyReader, StudyWriter, partial_path, recording_identity
+from capsule_batch.study.schema import SCHEMA
+from capsule_batch.study.store import StudyReader, StudyWriter, partial_path, recording_identity
 from capsule_batch.study.triage import Event, TriageConfig
 
 NAMES = ["A", "B", "Normal"]

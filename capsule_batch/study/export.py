@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from capsule_batch.errors import StudyError
-from capsule_batch.study.store import STATUS_NAMES, StudyReader
+from capsule_batch.study.schema import STATUS_NAMES
+from capsule_batch.study.store import StudyReader
 from capsule_batch.study.triage import classes_in, classify, event_classes
 
 _logger = logging.getLogger(__name__)
