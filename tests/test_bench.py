@@ -90,3 +90,22 @@ def test_suite_compares_with_seed_baseline_and_plots(tmp_path):
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "plot.py"), str(out), "-o", str(png)], check=True,
                    capture_output=True, timeout=120)
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cpu_candidates_probe_writes_a_line_per_candidate(tmp_path) -> None:
+    """benchmarks/cpu_candidates_probe.py on the tiny model and a few real frames: fp32 is its own reference (ratio
+    1, agreement 1), every candidate gets a line with its CPU; nothing is timed here."""
+    real = REPO.parent / "shared" / "data" / "real"
+    if not (real / "kvasir_capsule_seg" / "images").is_dir():
+        pytest.skip(f"the real frames are not here ({real})")
+    out = tmp_path / "probe.jsonl"
+    cp = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cpu_candidates_probe.py"), "--arch",
+                         "eva02_tiny_patch14_224", "--model-args", '{"img_size": 56, "depth": 2}', "--size", "56",
+                         "--batch", "8", "--repeats", "1", "--parity-frames", "16", "--out", str(out)],
+                        capture_output=True, text=True, timeout=300)
+    assert cp.returncode == 0, cp.stderr[-2000:]
+    lines = {ln["candidate"]: ln for ln in map(json.loads, out.read_text().splitlines())}
+    assert set(lines) == {"fp32", "int8-dynamic", "bf16-cast"}
+    assert lines["fp32"]["vs_fp32"] == 1.0 and lines["fp32"]["top1_agreement"] == 1.0
+    assert lines["fp32"]["max_abs_dp"] == 0.0 and lines["fp32"]["parity_frames"] == 16
+    assert all(ln["cpu"]["model"] and 0 <= ln["top1_agreement"] <= 1 for ln in lines.values())
