@@ -57,11 +57,16 @@ STDERR_FORMAT = "%(levelname)s %(name)s: %(message)s"
 NOISY_LOGGERS = ("timm", "PIL", "matplotlib", "urllib3", "h5py")
 
 
+def stderr_handlers() -> list[logging.Handler]:
+    """The root logger's stderr handlers (those `logging.basicConfig` made; log files are FileHandlers)."""
+    return [h for h in logging.getLogger().handlers if type(h) is logging.StreamHandler]
+
+
 def logging_state() -> dict[str, Any]:
     """This process's logging set-up as plain data (a worker process sets itself up the same way from it): the root
     level, the stderr level, the log files with their format and level, and the noisy libraries' levels."""
     root = logging.getLogger()
-    stderr = [h for h in root.handlers if type(h) is logging.StreamHandler]
+    stderr = stderr_handlers()
     files = [{"path": h.baseFilename, "format": "json" if isinstance(h.formatter, JsonFormatter) else "text",
               "level": h.level} for h in root.handlers if isinstance(h, logging.FileHandler)]
     return {"level": root.level, "stderr_level": stderr[0].level if stderr else root.level, "files": files,
@@ -81,4 +86,4 @@ def apply_logging_state(state: dict[str, Any]) -> None:
 
 
 __all__ = ["FIELDS", "JsonFormatter", "LOG_FORMATS", "NOISY_LOGGERS", "STDERR_FORMAT", "TEXT_FORMAT", "add_log_file",
-           "apply_logging_state", "logging_state"]
+           "apply_logging_state", "logging_state", "stderr_handlers"]

@@ -127,16 +127,16 @@ def apply_log_options(log_file: Path | None, log_format: str, verbose: int, quie
     INFO and up (DEBUG with -vv) whatever stderr shows."""
     import logging
 
+    from capsule_batch.logs import add_log_file, stderr_handlers
+
     root = logging.getLogger()
-    stderr = [h for h in root.handlers if type(h) is logging.StreamHandler]
+    stderr = stderr_handlers()
     if verbose:
         root.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
     shown = logging.WARNING if quiet else root.level
     for h in stderr:
         h.setLevel(shown)
     if log_file is not None:
-        from capsule_batch.logs import add_log_file
-
         root.setLevel(min(root.level, logging.INFO))
         try:
             add_log_file(log_file, log_format, level=root.level)

@@ -143,7 +143,6 @@ def command(recordings: tuple[Path, ...], bundle_path: Path, out_dir: Path, engi
     Exit 0 when all succeed, 1 when any failed, 130 when interrupted (rerun the command to resume).
     """
     from capsule_batch.exits import exit_process
-    from capsule_batch.run.isolation import worker_report
     from capsule_batch.run.runner import (
         EngineSpec,
         StopOnSignals,
@@ -158,7 +157,7 @@ def command(recordings: tuple[Path, ...], bundle_path: Path, out_dir: Path, engi
     problem = output_problem(out_dir)
     if problem:
         raise click.ClickException(f"{out_dir}: {problem}")
-    usable, failed = preflight(recordings, log=worker_report() is None)
+    usable, failed = preflight(recordings)
     if not usable:
         _summarise(failed, rank, world, as_json)
         exit_process(1)
@@ -166,7 +165,7 @@ def command(recordings: tuple[Path, ...], bundle_path: Path, out_dir: Path, engi
     with StopOnSignals(stop):
         batch = run_recordings(usable, bundle_path, out_dir, engine=EngineSpec(engine, device, precision),
                                options=opts, stop=stop, shard=(rank, world), isolate=isolate)
-    if not batch.worker and batch.worker_exit is None:
+    if batch.worker_exit is None:  # else the worker that could not start said why
         _summarise(failed + batch.results, rank, world, as_json)
     exit_process(1 if failed and batch.exit_code == 0 else batch.exit_code)
 

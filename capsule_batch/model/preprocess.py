@@ -282,13 +282,8 @@ def preprocess_batch(frames: Any, pre: Preprocess, dtype: Any = None, device: An
     top, left = pre.crop_box(h, w)
     s = pre.input_size
     x = x[:, :, top : top + s, left : left + s]
-    if device is not None and torch.device(device) != x.device:
-        if torch.device(device).type == "cuda" and x.device.type == "cpu":
-            from capsule_batch.devices import to_device_async
-
-            x = to_device_async(x, device)  # pinned and non-blocking: a pageable copy would wait for the engine
-        else:
-            x = x.to(device)
+    if device is not None and torch.device(device) != x.device:  # CPU frames went to a GPU above; this is the rest
+        x = x.to(device)
     x = x.contiguous().float()
     scale, shift = _normalisation(pre, x.device)
     x.mul_(scale).sub_(shift)

@@ -121,7 +121,7 @@ class WorkerJob:
 
     def command(self, path: Path) -> list[str]:
         """The worker's command line: this interpreter, this module, the job file."""
-        return [sys.executable, "-m", __name__, str(path)]
+        return [sys.executable, "-m", "capsule_batch.run.isolation", str(path)]
 
 
 def plugin_modules() -> list[str]:

@@ -134,7 +134,6 @@ def worker_job(recordings: list[str], bundle: Any, out_dir: str | os.PathLike, e
                names: dict[str, str]) -> Any:
     """The job description a worker process runs (capsule_batch.run.isolation.WorkerJob)."""
     import json
-    import sys
 
     from capsule_batch.logs import logging_state
     from capsule_batch.run.isolation import WorkerJob, plugin_modules
@@ -183,11 +182,10 @@ def output_problem(out_dir: str | os.PathLike) -> str | None:
     return None if why is None else f"cannot write study files here ({why}); choose another -o folder"
 
 
-def preflight(recordings: Sequence[str | os.PathLike], log: bool = True) -> tuple[list[str], list[StudyResult]]:
+def preflight(recordings: Sequence[str | os.PathLike]) -> tuple[list[str], list[StudyResult]]:
     """What can be run, found in a moment, before the bundle and engine load: (usable recordings, a failed result
-    for each one that cannot be: missing, unreadable, not a video, a folder without frames). A folder that holds
-    video files and no frames stands for those videos. `log`: say so (a worker process, which repeats its
-    supervisor's preflight to see the same list, does not)."""
+    for each one that cannot be: missing, unreadable, not a video, a folder without frames), each said in the log.
+    A folder that holds video files and no frames stands for those videos."""
     from capsule_batch.errors import SourceError
     from capsule_batch.sources.base import is_synthetic_spec
     from capsule_batch.sources.listing import scan_frames
@@ -212,16 +210,14 @@ def preflight(recordings: Sequence[str | os.PathLike], log: bool = True) -> tupl
                     videos = sorted(str(v) for v in p.iterdir() if v.suffix.lower() in VIDEO_SUFFIXES)
                     if not videos:
                         raise
-                    if log:
-                        _logger.info("%s: a folder of %d video file(s), no frames: running each", rec, len(videos))
+                    _logger.info("%s: a folder of %d video file(s), no frames: running each", rec, len(videos))
                     usable += videos
                     continue
             else:
                 probe_video(p)
             usable.append(rec)
         except SourceError as e:
-            if log:
-                _logger.error("%s", e)
+            _logger.error("%s", e)
             failed.append(StudyResult(rec, "failed", error=str(e)))
     return usable, failed
 
