@@ -6,7 +6,11 @@ Candidates, each against torch fp32 eager on the same frames, at one batch size,
   quantised to int8 weights with activations quantised per call (torch.ao's dynamic quantisation; x86/fbgemm
   kernels, AVX2 or better; no calibration set needed);
 - `fp32-compiled`: `torch.compile` with inductor's freezing (`--compile`; its compile time is reported apart);
-- `bf16-cast`: the model cast to bf16 (what `auto` picks where bf16 is native; emulated, slow, on AVX2-only CPUs).
+- `bf16-cast`: the model cast to bf16 (what `auto` picks where bf16 is native; emulated, slow, on AVX2-only CPUs);
+- `ort-fp32` and `ort-int8-static` (`--ort`): the project's ONNX export in onnxruntime, and the same export quantised
+  after training (onnxruntime's static QDQ quantisation: int8 weights per channel, uint8 activations with ranges
+  calibrated on `--calibration-frames` capsule-like synthetic frames, MinMax or percentile; MatMul and Gemm, the
+  products that hold ~all of the FLOPs); its quantisation time is reported as setup.
 Parity on real capsule frames (../shared/data/real beside the checkout: Kvasir-Capsule-SEG and WCEBleedGen frames,
 the seed's preprocessing): top-1 agreement with fp32 and max |dp|. The models have random weights (no trained EVA-02
 is reachable from these machines): agreement then measures the candidate's noise against a random model's logit
@@ -49,6 +53,19 @@ def real_frames(size: int, limit: int) -> Any:
     return torch.from_numpy(x), len(files[:limit])
 
 
+def synthetic_frames(size: int, n: int) -> Any:
+    """`n` capsule-like synthetic frames (another domain than the real frames parity is measured on), preprocessed
+    as `real_frames` are: what the int8 ranges are calibrated on."""
+    import torch
+
+    from capsule_batch.model.preprocess import preprocess_batch, seed_preprocess
+    from capsule_batch.sources.synthesize import Scene
+
+    scene = Scene(max(size, 64), n * 8, seed=1, fps=2.0, findings_per_1000=40.0)
+    frames = np.stack([scene.render(i * 8 + 4) for i in range(n)])
+    return preprocess_batch(torch.from_numpy(frames), seed_preprocess(size))
+
+
 def build(arch: str, model_args: dict[str, Any]) -> Any:
     import torch
 
@@ -88,6 +105,56 @@ def candidates(model: Any, compile_: bool, bf16: bool) -> tuple[dict[str, Any], 
     return out, setup
 
 
+def ort_candidates(model: Any, arch: str, model_args: dict[str, Any], size: int, calibration: Any, method: str,
+                   workdir: Path) -> tuple[dict[str, Any], dict[str, float]]:
+    """onnxruntime fp32 and static int8 of the same ONNX export (see the module docstring)."""
+    import onnxruntime as ort
+    import torch
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    from capsule_batch.backends.onnx_export import INPUT_NAME, export_onnx
+    from capsule_batch.model.bundle import ModelBundle, save_bundle
+    from capsule_batch.model.classes import CE24_CLASSES
+    from capsule_batch.model.preprocess import seed_preprocess
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_bundle(workdir / "bundle", {k: v.contiguous() for k, v in model.state_dict().items()}, arch=arch,
+                class_names=list(CE24_CLASSES), preprocess=seed_preprocess(size), model_args=model_args,
+                overwrite=True)
+    fp32_path = export_onnx(ModelBundle.load(workdir / "bundle"), workdir / "fp32.onnx", model=model)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{INPUT_NAME: calibration[i:i + 8].numpy()} for i in range(0, len(calibration), 8)])
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self.batches, None)
+
+    t = time.perf_counter()
+    int8_path = workdir / "int8.onnx"
+    quantize_static(str(fp32_path), str(int8_path), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                    op_types_to_quantize=["MatMul", "Gemm"],
+                    calibrate_method={"minmax": CalibrationMethod.MinMax,
+                                      "percentile": CalibrationMethod.Percentile}[method],
+                    extra_options={"CalibPercentile": 99.999} if method == "percentile" else {})
+    setup = {"ort-int8-static": time.perf_counter() - t}
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    def runner(path: Path) -> Any:
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return lambda x: torch.from_numpy(sess.run(None, {INPUT_NAME: x.numpy()})[0])
+
+    out = {"ort-fp32": runner(fp32_path), "ort-int8-static": runner(int8_path)}
+    return out, setup
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="eva02_base_patch14_224")
@@ -98,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parity-frames", type=int, default=64)
     ap.add_argument("--compile", action="store_true", help="also torch.compile fp32 (inductor, freezing)")
     ap.add_argument("--no-bf16", action="store_true")
+    ap.add_argument("--no-dynamic", action="store_true", help="leave out int8-dynamic")
+    ap.add_argument("--ort", action="store_true", help="also onnxruntime fp32 and static int8 (QDQ)")
+    ap.add_argument("--calibration-frames", type=int, default=64, help="synthetic frames that calibrate int8-static")
+    ap.add_argument("--calibration-method", choices=("minmax", "percentile"), default="minmax")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/cpu_candidates_probe"))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -108,6 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     frames, n = real_frames(args.size, args.parity_frames)
     model = build(args.arch, json.loads(args.model_args))
     cands, setup = candidates(model, args.compile, not args.no_bf16)
+    if args.no_dynamic:
+        cands.pop("int8-dynamic")
+    if args.ort:
+        more, more_setup = ort_candidates(model, args.arch, json.loads(args.model_args), args.size,
+                                          synthetic_frames(args.size, args.calibration_frames),
+                                          args.calibration_method, args.workdir)
+        cands.update(more)
+        setup.update(more_setup)
     batch = frames[: args.batch] if len(frames) >= args.batch else frames.repeat(args.batch // len(frames) + 1, 1, 1,
                                                                                 1, 1)[: args.batch]
     best = {k: float("inf") for k in cands}

@@ -195,3 +195,24 @@ def test_calibrate_command_with_a_budget(tiny_bundle: Any, tmp_path: Path, caplo
     capsys.readouterr()
     assert main(["calibrate", *common, "calibrate.budget_flag_rate=0.0001"]) == 1
     assert "cannot be met on data.val" in capsys.readouterr().err
+
+
+def test_thresholds_are_no_stricter_than_argmax_when_the_budget_allows() -> None:
+    """One recording, one Bleeding finding at p = 0.99, 0.995, 0.99 (frames 5-7), a normal frame at 0.6 (frame 15),
+    0.05 elsewhere. The target sensitivity 1.0 gives a threshold of 0.99: fitted to this one finding, it would miss
+    the next one at 0.98 that argmax flags. Lowered to 0.5 it also flags frame 15: 4 of 20 frames. A budget of half
+    the frames takes the lowered threshold; a budget of 3 frames in 20 keeps 0.99."""
+    pb = np.full(20, 0.05)
+    pb[[5, 6, 7]] = [0.99, 0.995, 0.99]
+    pb[15] = 0.6
+    labels = np.zeros(20, int)
+    labels[[5, 6, 7]] = 1
+    samples = [Sample(f"r/{k}.png", "Bleeding" if labels[k] else "Normal", "r", "synth", f"r_{k}.png", position=k)
+               for k in range(20)]
+    ev = Evaluator(labels, np.stack([1 - pb, pb], 1), ["Normal", "Bleeding"], "Normal", recordings_of(samples),
+                   None, ReadingModel(15, 5))
+    table, reached, cost = fit_budget(ev, Budget(flag_rate=0.5), 1.0, SKIP)
+    assert reached == 1.0 and table["Bleeding"]["threshold"] == 0.5 and cost.flag_rate == pytest.approx(4 / 20)
+    assert table["Bleeding"]["flag_rate"] == pytest.approx(4 / 20) and table["Bleeding"]["sensitivity"] == 1.0
+    table, reached, cost = fit_budget(ev, Budget(flag_rate=0.15), 1.0, SKIP)
+    assert table["Bleeding"]["threshold"] == pytest.approx(0.99) and cost.flag_rate == pytest.approx(3 / 20)

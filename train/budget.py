@@ -8,7 +8,8 @@ class's threshold is the one that reaches a common target sensitivity s on its v
 cost stays within the budget. The candidates are the values of s at which some class's threshold changes
 (k / positives of that class); flagged frames and frames to read only grow with s, reading time need not (more
 flagged frames can merge events into fewer), so the search scans 64 of them, takes the highest that fits, and
-bisects between it and the next one scanned.
+bisects between it and the next one scanned. Thresholds above 0.5 (stricter than argmax) are then lowered to 0.5
+where the budget still holds (`cap_at_argmax`).
 
 Costs come from the runtime's own triage (`capsule_batch.study.triage`: the same flag rule and event building) and
 reading model (`capsule_batch.evaluation.reading_time`), on the validation frames:
@@ -44,6 +45,8 @@ _logger = logging.getLogger(__name__)
 
 #: values of the common target sensitivity tried before bisecting (see fit_budget)
 SCAN_POINTS = 64
+#: a class at this probability or more is the frame's top class: argmax triage flags it whatever the thresholds say
+ARGMAX_LEVEL = 0.5
 
 
 @dataclass(frozen=True)
@@ -282,7 +285,36 @@ def fit_budget(ev: Evaluator, budget: Budget, cap: float, skip: tuple[str, ...]
     s = float(targets[lo])
     _logger.info("budget %s: common target sensitivity %.4f (of at most %.4f): %s", budget.describe(), s, cap,
                  _describe_cost(best))
-    return table(s), s, best
+    fitted = table(s)
+    capped = cap_at_argmax(ev, fitted)
+    if capped != fitted:
+        capped_cost = ev.cost(thresholds(capped))
+        if capped_cost.within(budget):
+            _logger.info("thresholds above %.2f (%s) lowered to it: the budget still holds (%s)", ARGMAX_LEVEL,
+                         ", ".join(c for c in fitted if capped[c] != fitted[c]), _describe_cost(capped_cost))
+            return capped, s, capped_cost
+    return fitted, s, best
+
+
+def cap_at_argmax(ev: Evaluator, table: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`table` with every threshold above ARGMAX_LEVEL lowered to it, each row's sensitivity and flag rate recomputed.
+
+    With few validation positives of a class, the threshold that reaches the target sensitivity is about the
+    lowest probability the model gave them, which can be far above what the model gives the next finding of that
+    class (one finding per class in a validation recording: thresholds of 0.999 that missed a finding at 0.99 which
+    argmax flags). A budget that is met either way gives no reason to be stricter than argmax, so `fit_budget`
+    takes these thresholds whenever they still fit it."""
+    labels, probs = np.asarray(ev.labels), np.asarray(ev.probs, np.float64)
+    out = {}
+    for name, row in table.items():
+        if row["threshold"] <= ARGMAX_LEVEL:
+            out[name] = row
+            continue
+        c = ev.class_names.index(name)
+        pos = probs[labels == c, c]
+        out[name] = {**row, "threshold": ARGMAX_LEVEL, "sensitivity": float(np.mean(pos >= ARGMAX_LEVEL)),
+                     "flag_rate": float(np.mean(probs[:, c] >= ARGMAX_LEVEL))}
+    return out
 
 
 def _describe_cost(c: Cost) -> str:

@@ -1,14 +1,16 @@
 """The demo: train a tiny model on synthetic recordings, triage a synthetic study, check it against the truth.
 
 `python -m train.demo -o demo` (what `make demo` runs). Everything is generated here, nothing is downloaded:
-1. training and validation recordings from `capsule_batch.sources.synthesize` (JPEG frame folders + per-frame labels);
+1. training and validation recordings from `capsule_batch.sources.synthesize` (JPEG frame folders + per-frame labels):
+   many short recordings, each with its own mucosa texture, so that the model learns the findings, not the textures;
 2. a tiny EVA-02 fine-tuned on them by the training module (the same code path as the real recipe), in fp32 with
    deterministic algorithms and a fixed thread count, so that a CPU's other float kernels move little;
-3. with `--budget F`, its thresholds calibrated (`python -m train calibrate`) on a separate recording with the
-   study's density of findings, for a reading budget of at most F of the frames flagged (off by default: on the
-   demo's tiny model and dense findings a 5 % budget missed 10 of 45 findings, see docs/evaluation.md);
-4. a separate synthetic study (H.264, unseen seed) run as `capsule-batch run` runs it (`capsule_batch.run.runner`)
-   -> `<out>/study.h5`;
+3. its thresholds calibrated (`python -m train calibrate`) on a separate recording made like the study (another
+   seed, the same sparse findings) for a reading budget: at most `--budget` of the frames flagged (default 5 %),
+   the highest per-class sensitivity that fits (`--budget 0`: no calibration, argmax triage);
+4. a separate synthetic study (H.264, unseen seed; by default 20,000 frames, 83 minutes at 4 frames/s, with one
+   finding per 1,000 frames, as sparse as findings are in a real recording) run as `capsule-batch run` runs it
+   (`capsule_batch.run.runner`; torch fp32, the precision the thresholds were calibrated at) -> `<out>/study.h5`;
 5. the HTML report, and the study's events compared with the injected findings (`capsule_batch.evaluation.groundtruth`):
    the summary in a reader's terms (minutes to read against the whole recording, findings caught, false alerts per
    hour) and the commands to try next.
@@ -55,6 +57,16 @@ def _recording_spec(res: Any) -> str:
             f"labels: '{res.labels_csv}'}}")
 
 
+#: the study: 83 minutes at 4 frames/s, one finding per 1,000 frames (a real recording's findings are sparser still)
+STUDY_FRAMES = 20000
+STUDY_FINDINGS_PER_1000 = 1.0
+
+#: epochs of training (16 left the tiny model calling ~1 % of an unseen texture's normal frames a finding; 24: none)
+EPOCHS = 24
+
+#: frames of the validation recording the best epoch is chosen on
+VAL_FRAMES = 400
+
 #: threads the demo trains with on every machine (the count changes how float sums are split, and so the result)
 THREADS = 2
 
@@ -71,9 +83,11 @@ def train_model(out: Path, train_frames: int, recordings: int, epochs: int, size
     data = out / "train-data"
     shutil.rmtree(data, ignore_errors=True)
     data.mkdir(parents=True)
-    # many short findings per recording: every class is seen in several recordings
+    # many short recordings, each with many short findings: every class is seen on several textures, and the normal
+    # frames of a dozen textures teach the model that a texture is not a finding (3 recordings of 400 frames each
+    # made it call 42 % of an unseen texture's normal frames Polyp; 12 of 100: under 1 %)
     train = [_synth(data / f"train{k}", train_frames, size, 1000 + k, 120.0, "jpg") for k in range(recordings)]
-    val = _synth(data / "val", train_frames, size, 2000, 120.0, "jpg")
+    val = _synth(data / "val", VAL_FRAMES, size, 2000, 120.0, "jpg")
     _logger.info("training data: %d recordings of %d frames, one validation recording", recordings, train_frames)
     run_dir = out / "model"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -85,13 +99,14 @@ def train_model(out: Path, train_frames: int, recordings: int, epochs: int, size
     return Path(summary["bundle"])
 
 
-def calibrate_budget(bundle_dir: Path, out: Path, frames: int, size: int, seed: int, budget: float) -> dict[str, Any]:
+def calibrate_budget(bundle_dir: Path, out: Path, frames: int, size: int, seed: int, budget: float,
+                     per_1000: float) -> dict[str, Any]:
     """Thresholds for a reading budget, from a recording like the study (its density of findings, another seed):
     at most `budget` of the frames flagged, the highest common per-class sensitivity that fits."""
     from train.commands import calibrate
     from train.config import load_config
 
-    val = _synth(out / "train-data" / "calibration", frames, size, seed, 15.0, "jpg")
+    val = _synth(out / "train-data" / "calibration", frames, size, seed, per_1000, "jpg")
     cfg = load_config(None, [*MODEL, f"calibrate.bundle={bundle_dir}", f"data.val=[{_recording_spec(val)}]",
                              f"calibrate.budget_flag_rate={budget}", "calibrate.target_sensitivity=0.99",
                              "run.precision=fp32", f"run.dir={out / 'model'}"])
@@ -102,18 +117,22 @@ def calibrate_budget(bundle_dir: Path, out: Path, frames: int, size: int, seed: 
     return report
 
 
-def triage_study(bundle_dir: Path, out: Path, frames: int, size: int, seed: int, batch_size: int) -> dict[str, Any]:
-    """Synthesize the study recording, run it, write the report and compare with the injected findings."""
+def triage_study(bundle_dir: Path, out: Path, frames: int, size: int, seed: int, batch_size: int,
+                 per_1000: float) -> dict[str, Any]:
+    """Synthesize the study recording, run it (torch fp32: the precision the thresholds were calibrated at, on any
+    device, so that every machine gets the same probabilities up to its float kernels), write the report and
+    compare with the injected findings."""
     from capsule_batch.evaluation.groundtruth import compare
     from capsule_batch.review.report import write_report
     from capsule_batch.run.pipeline import RunOptions
-    from capsule_batch.run.runner import run_recordings
+    from capsule_batch.run.runner import EngineSpec, run_recordings
     from capsule_batch.study.store import StudyReader
 
-    rec = _synth(out / "study.mp4", frames, size, seed, 15.0, "h264")
+    rec = _synth(out / "study.mp4", frames, size, seed, per_1000, "h264")
     _logger.info("study recording: %s (%d frames, %d injected findings)", rec.path, frames, len(rec.findings))
     opts = RunOptions(batch_size=batch_size, overwrite=True, resume=False, progress=True, argv=sys.argv[:])
-    result = run_recordings([rec.path], bundle_dir, out, options=opts).results[0]
+    engine = EngineSpec(backend="torch", precision="fp32")
+    result = run_recordings([rec.path], bundle_dir, out, engine=engine, options=opts).results[0]
     if result.status != "done":
         raise CapsuleError(f"{rec.path}: run {result.status}: {result.error}")
     with StudyReader(result.output) as rd:
@@ -133,17 +152,19 @@ def triage_study(bundle_dir: Path, out: Path, frames: int, size: int, seed: int,
             "engine": f"{desc.get('backend')} on {desc.get('device')}"}
 
 
-def run_demo(out: str | Path, frames: int = 3000, train_frames: int = 400, recordings: int = 3, epochs: int = 16,
-             size: int = 128, seed: int = 7, batch_size: int = 64, workers: int = 0, budget: float = 0.0,
-             calibration_frames: int = 2000) -> dict[str, Any]:
+def run_demo(out: str | Path, frames: int = STUDY_FRAMES, train_frames: int = 100, recordings: int = 12,
+             epochs: int = EPOCHS, size: int = 128, seed: int = 7, batch_size: int = 64, workers: int = 0,
+             budget: float = 0.05, calibration_frames: int = 10000,
+             findings_per_1000: float = STUDY_FINDINGS_PER_1000) -> dict[str, Any]:
     """The whole demo; returns the summary (also `<out>/summary.json`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     bundle = train_model(out, train_frames, recordings, epochs, size, workers)
-    cal = calibrate_budget(bundle, out, calibration_frames, size, 3000 + seed, budget) if budget else None
+    cal = (calibrate_budget(bundle, out, calibration_frames, size, 3000 + seed, budget, findings_per_1000)
+           if budget else None)
     t1 = time.perf_counter()
-    summary = triage_study(bundle, out, frames, size, seed, batch_size)
+    summary = triage_study(bundle, out, frames, size, seed, batch_size, findings_per_1000)
     summary["budget"] = budget
     summary["calibration"] = {k: cal[k] for k in ("common_target_sensitivity", "overall_flag_rate")} if cal else None
     summary.update(train_seconds=t1 - t0, run_seconds=time.perf_counter() - t1)
@@ -156,8 +177,10 @@ def format_summary(s: dict[str, Any]) -> str:
 
     ratio = s["full_reading_min"] / s["reading_min"] if s["reading_min"] else float("inf")
     per_hour = f"{s['false_alerts_per_hour']:.1f}" if s["false_alerts_per_hour"] is not None else "-"
-    budget = f", thresholds for at most {100 * s['budget']:.0f}% of frames" if s.get("budget") else ""
+    budget = f", thresholds for at most {100 * s['budget']:.0f}% of frames" if s.get("budget") else ", argmax"
     return "\n".join([
+        f"study             {s['frames']} frames ({s['recording_minutes']:.0f} min of recording), "
+        f"{s['findings']} injected findings",
         f"reading           {clock(s['reading_min'] * 60)} for the flagged events against "
         f"{clock(s['full_reading_min'] * 60)} for every frame ({ratio:.1f}x shorter; {s['reading_model']})",
         f"findings caught   {s['caught']} of {s['findings']} injected ({s['caught_class']} with the right class)",
@@ -182,21 +205,25 @@ def format_summary(s: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.demo", description=__doc__.split("\n")[0])
     p.add_argument("-o", "--out", default="demo", help="output folder (default: demo)")
-    p.add_argument("--frames", type=int, default=3000, help="frames in the study recording")
-    p.add_argument("--train-frames", type=int, default=400, help="frames per training recording")
-    p.add_argument("--recordings", type=int, default=3, help="training recordings")
-    p.add_argument("--epochs", type=int, default=16)
+    p.add_argument("--frames", type=int, default=STUDY_FRAMES, help="frames in the study recording")
+    p.add_argument("--findings-per-1000", type=float, default=STUDY_FINDINGS_PER_1000,
+                   help="injected findings per 1,000 frames in the study and the calibration recording")
+    p.add_argument("--train-frames", type=int, default=100, help="frames per training recording")
+    p.add_argument("--recordings", type=int, default=12, help="training recordings (one texture each)")
+    p.add_argument("--epochs", type=int, default=EPOCHS)
     p.add_argument("--size", type=int, default=128, help="frame size of the synthetic recordings")
     p.add_argument("--seed", type=int, default=7, help="seed of the study recording")
-    p.add_argument("--budget", type=float, default=0.0,
+    p.add_argument("--budget", type=float, default=0.05,
                    help="calibrate the thresholds for at most this fraction of frames flagged, on a recording like the "
-                        "study (default 0: no calibration, argmax triage)")
+                        "study (default 0.05; 0: no calibration, argmax triage)")
+    p.add_argument("--calibration-frames", type=int, default=10000, help="frames in the calibration recording")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
         s = run_demo(args.out, args.frames, args.train_frames, args.recordings, args.epochs, args.size, args.seed,
-                     budget=args.budget)
+                     budget=args.budget, calibration_frames=args.calibration_frames,
+                     findings_per_1000=args.findings_per_1000)
     except CapsuleError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
