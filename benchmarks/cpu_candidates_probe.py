@@ -10,7 +10,10 @@ Candidates, each against torch fp32 eager on the same frames, at one batch size,
 - `ort-fp32` and `ort-int8-static` (`--ort`): the project's ONNX export in onnxruntime, and the same export quantised
   after training (onnxruntime's static QDQ quantisation: int8 weights per channel, uint8 activations with ranges
   calibrated on `--calibration-frames` capsule-like synthetic frames, MinMax or percentile; MatMul and Gemm, the
-  products that hold ~all of the FLOPs); its quantisation time is reported as setup.
+  products that hold ~all of the FLOPs); its quantisation time is reported as setup;
+- `pt2e-int8-static` (`--pt2e`, needs torchao): torch's PT2E path: `torch.export`, torchao's X86InductorQuantizer
+  (static, int8 weights per channel, uint8 activations), calibrated on the same synthetic frames, then
+  `torch.compile` with inductor's freezing (oneDNN int8 kernels); export + calibration + compile time as setup.
 Parity on real capsule frames (../shared/data/real beside the checkout: Kvasir-Capsule-SEG and WCEBleedGen frames,
 the seed's preprocessing): top-1 agreement with fp32 and max |dp|. The models have random weights (no trained EVA-02
 is reachable from these machines): agreement then measures the candidate's noise against a random model's logit
@@ -155,6 +158,32 @@ def ort_candidates(model: Any, arch: str, model_args: dict[str, Any], size: int,
     return out, setup
 
 
+def pt2e_candidate(model: Any, calibration: Any, batch: int) -> tuple[Any, float]:
+    """torchao PT2E static int8 for x86 inductor, compiled (see the module docstring); (callable, setup seconds)."""
+    import torch
+    import torch._inductor.config as inductor
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    t = time.perf_counter()
+    example = calibration[:batch]
+    exported = torch.export.export(copy.deepcopy(model).eval(), (example,)).module()
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for i in range(0, len(calibration) - batch + 1, batch):
+            prepared(calibration[i:i + batch])
+    converted = convert_pt2e(prepared)
+    inductor.freezing = True
+    compiled = torch.compile(converted)
+    with torch.no_grad():
+        compiled(example)
+    return compiled, time.perf_counter() - t
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="eva02_base_patch14_224")
@@ -167,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-bf16", action="store_true")
     ap.add_argument("--no-dynamic", action="store_true", help="leave out int8-dynamic")
     ap.add_argument("--ort", action="store_true", help="also onnxruntime fp32 and static int8 (QDQ)")
+    ap.add_argument("--pt2e", action="store_true", help="also torchao PT2E static int8, compiled")
     ap.add_argument("--calibration-frames", type=int, default=64, help="synthetic frames that calibrate int8-static")
     ap.add_argument("--calibration-method", choices=("minmax", "percentile"), default="minmax")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/cpu_candidates_probe"))
@@ -188,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
                                           args.calibration_method, args.workdir)
         cands.update(more)
         setup.update(more_setup)
+    if args.pt2e:
+        cands["pt2e-int8-static"], setup["pt2e-int8-static"] = pt2e_candidate(
+            model, synthetic_frames(args.size, args.calibration_frames), args.batch)
     batch = frames[: args.batch] if len(frames) >= args.batch else frames.repeat(args.batch // len(frames) + 1, 1, 1,
                                                                                 1, 1)[: args.batch]
     best = {k: float("inf") for k in cands}

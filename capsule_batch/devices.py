@@ -37,7 +37,7 @@ def resolve_device(spec: str | None) -> Any:
     return dev
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
 def torch_dtype(precision: str) -> Any:

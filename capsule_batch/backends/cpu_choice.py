@@ -7,7 +7,10 @@ The candidates are the configurations this CPU runs natively:
   depending on the CPU and the model;
 * only where the CPU has native bf16 (`amx_bf16` or `avx512_bf16` in /proc/cpuinfo), or when bf16 is asked for:
   torch bf16 with the model and input cast to bf16 (`cast`: the fastest on AMX), and torch bf16 under autocast
-  (fp32 weights; LayerNorm and softmax stay fp32: closer to fp32, slower).
+  (fp32 weights; LayerNorm and softmax stay fp32: closer to fp32, slower);
+* only for `auto` precision and only where the engine store holds an int8 engine of this bundle whose parity with
+  fp32 on its held-out calibration frames met the Fidelity bounds (`engine build --precision int8 --calibration
+  FRAMES`, int8.py): onnxruntime int8 with that engine's calibration. `auto` never quantises on its own.
 
 Each candidate runs the same `parity_frames` capsule-like frames (synth.Scene: mucosa texture, folds, vignette,
 findings) as the reference; it passes when its top-1 agrees with fp32 on >= 99.9 % of them and no probability
@@ -90,6 +93,9 @@ class Candidate:
     backend: str
     precision: str
     cast: bool = False  # torch bf16: model and input in bf16 (else autocast, fp32 weights)
+    #: onnxruntime int8: the calibration frames of the stored engine it uses (None: the synthetic default)
+    calibration: str | None = None
+    calibration_frames: int | None = None
 
     @property
     def label(self) -> str:
@@ -111,7 +117,15 @@ class Candidate:
     @property
     def options(self) -> dict[str, Any]:
         """Keyword arguments of the backend beyond backend and precision."""
+        if self.precision == "int8":
+            return {"calibration": self.calibration, "calibration_frames": self.calibration_frames}
         return {"cast": True} if self.cast else {}
+
+    @classmethod
+    def from_decision(cls, decision: dict[str, Any]) -> Candidate:
+        opts = decision.get("options") or {}
+        return cls(decision["backend"], decision["precision"], bool(opts.get("cast")), opts.get("calibration"),
+                   opts.get("calibration_frames"))
 
 
 REFERENCE = Candidate("torch", "fp32")
@@ -131,8 +145,22 @@ def forced_candidate() -> Candidate | None:
     return ALL_CANDIDATES[key]
 
 
-def candidates(backend: str, precision: str, cpu: dict[str, Any], ort_available: bool) -> list[Candidate]:
-    """What `backend` x `precision` (either may be `auto`) can mean on this CPU; the reference first when allowed."""
+def int8_candidates(bundle: ModelBundle, store: Any) -> list[Candidate]:
+    """onnxruntime int8 with the calibration of each stored int8 engine of `bundle` that passed parity (int8.py)."""
+    from capsule_batch.backends.int8 import passing_int8_entries
+
+    out = []
+    for row in passing_int8_entries(bundle, store):
+        calib = row.get("calibration") or {}
+        source = None if calib.get("source") == "synthetic" else calib.get("source")
+        out.append(Candidate("onnxruntime", "int8", calibration=source, calibration_frames=calib.get("frames")))
+    return out[:1]  # one is enough: they are the same quantisation of the same weights
+
+
+def candidates(backend: str, precision: str, cpu: dict[str, Any], ort_available: bool,
+               int8: list[Candidate] | None = None) -> list[Candidate]:
+    """What `backend` x `precision` (either may be `auto`) can mean on this CPU; the reference first when allowed.
+    `int8`: the int8 candidates the engine store offers (int8_candidates), considered for `auto` precision only."""
     out: list[Candidate] = []
     if precision in ("auto", "fp32"):
         if backend in ("auto", "torch"):
@@ -142,6 +170,8 @@ def candidates(backend: str, precision: str, cpu: dict[str, Any], ort_available:
             out.append(Candidate("onnxruntime", "fp32"))
     if backend in ("auto", "torch") and (precision == "bf16" or (precision == "auto" and native_bf16(cpu))):
         out += [Candidate("torch", "bf16", cast=True), Candidate("torch", "bf16")]
+    if precision == "auto" and backend in ("auto", "onnxruntime") and ort_available:
+        out += list(int8 or [])
     return out
 
 
@@ -290,13 +320,14 @@ def choose(bundle: ModelBundle, *, backend: str, precision: str, max_batch: int,
                     "label": forced.label, "reason": f"forced by {FORCE_ENV}", "forced": True, "evidence": {},
                     "measured_now": False, "stored": None}
         return build(forced), decision
-    cands = candidates(backend, precision, cpu, ort_ok)
+    store = store if isinstance(store, EngineStore) else EngineStore(store)
+    cands = candidates(backend, precision, cpu, ort_ok,
+                       int8_candidates(bundle, store) if ort_ok and precision == "auto" else [])
     if not cands:
         raise EngineError(f"backend {backend} with precision {precision} has nothing to run on this CPU")
     if len(cands) == 1:
         return build(cands[0]), None
     n = int(parity_frames or DEFAULT_PARITY_FRAMES)
-    store = store if isinstance(store, EngineStore) else EngineStore(store)
     built: dict[Candidate, Any] = {}
 
     def measure(tmp: Path) -> tuple[str, dict[str, Any]]:
@@ -308,7 +339,7 @@ def choose(bundle: ModelBundle, *, backend: str, precision: str, max_batch: int,
     entry = f"cpu-choice-{backend}-{precision}"
     path, meta = store.ensure(bundle, entry, identity(bundle, cpu, n, cands), measure, policy=rebuild)
     decision = json.loads(Path(path).read_text(encoding="utf-8"))
-    chosen = Candidate(decision["backend"], decision["precision"], bool((decision.get("options") or {}).get("cast")))
+    chosen = Candidate.from_decision(decision)
     decision["measured_now"] = bool(built)
     decision["stored"] = str(Path(path).parent)
     engine = built.pop(chosen, None)
@@ -326,7 +357,7 @@ def choose(bundle: ModelBundle, *, backend: str, precision: str, max_batch: int,
 def parity_bound(engine: Any) -> float:
     """The max |dp| against torch fp32 that a built engine is held to (`Candidate.parity_bound`), from what it is."""
     desc = engine.describe()
-    return FP32_MAX_ABS_DP if desc.get("precision") == "fp32" else MAX_ABS_DP
+    return FP32_MAX_ABS_DP if desc.get("precision") == "fp32" else MAX_ABS_DP  # bf16, and int8 chosen by auto
 
 
 __all__ = ["ALL_CANDIDATES", "BF16_FLAGS", "Candidate", "DEFAULT_PARITY_FRAMES", "FORCE_ENV", "FP32_MAX_ABS_DP",

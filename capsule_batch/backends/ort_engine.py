@@ -1,6 +1,7 @@
 """The `onnxruntime` backend: the bundle's ONNX export (from the engine store) in an InferenceSession.
 
-CPU: fp32, `threads` sets intra-op threads (default: onnxruntime's choice). CUDA: needs onnxruntime-gpu
+CPU: fp32, or int8 (the export quantised after training, calibrated on `calibration` frames: int8.py); `threads`
+sets intra-op threads (default: onnxruntime's choice). CUDA: needs onnxruntime-gpu
 (the CUDA execution provider); fp16 runs an fp16 export; inputs and outputs stay on the GPU through
 I/O binding on torch tensors, and the session runs on the torch stream that was current when the
 engine was created (`user_compute_stream`).
@@ -26,7 +27,7 @@ CUDA_EP = "CUDAExecutionProvider"
 @BACKENDS.register("onnxruntime")
 class OrtEngine(Engine):
     requires = (("onnxruntime", "onnx"), ("onnx", "onnx"))
-    precisions = {"cpu": ("fp32",), "cuda": ("fp16", "fp32")}
+    precisions = {"cpu": ("fp32", "int8"), "cuda": ("fp16", "fp32")}
     uses_store = True
 
     @classmethod
@@ -41,13 +42,23 @@ class OrtEngine(Engine):
 
     def __init__(self, bundle: ModelBundle, *, device: Any, precision: str, max_batch: int,
                  store: EngineStore | str | None = None, rebuild: str = "auto", threads: int | None = None,
-                 opset: int = DEFAULT_OPSET, exporter: str = "legacy"):
+                 opset: int = DEFAULT_OPSET, exporter: str = "legacy", calibration: str | None = None,
+                 calibration_frames: int | None = None):
         import onnxruntime as ort
 
         super().__init__(bundle, device=device, precision=precision, max_batch=max_batch)
         store = store if isinstance(store, EngineStore) else EngineStore(store)
-        self.onnx_path, self.meta = ensure_onnx(bundle, store, dtype=precision, opset=opset, exporter=exporter,
-                                                policy=rebuild)
+        if precision == "int8":
+            from capsule_batch.backends.int8 import DEFAULT_CALIBRATION_FRAMES, ensure_int8_onnx, stored_calibration
+
+            if calibration is None and calibration_frames is None:
+                calibration, calibration_frames = stored_calibration(bundle, store) or (None, None)
+            self.onnx_path, self.meta = ensure_int8_onnx(
+                bundle, store, calibration=calibration, frames=calibration_frames or DEFAULT_CALIBRATION_FRAMES,
+                opset=opset, exporter=exporter, policy=rebuild, threads=threads)
+        else:
+            self.onnx_path, self.meta = ensure_onnx(bundle, store, dtype=precision, opset=opset, exporter=exporter,
+                                                    policy=rebuild)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -66,7 +77,7 @@ class OrtEngine(Engine):
         except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
             raise EngineError(f"{self.onnx_path}: onnxruntime cannot load it ({type(e).__name__}: {str(e)[:300]})"
                               ) from e
-        self._dtype = torch_dtype(precision)
+        self._dtype = torch_dtype("fp32" if precision == "int8" else precision)  # int8 takes and gives floats
 
     @property
     def dtype(self) -> Any:
@@ -99,4 +110,6 @@ class OrtEngine(Engine):
         d = super().describe()
         d.update(backend_version=ort.__version__, providers=self._session.get_providers(), threads=self.threads,
                  artifact=str(self.onnx_path), opset=self.meta.get("opset"), exporter=self.meta.get("exporter"))
+        if self.precision == "int8":
+            d.update(calibration=self.meta.get("calibration"), int8_parity=self.meta.get("parity"))
         return d

@@ -46,19 +46,24 @@ def auto_batch_size(device_type: str) -> int:
     return AUTO_BATCH_SIZE.get(device_type, 64)
 
 
-def choose_backend(device_type: str) -> str:
-    """The `auto` backend for a device type, by AUTO_ORDER; the reasons are logged at debug level."""
+def choose_backend(device_type: str, precision: str = "auto") -> str:
+    """The `auto` backend for a device type (and a precision it must run), by AUTO_ORDER; the reasons are logged at
+    debug level."""
     for name, dev in AUTO_ORDER:
         if dev != device_type:
             continue
         cls = BACKENDS.get(name)
+        if precision != "auto" and precision not in cls.precisions.get(device_type, ()):
+            _logger.debug("auto engine: skipping %s on %s (no %s there)", name, device_type, precision)
+            continue
         ok, why = cls.available()
         if ok:
             ok, why = cls.supports(device_type)
         if ok:
             return name
         _logger.debug("auto engine: skipping %s on %s (%s)", name, device_type, why)
-    raise EngineError(f"no backend can run on {device_type} here (backends: {', '.join(BACKENDS.names())})")
+    what = device_type if precision == "auto" else f"{device_type} in {precision}"
+    raise EngineError(f"no backend can run on {what} here (backends: {', '.join(BACKENDS.names())})")
 
 
 #: backends and precisions among which `auto` on a CPU chooses by measurement (cpu_choice.py)
@@ -97,7 +102,7 @@ def create_engine(
         engine.choice = decision
         engine.create_seconds = round(time.perf_counter() - t0, 3)
         return engine
-    name = choose_backend(dev.type) if backend == "auto" else backend
+    name = choose_backend(dev.type, precision) if backend == "auto" else backend
     return build_engine(bundle, name, dev, precision, max_batch, kwargs)
 
 

@@ -22,7 +22,8 @@ def command() -> None:
 @click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime", "torch"]), default="auto",
               show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]), default="auto",
+              show_default=True)
 @click.option("--max-batch", type=click.IntRange(1, 65536), default=256, show_default=True,
               help="Largest batch the engine accepts (TensorRT profile max).")
 @click.option("--opt-batch", type=click.IntRange(1, 65536), default=None,
@@ -31,20 +32,33 @@ def command() -> None:
               "choice again).")
 @click.option("--parity-frames", type=click.IntRange(16, 100_000), default=None,
               help="CPU choice: frames each candidate is checked against fp32 on (default 256).")
+@click.option("--calibration", type=existing_path(), default=None,
+              help="int8: frames to calibrate on and check parity with fp32 on, a recording or frame folder like "
+                   "what the model will read (best: the bundle's validation frames); default: synthetic "
+                   "capsule-like frames.")
+@click.option("--calibration-frames", type=click.IntRange(4, 4096), default=None,
+              help="int8: frames taken from the calibration recording (default 64; half calibrate, half check).")
 @engines_option
 @json_option
 def build_cmd(bundle: Path, backend: str, device: str, precision: str, max_batch: int, opt_batch: int | None,
-              force: bool, parity_frames: int | None, engines_dir: Path | None, as_json: bool) -> None:
+              force: bool, parity_frames: int | None, calibration: Path | None, calibration_frames: int | None,
+              engines_dir: Path | None, as_json: bool) -> None:
     """Build (or check) the engine for BUNDLE on this machine; a stale engine is rebuilt.
 
     On a CPU, `auto` backend or precision is measured: every configuration this CPU runs natively is checked
     against fp32 and timed, and the fastest that passes is stored and used by later runs."""
     from capsule_batch.backends import create_engine
     from capsule_batch.backends.engine_store import EngineStore
+    from capsule_batch.backends.int8 import DEFAULT_CALIBRATION_FRAMES
     from capsule_batch.model.bundle import ModelBundle
 
     b = ModelBundle.load(bundle)
-    kwargs = {"opt_batch": opt_batch} if opt_batch else {}
+    kwargs: dict = {"opt_batch": opt_batch} if opt_batch else {}
+    if calibration is not None or calibration_frames is not None:
+        if precision != "int8":
+            raise click.UsageError("--calibration and --calibration-frames are for --precision int8")
+        kwargs.update(calibration=str(calibration) if calibration else None,
+                      calibration_frames=calibration_frames or DEFAULT_CALIBRATION_FRAMES)
     engine = create_engine(b, backend=backend, device=device, precision=precision, max_batch=max_batch,
                            store=EngineStore(engines_dir), rebuild="force" if force else "auto",
                            parity_frames=parity_frames, **kwargs)
@@ -58,6 +72,13 @@ def build_cmd(bundle: Path, backend: str, device: str, precision: str, max_batch
         echo_choice(choice)
     if "artifact" in info:
         click.echo(f"{info['backend']} {info['precision']} engine on {info['device']}: {info['artifact']}")
+    if info.get("int8_parity"):
+        par, calib = info["int8_parity"], info.get("calibration") or {}
+        click.echo(f"int8 against fp32 on {par['frames']} held-out frames of {calib.get('source')}: top-1 agreement "
+                   f"{100 * par['top1_agreement']:.2f} %, max |dp| {par['max_abs_dp']:.4f} — "
+                   + ("meets the Fidelity bounds: `auto` considers it" if par["passed"] else
+                      "misses the Fidelity bounds (top-1 >= 99.9 %, max |dp| <= 0.01): used only with "
+                      "--precision int8"))
     else:
         click.echo(f"{info['backend']} {info['precision']} on {info['device']}: built in-process at run time, "
                    "nothing to store")

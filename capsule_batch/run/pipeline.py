@@ -229,8 +229,10 @@ def keep_aside(final: Path) -> Path:
 
 
 def precision_class(precision: str) -> str:
-    """fp32, or `half` for bf16/fp16: what a study's numbers depend on (two fp32 backends agree to ~1e-5)."""
-    return "fp32" if precision in ("fp32", "", None) else "half"
+    """fp32, int8, or `half` for bf16/fp16: what a study's numbers depend on (two fp32 backends agree to ~1e-5)."""
+    if precision in ("fp32", "", None):
+        return "fp32"
+    return "int8" if precision == "int8" else "half"
 
 
 class Pipeline:
