@@ -89,10 +89,12 @@ def test_missing_package_names_the_extra(bundle, monkeypatch):
 def test_precision_and_device_rules(bundle, store):
     auto = create_engine(bundle, backend="torch", device="cpu")  # fp32, or bf16 where the CPU choice picks it
     assert auto.precision == (auto.choice["precision"] if auto.choice else "fp32")
-    with pytest.raises(EngineError, match="runs fp32, not bf16"):
+    with pytest.raises(EngineError, match="runs fp32, int8, not bf16"):
         create_engine(bundle, backend="onnxruntime", device="cpu", precision="bf16", store=store)
-    with pytest.raises(EngineError, match="unknown precision"):
+    with pytest.raises(EngineError, match="runs fp32, bf16, fp16, not int8"):
         create_engine(bundle, backend="torch", device="cpu", precision="int8")
+    with pytest.raises(EngineError, match="unknown precision"):
+        create_engine(bundle, backend="torch", device="cpu", precision="int4")
     with pytest.raises(EngineError, match="unknown backend"):
         create_engine(bundle, backend="jax", device="cpu")
     ok, why = TensorRTEngine.supports("cpu")
