@@ -9,8 +9,8 @@ Candidates, each against torch fp32 eager on the same frames, at one batch size,
 - `bf16-cast`: the model cast to bf16 (what `auto` picks where bf16 is native; emulated, slow, on AVX2-only CPUs);
 - `ort-fp32` and `ort-int8-static` (`--ort`): the project's ONNX export in onnxruntime, and the same export quantised
   after training (onnxruntime's static QDQ quantisation: int8 weights per channel, uint8 activations with ranges
-  calibrated on `--calibration-frames` capsule-like synthetic frames, MinMax or percentile; MatMul and Gemm, the
-  products that hold ~all of the FLOPs); its quantisation time is reported as setup;
+  calibrated (MinMax) on `--calibration-frames` capsule-like synthetic frames; MatMul and Gemm, the products that
+  hold ~all of the FLOPs; the product's own `capsule_batch.backends.int8.quantize`); its time is reported as setup;
 - `pt2e-int8-static` (`--pt2e`, needs torchao): torch's PT2E path: `torch.export`, torchao's X86InductorQuantizer
   (static, int8 weights per channel, uint8 activations), calibrated on the same synthetic frames, then
   `torch.compile` with inductor's freezing (oneDNN int8 kernels); export + calibration + compile time as setup.
@@ -108,19 +108,14 @@ def candidates(model: Any, compile_: bool, bf16: bool) -> tuple[dict[str, Any], 
     return out, setup
 
 
-def ort_candidates(model: Any, arch: str, model_args: dict[str, Any], size: int, calibration: Any, method: str,
+def ort_candidates(model: Any, arch: str, model_args: dict[str, Any], size: int, calibration: Any,
                    workdir: Path) -> tuple[dict[str, Any], dict[str, float]]:
-    """onnxruntime fp32 and static int8 of the same ONNX export (see the module docstring)."""
+    """onnxruntime fp32 and static int8 of the same ONNX export, quantised as `--precision int8` does
+    (capsule_batch.backends.int8.quantize)."""
     import onnxruntime as ort
     import torch
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
 
+    from capsule_batch.backends.int8 import quantize
     from capsule_batch.backends.onnx_export import INPUT_NAME, export_onnx
     from capsule_batch.model.bundle import ModelBundle, save_bundle
     from capsule_batch.model.classes import CE24_CLASSES
@@ -131,25 +126,13 @@ def ort_candidates(model: Any, arch: str, model_args: dict[str, Any], size: int,
                 class_names=list(CE24_CLASSES), preprocess=seed_preprocess(size), model_args=model_args,
                 overwrite=True)
     fp32_path = export_onnx(ModelBundle.load(workdir / "bundle"), workdir / "fp32.onnx", model=model)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{INPUT_NAME: calibration[i:i + 8].numpy()} for i in range(0, len(calibration), 8)])
-
-        def get_next(self) -> dict[str, Any] | None:
-            return next(self.batches, None)
-
     t = time.perf_counter()
     int8_path = workdir / "int8.onnx"
-    quantize_static(str(fp32_path), str(int8_path), Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                    op_types_to_quantize=["MatMul", "Gemm"],
-                    calibrate_method={"minmax": CalibrationMethod.MinMax,
-                                      "percentile": CalibrationMethod.Percentile}[method],
-                    extra_options={"CalibPercentile": 99.999} if method == "percentile" else {})
+    quantize(fp32_path, int8_path, calibration)
     setup = {"ort-int8-static": time.perf_counter() - t}
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
+
     def runner(path: Path) -> Any:
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         return lambda x: torch.from_numpy(sess.run(None, {INPUT_NAME: x.numpy()})[0])
@@ -198,7 +181,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ort", action="store_true", help="also onnxruntime fp32 and static int8 (QDQ)")
     ap.add_argument("--pt2e", action="store_true", help="also torchao PT2E static int8, compiled")
     ap.add_argument("--calibration-frames", type=int, default=64, help="synthetic frames that calibrate int8-static")
-    ap.add_argument("--calibration-method", choices=("minmax", "percentile"), default="minmax")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/cpu_candidates_probe"))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -214,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         cands.pop("int8-dynamic")
     if args.ort:
         more, more_setup = ort_candidates(model, args.arch, json.loads(args.model_args), args.size,
-                                          synthetic_frames(args.size, args.calibration_frames),
-                                          args.calibration_method, args.workdir)
+                                          synthetic_frames(args.size, args.calibration_frames), args.workdir)
         cands.update(more)
         setup.update(more_setup)
     if args.pt2e:

@@ -101,11 +101,13 @@ def test_cpu_candidates_probe_writes_a_line_per_candidate(tmp_path) -> None:
     out = tmp_path / "probe.jsonl"
     cp = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cpu_candidates_probe.py"), "--arch",
                          "eva02_tiny_patch14_224", "--model-args", '{"img_size": 56, "depth": 2}', "--size", "56",
-                         "--batch", "8", "--repeats", "1", "--parity-frames", "16", "--out", str(out)],
+                         "--batch", "8", "--repeats", "1", "--parity-frames", "16", "--ort", "--calibration-frames",
+                         "16", "--workdir", str(tmp_path / "work"), "--out", str(out)],
                         capture_output=True, text=True, timeout=300)
     assert cp.returncode == 0, cp.stderr[-2000:]
     lines = {ln["candidate"]: ln for ln in map(json.loads, out.read_text().splitlines())}
-    assert set(lines) == {"fp32", "int8-dynamic", "bf16-cast"}
+    assert set(lines) == {"fp32", "int8-dynamic", "bf16-cast", "ort-fp32", "ort-int8-static"}
+    assert lines["ort-fp32"]["max_abs_dp"] < 1e-4  # the same model through the ONNX export: float rounding only
     assert lines["fp32"]["vs_fp32"] == 1.0 and lines["fp32"]["top1_agreement"] == 1.0
     assert lines["fp32"]["max_abs_dp"] == 0.0 and lines["fp32"]["parity_frames"] == 16
     assert all(ln["cpu"]["model"] and 0 <= ln["top1_agreement"] <= 1 for ln in lines.values())
