@@ -93,9 +93,6 @@ class Candidate:
     backend: str
     precision: str
     cast: bool = False  # torch bf16: model and input in bf16 (else autocast, fp32 weights)
-    #: onnxruntime int8: the calibration frames of the stored engine it uses (None: the synthetic default)
-    calibration: str | None = None
-    calibration_frames: int | None = None
 
     @property
     def label(self) -> str:
@@ -117,15 +114,11 @@ class Candidate:
     @property
     def options(self) -> dict[str, Any]:
         """Keyword arguments of the backend beyond backend and precision."""
-        if self.precision == "int8":
-            return {"calibration": self.calibration, "calibration_frames": self.calibration_frames}
         return {"cast": True} if self.cast else {}
 
     @classmethod
     def from_decision(cls, decision: dict[str, Any]) -> Candidate:
-        opts = decision.get("options") or {}
-        return cls(decision["backend"], decision["precision"], bool(opts.get("cast")), opts.get("calibration"),
-                   opts.get("calibration_frames"))
+        return cls(decision["backend"], decision["precision"], bool((decision.get("options") or {}).get("cast")))
 
 
 REFERENCE = Candidate("torch", "fp32")
@@ -146,15 +139,11 @@ def forced_candidate() -> Candidate | None:
 
 
 def int8_candidates(bundle: ModelBundle, store: Any) -> list[Candidate]:
-    """onnxruntime int8 with the calibration of each stored int8 engine of `bundle` that passed parity (int8.py)."""
+    """onnxruntime int8, where the store holds an int8 engine of `bundle` that passed parity (int8.py); its engine is
+    that stored one (an int8 engine built without calibration frames takes the stored engine, passing ones first)."""
     from capsule_batch.backends.int8 import passing_int8_entries
 
-    out = []
-    for row in passing_int8_entries(bundle, store):
-        calib = row.get("calibration") or {}
-        source = None if calib.get("source") == "synthetic" else calib.get("source")
-        out.append(Candidate("onnxruntime", "int8", calibration=source, calibration_frames=calib.get("frames")))
-    return out[:1]  # one is enough: they are the same quantisation of the same weights
+    return [Candidate("onnxruntime", "int8")] if passing_int8_entries(bundle, store) else []
 
 
 def candidates(backend: str, precision: str, cpu: dict[str, Any], ort_available: bool,

@@ -8,7 +8,8 @@ onnxruntime int8 1.81x torch fp32, torch's dynamic int8 1.34x, torchao's PT2E x8
 "int8").
 
 Calibration frames (`engine build --precision int8 --calibration PATH`, `calibration=` of the backend; a run
-without it uses the calibration of the bundle's stored int8 engine, passing ones first, else the default):
+without it uses the bundle's stored int8 engine as it was built, one that passed parity first, else quantises on
+the default):
 - a recording (video file or frame folder) of the kind the model will read, ideally the bundle's own validation
   frames: `DEFAULT_CALIBRATION_FRAMES` frames spread over it (8 places, 8 frames each); every other one calibrates,
   the rest measure parity with fp32;
@@ -141,6 +142,7 @@ def _session(path: Path, threads: int | None) -> Any:
 
 def parity(fp32_onnx: Path, int8_onnx: Path, pixels: Any, threads: int | None = None) -> dict[str, Any]:
     """The int8 export against the fp32 export on `pixels`: top-1 agreement, max |dp|, passed (Fidelity bounds)."""
+    import numpy as np
     import torch
 
     from capsule_batch.backends.cpu_choice import compare
@@ -149,7 +151,7 @@ def parity(fp32_onnx: Path, int8_onnx: Path, pixels: Any, threads: int | None = 
     def probs(path: Path) -> Any:
         sess = _session(path, threads)
         outs = [sess.run(None, {INPUT_NAME: pixels[i:i + 8].numpy()})[0] for i in range(0, len(pixels), 8)]
-        return torch.softmax(torch.from_numpy(__import__("numpy").concatenate(outs)).float(), 1)
+        return torch.softmax(torch.from_numpy(np.concatenate(outs)).float(), 1)
 
     return {**compare(probs(fp32_onnx), probs(int8_onnx)), "frames": int(pixels.shape[0])}
 
@@ -201,16 +203,17 @@ def passing_int8_entries(bundle: ModelBundle, store: Any) -> list[dict[str, Any]
     return [r for r in stored_int8_entries(bundle, store) if (r.get("parity") or {}).get("passed")]
 
 
-def stored_calibration(bundle: ModelBundle, store: Any) -> tuple[str | None, int] | None:
-    """(calibration source, frames) of the stored int8 engine a run without `--calibration` uses (None: none
-    stored; a source of None is the synthetic default)."""
+def stored_int8_engine(bundle: ModelBundle, store: Any) -> tuple[Path, dict[str, Any]] | None:
+    """(artefact, meta) of the stored int8 engine a run without `--calibration` uses (one that passed parity first,
+    then the newest), its bytes checked against its meta.json; None when the store holds none of this bundle. The
+    calibration frames need not exist any more: the engine is used as it was built."""
     rows = stored_int8_entries(bundle, store)
     if not rows:
         return None
-    calib = rows[0].get("calibration") or {}
-    source = None if calib.get("source") == "synthetic" else calib.get("source")
-    return source, int(calib.get("frames") or DEFAULT_CALIBRATION_FRAMES)
+    d = Path(rows[0]["path"])
+    meta = store.read_meta(d)
+    return store.verify_artifact(d, meta), meta
 
 
 __all__ = ["DEFAULT_CALIBRATION_FRAMES", "ENTRY_PREFIX", "calibration_set", "ensure_int8_onnx",
-           "passing_int8_entries", "parity", "quantize", "stored_calibration", "stored_int8_entries"]
+           "passing_int8_entries", "parity", "quantize", "stored_int8_engine", "stored_int8_entries"]

@@ -49,13 +49,18 @@ class OrtEngine(Engine):
         super().__init__(bundle, device=device, precision=precision, max_batch=max_batch)
         store = store if isinstance(store, EngineStore) else EngineStore(store)
         if precision == "int8":
-            from capsule_batch.backends.int8 import DEFAULT_CALIBRATION_FRAMES, ensure_int8_onnx, stored_calibration
+            from capsule_batch.backends.int8 import DEFAULT_CALIBRATION_FRAMES, ensure_int8_onnx, stored_int8_engine
 
-            if calibration is None and calibration_frames is None:
-                calibration, calibration_frames = stored_calibration(bundle, store) or (None, None)
-            self.onnx_path, self.meta = ensure_int8_onnx(
-                bundle, store, calibration=calibration, frames=calibration_frames or DEFAULT_CALIBRATION_FRAMES,
-                opset=opset, exporter=exporter, policy=rebuild, threads=threads)
+            stored = (stored_int8_engine(bundle, store)
+                      if calibration is None and calibration_frames is None and rebuild == "auto" else None)
+            if stored is not None:
+                self.onnx_path, self.meta = stored
+                _logger.info("int8: the stored engine %s (calibrated on %s)", self.onnx_path,
+                             (self.meta.get("calibration") or {}).get("source"))
+            else:
+                self.onnx_path, self.meta = ensure_int8_onnx(
+                    bundle, store, calibration=calibration, frames=calibration_frames or DEFAULT_CALIBRATION_FRAMES,
+                    opset=opset, exporter=exporter, policy=rebuild, threads=threads)
         else:
             self.onnx_path, self.meta = ensure_onnx(bundle, store, dtype=precision, opset=opset, exporter=exporter,
                                                     policy=rebuild)
