@@ -47,19 +47,13 @@ ENTRY_PREFIX = "onnx-int8-"
 def calibration_set(bundle: ModelBundle, source: str | os.PathLike | None = None,
                     frames: int = DEFAULT_CALIBRATION_FRAMES) -> tuple[Any, dict[str, Any]]:
     """(preprocessed (N,3,S,S) float32 frames, identity) of the calibration frames (see the module docstring)."""
-    import numpy as np
-    import torch
 
     if frames < 4:
         raise EngineError(f"int8 calibration needs at least 4 frames, got {frames}")
     if source is None:
-        from capsule_batch.model.preprocess import preprocess_batch
-        from capsule_batch.sources.synthesize import Scene
+        from capsule_batch.backends.cpu_choice import parity_pixels
 
-        size = max(bundle.preprocess.input_size, 64)
-        scene = Scene(size, frames * 8, seed=SYNTHETIC_SEED, fps=2.0, findings_per_1000=40.0)
-        raw = np.stack([scene.render(i * 8 + 4) for i in range(frames)])
-        pixels = preprocess_batch(torch.from_numpy(raw), bundle.preprocess).float()
+        pixels = parity_pixels(bundle, frames, seed=SYNTHETIC_SEED).float()  # the CPU choice's scene, another seed
         ident = {"source": "synthetic", "seed": SYNTHETIC_SEED}
     else:
         pixels, ident = _recording_frames(bundle, Path(source), frames)
