@@ -6,6 +6,9 @@ Candidates, each against torch fp32 eager on the same frames, at one batch size,
   quantised to int8 weights with activations quantised per call (torch.ao's dynamic quantisation; x86/fbgemm
   kernels, AVX2 or better; no calibration set needed);
 - `fp32-compiled`: `torch.compile` with inductor's freezing (`--compile`; its compile time is reported apart);
+- `fp32-aoti` and `bf16-cast-aoti` (`--aot`): the model compiled ahead of time as the CPU choice's `compiled`
+  candidates are (the product's `capsule_batch.backends.compiled.compile_package`: inductor with freezing, an
+  AOTInductor package with a dynamic batch), then loaded; compile time as setup;
 - `bf16-cast`: the model cast to bf16 (what `auto` picks where bf16 is native; emulated, slow, on AVX2-only CPUs);
 - `ort-fp32` and `ort-int8-static` (`--ort`): the project's ONNX export in onnxruntime, and the same export quantised
   after training (onnxruntime's static QDQ quantisation: int8 weights per channel, uint8 activations with ranges
@@ -82,7 +85,8 @@ def build(arch: str, model_args: dict[str, Any]) -> Any:
     return model
 
 
-def candidates(model: Any, compile_: bool, bf16: bool) -> tuple[dict[str, Any], dict[str, float]]:
+def candidates(model: Any, compile_: bool, bf16: bool, aot: bool, size: int, workdir: Path,
+               ) -> tuple[dict[str, Any], dict[str, float]]:
     import torch
     from torch.ao.quantization import quantize_dynamic
 
@@ -105,6 +109,14 @@ def candidates(model: Any, compile_: bool, bf16: bool) -> tuple[dict[str, Any], 
 
         inductor.freezing = True
         out["fp32-compiled"] = torch.compile(copy.deepcopy(model))
+    if aot:
+        from capsule_batch.backends.compiled import compile_package, load_package
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        for name, dtype in (("fp32-aoti", torch.float32), ("bf16-cast-aoti", torch.bfloat16))[:2 if bf16 else 1]:
+            setup[name] = compile_package(copy.deepcopy(model).to(dtype), size, dtype, workdir / f"{name}.pt2")
+            package = load_package(workdir / f"{name}.pt2")
+            out[name] = (lambda p, d: lambda x: p(x.to(d)).float())(package, dtype)
     return out, setup
 
 
@@ -176,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--parity-frames", type=int, default=64)
     ap.add_argument("--compile", action="store_true", help="also torch.compile fp32 (inductor, freezing)")
+    ap.add_argument("--aot", action="store_true", help="also the AOTInductor packages (fp32, and bf16 cast unless "
+                    "--no-bf16) that the CPU choice's compiled candidates use")
     ap.add_argument("--no-bf16", action="store_true")
     ap.add_argument("--no-dynamic", action="store_true", help="leave out int8-dynamic")
     ap.add_argument("--ort", action="store_true", help="also onnxruntime fp32 and static int8 (QDQ)")
@@ -191,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
     frames, n = real_frames(args.size, args.parity_frames)
     model = build(args.arch, json.loads(args.model_args))
-    cands, setup = candidates(model, args.compile, not args.no_bf16)
+    cands, setup = candidates(model, args.compile, not args.no_bf16, args.aot, args.size, args.workdir)
     if args.no_dynamic:
         cands.pop("int8-dynamic")
     if args.ort:

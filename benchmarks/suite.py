@@ -4,7 +4,9 @@ For each architecture it makes one synthetic 336x336 H.264 recording (or uses --
 seed's way of inferring on it (frames extracted to JPEG, loaded one at a time, eager fp32 — see
 seed_baseline.py), then every configuration's decode / engine / e2e stages through capsule_batch.run.measure.
 Each e2e line carries its speed-up over the baseline and its parity with the baseline's probabilities
-(top-1 agreement, max |dp|), so a speed-up is never bought with accuracy unseen.
+(top-1 agreement, max |dp|), so a speed-up is never bought with accuracy unseen. On a CPU, decoding and the engine
+share the cores, so end to end cannot beat `decode_share_bound` = 1 / (1 + engine_fps / decode_fps) of engine-only;
+each e2e line carries that bound and `e2e_over_bound` (e2e / engine / bound: 1.0 means nothing lost to the overlap).
 
     python benchmarks/suite.py --arch eva02_tiny_patch14_224 --backends torch,onnxruntime \
         --precisions fp32,bf16 --batch-sizes 32 --frames 512 --tag cpu --out benchmarks/results/suite_cpu.jsonl
@@ -75,28 +77,35 @@ def run_suite(args: argparse.Namespace) -> list[dict[str, Any]]:
             base["suite_tag"] = args.tag
             lines.append(base)
             _logger.info("%s seed-style baseline: %.2f frames/s (extraction included)", arch, base["frames_per_s"])
-        pairs = ([tuple(c.split("/")) for c in args.configs.split(",")] if args.configs
-                 else list(itertools.product(args.backends.split(","), args.precisions.split(","))))
+        pairs = ([c.split("/") for c in args.configs.split(",")] if args.configs
+                 else [list(p) for p in itertools.product(args.backends.split(","), args.precisions.split(","))])
         e2e_lines = []
-        for source, (backend, precision), batch in itertools.product(
+        for source, (backend, precision, *flags), batch in itertools.product(
                 args.sources.split(","), pairs, [int(b) for b in args.batch_sizes.split(",")]):
+            # `torch/fp32/compiled`, `torch/bf16/compiled`: the AOTInductor package (bf16 with the model cast)
+            extra = {"compile": True, "cast": precision != "fp32"} if "compiled" in flags else {}
             try:
                 # the CPU choice behind `auto` is stored in the suite's own engine store, measured once per bundle
                 results = run_benchmarks(bundle, rec, backend=backend, source=source, device=device,
                                          precision=precision, batch_size=batch, frames=args.frames,
                                          warmup=args.warmup, repeats=args.repeats, workdir=work,
-                                         engine_kwargs={"store": work / "engines"})
+                                         engine_kwargs={"store": work / "engines", **extra})
             except Exception as e:  # a combination this machine cannot run is noted and skipped
                 _logger.warning("skipped %s/%s/%s/b%d: %s", source, backend, precision, batch, e)
                 continue
             engine_fps = next((r["frames_per_s"] for r in results if r["stage"] == "engine"), None)
+            decode_fps = next((r["frames_per_s"] for r in results if r["stage"] == "decode"), None)
             for r in results:
                 r["suite_tag"] = args.tag
-                r["asked"] = f"{backend}/{precision}"
+                r["asked"] = "/".join([backend, precision, *flags])
                 if r["stage"] == "e2e":
                     e2e_lines.append(r)
                     if engine_fps:
                         r["e2e_over_engine"] = round(r["frames_per_s"] / engine_fps, 3)
+                        if decode_fps:
+                            bound = 1.0 / (1.0 + engine_fps / decode_fps)
+                            r["decode_share_bound"] = round(bound, 3)
+                            r["e2e_over_bound"] = round(r["frames_per_s"] / engine_fps / bound, 3)
                     if base is not None:
                         with StudyReader(work / "e2e" / (rec.stem + ".h5")) as study:
                             r["parity_vs_seed"] = parity(study.probs(), ref)
@@ -125,7 +134,8 @@ def verdict(arch: str, e2e: list[dict[str, Any]], base: dict[str, Any] | None) -
            "auto_e2e_frames_per_s": auto["frames_per_s"], "fastest_asked": fastest["asked"],
            "fastest_e2e_frames_per_s": fastest["frames_per_s"],
            "auto_over_fastest": round(auto["frames_per_s"] / fastest["frames_per_s"], 3),
-           "auto_e2e_over_engine": auto.get("e2e_over_engine"), "cpu": auto["config"].get("cpu")}
+           "auto_e2e_over_engine": auto.get("e2e_over_engine"), "auto_e2e_over_bound": auto.get("e2e_over_bound"),
+           "cpu": auto["config"].get("cpu")}
     if base is not None:
         out["auto_over_seed"] = round(auto["frames_per_s"] / base["frames_per_s"], 3)
     out["summary"] = (f"auto ({chosen}) {auto['frames_per_s']:.2f} frames/s e2e = {out['auto_over_fastest']:.2f}x the "
@@ -144,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backends", default="torch")
     ap.add_argument("--precisions", default="fp32")
     ap.add_argument("--configs", default=None,
-                    help="backend/precision pairs instead of --backends x --precisions, e.g. auto/auto,torch/fp32")
+                    help="backend/precision pairs instead of --backends x --precisions, e.g. auto/auto,torch/fp32; "
+                         "torch/fp32/compiled: the AOTInductor package")
     ap.add_argument("--batch-sizes", default="32")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--frames", type=int, default=512)

@@ -72,7 +72,8 @@ def _auto_on_a_cpu_needs_the_cpu_choice_marker(request: pytest.FixtureRequest, m
     monkeypatch.setattr(cpu_choice, "choose", spy)
     yield
     free = [r for r in requests if r[0] in ("auto", "torch") and r[1] in ("auto", "bf16")]
-    if free and request.node.get_closest_marker("cpu_choice") is None and request.module.__name__ != "test_cpu_choice":
+    about_the_choice = request.module.__name__ in ("test_cpu_choice", "test_compiled")
+    if free and request.node.get_closest_marker("cpu_choice") is None and not about_the_choice:
         pytest.fail(f"this test lets `auto` pick a CPU engine ({free[0][0]}/{free[0][1]}): mark it "
                     "@pytest.mark.cpu_choice, or pin --engine and --precision")
 

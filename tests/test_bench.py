@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import REPO, make_recording
 
+from capsule_batch.backends.cpu_choice import ALL_CANDIDATES
 from capsule_batch.cli import cli
 
 CONFIG_KEYS = {"model", "model_args", "input_size", "source", "backend", "precision", "batch_size", "frame_width",
@@ -72,9 +73,14 @@ def test_suite_compares_with_seed_baseline_and_plots(tmp_path):
     assert e2e["asked"] == "torch/fp32" and auto["asked"] == "auto/auto"
     # auto on a CPU is the measured choice, stored in the suite's engine store; the verdict holds it against the
     # fastest configuration of the run and the baseline
-    assert auto["config"]["choice"]["label"] in ("torch fp32", "onnxruntime fp32", "torch bf16 cast",
-                                                 "torch bf16 autocast")
+    assert auto["config"]["choice"]["label"] in {c.label for c in ALL_CANDIDATES.values()}
     assert verdict["auto_chose"] == auto["config"]["choice"]["label"]
+    # the decode-sharing bound: end to end on shared cores cannot beat 1 / (1 + engine/decode) of engine-only
+    decode, engine = lines[1]["frames_per_s"], lines[2]["frames_per_s"]
+    assert e2e["decode_share_bound"] == round(1 / (1 + engine / decode), 3) and 0 < e2e["decode_share_bound"] < 1
+    assert e2e["e2e_over_bound"] == pytest.approx(e2e["frames_per_s"] / engine / (1 / (1 + engine / decode)),
+                                                  abs=2e-3)
+    assert verdict["auto_e2e_over_bound"] == auto["e2e_over_bound"]
     fastest = max(e2e["frames_per_s"], auto["frames_per_s"])
     assert verdict["auto_over_fastest"] == round(auto["frames_per_s"] / fastest, 3)
     assert verdict["auto_over_seed"] == round(auto["frames_per_s"] / base["frames_per_s"], 3)

@@ -54,6 +54,13 @@ def _measured_not_forced(monkeypatch):
     monkeypatch.delenv(cpu_choice.FORCE_ENV, raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _no_compiler(monkeypatch):
+    """The rules here hold with or without the compiled candidates; without them each test saves the ~15 s
+    compile of its fresh store. tests/test_compiled.py compiles for real and checks how they join the choice."""
+    monkeypatch.setattr("capsule_batch.backends.compiled.compiler_available", lambda: (False, "not in these tests"))
+
+
 @pytest.fixture(scope="module")
 def soft(tmp_path_factory):
     return make_bundle(tmp_path_factory.mktemp("soft") / "soft", "soft")
@@ -104,6 +111,12 @@ def test_candidates_follow_the_cpu_and_the_request():
     assert labels("torch", "auto", NO_BF16, True) == ["torch fp32"]  # one candidate: nothing to measure
     assert labels("auto", "bf16", NO_BF16, True) == ["torch bf16 cast", "torch bf16 autocast"]  # asked for
     assert labels("onnxruntime", "auto", WITH_BF16, True) == ["onnxruntime fp32"]
+    # with a C++ compiler for inductor, each eager torch candidate but autocast gets a compiled sibling
+    assert labels("auto", "auto", NO_BF16, True, [], True) == ["torch fp32", "torch fp32 compiled", "onnxruntime fp32"]
+    assert labels("auto", "auto", WITH_BF16, True, [], True) == [
+        "torch fp32", "torch fp32 compiled", "onnxruntime fp32", "torch bf16 cast", "torch bf16 cast compiled",
+        "torch bf16 autocast"]
+    assert labels("onnxruntime", "auto", WITH_BF16, True, [], True) == ["onnxruntime fp32"]
     assert cpu_choice.native_bf16(WITH_BF16) and not cpu_choice.native_bf16(NO_BF16)
     info = cpu_choice.cpu_info()
     assert info["model"] and info["cores"] >= 1 and set(info["flags"]) <= set(cpu_choice.RECORDED_FLAGS)
@@ -222,4 +235,4 @@ def test_a_forced_candidate_is_what_auto_picks_on_any_cpu_and_nothing_is_stored(
     with pytest.raises(EngineError, match="not a CPU candidate"):
         auto(soft, store)
     assert sorted(cpu_choice.ALL_CANDIDATES) == ["onnxruntime-fp32", "torch-bf16-autocast", "torch-bf16-cast",
-                                                 "torch-fp32"]
+                                                 "torch-bf16-cast-compiled", "torch-fp32", "torch-fp32-compiled"]

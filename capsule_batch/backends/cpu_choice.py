@@ -3,11 +3,13 @@
 The candidates are the configurations this CPU runs natively:
 
 * torch fp32: the reference every other candidate is checked against;
+* torch fp32 compiled (where inductor finds a C++ compiler): the AOTInductor package of the bundle in the engine
+  store (compiled.py), compiled on its first use (tens of seconds, once per bundle, CPU and torch version);
 * onnxruntime fp32 (when installed): the same numbers within float rounding, often faster or slower by 10-40 %
   depending on the CPU and the model;
 * only where the CPU has native bf16 (`amx_bf16` or `avx512_bf16` in /proc/cpuinfo), or when bf16 is asked for:
   torch bf16 with the model and input cast to bf16 (`cast`: the fastest on AMX), and torch bf16 under autocast
-  (fp32 weights; LayerNorm and softmax stay fp32: closer to fp32, slower);
+  (fp32 weights; LayerNorm and softmax stay fp32: closer to fp32, slower); and torch bf16 cast compiled;
 * only for `auto` precision and only where the engine store holds an int8 engine of this bundle whose parity with
   fp32 on its held-out calibration frames met the Fidelity bounds (`engine build --precision int8 --calibration
   FRAMES`, int8.py): onnxruntime int8 with that engine's calibration. `auto` never quantises on its own.
@@ -24,7 +26,8 @@ on: the bundle's identity, the CPU model and its flags, the cores and torch's th
 and timm versions. A later build on the same machine reuses it; any change (another CPU, a retrained bundle, an
 upgrade) measures again. `engine build` prints it and `engine list` shows it.
 
-`CAPSULE_BATCH_CPU_CHOICE=<candidate>` (`torch-fp32`, `onnxruntime-fp32`, `torch-bf16-cast`, `torch-bf16-autocast`)
+`CAPSULE_BATCH_CPU_CHOICE=<candidate>` (`torch-fp32`, `torch-fp32-compiled`, `onnxruntime-fp32`, `torch-bf16-cast`,
+`torch-bf16-cast-compiled`, `torch-bf16-autocast`)
 forces what `auto` picks wherever that candidate fits the request, without measuring or storing anything: bf16 then
 runs on any x86-64 CPU (emulated, slowly, where the CPU has no native bf16). The test suite runs its number-comparing
 tests once per candidate this way (Makefile, `make test`), so that a bound that holds for one candidate only fails on
@@ -93,12 +96,14 @@ class Candidate:
     backend: str
     precision: str
     cast: bool = False  # torch bf16: model and input in bf16 (else autocast, fp32 weights)
+    compiled: bool = False  # torch: the AOTInductor package from the engine store (compiled.py)
 
     @property
     def label(self) -> str:
+        label = f"{self.backend} {self.precision}"
         if self.backend == "torch" and self.precision == "bf16":
-            return f"torch bf16 {'cast' if self.cast else 'autocast'}"
-        return f"{self.backend} {self.precision}"
+            label += " cast" if self.cast else " autocast"
+        return label + (" compiled" if self.compiled else "")
 
     @property
     def key(self) -> str:
@@ -114,17 +119,21 @@ class Candidate:
     @property
     def options(self) -> dict[str, Any]:
         """Keyword arguments of the backend beyond backend and precision."""
-        return {"cast": True} if self.cast else {}
+        return {**({"cast": True} if self.cast else {}), **({"compile": True} if self.compiled else {})}
 
     @classmethod
     def from_decision(cls, decision: dict[str, Any]) -> Candidate:
-        return cls(decision["backend"], decision["precision"], bool((decision.get("options") or {}).get("cast")))
+        options = decision.get("options") or {}
+        return cls(decision["backend"], decision["precision"], bool(options.get("cast")), bool(options.get("compile")))
 
 
 REFERENCE = Candidate("torch", "fp32")
+FP32_COMPILED = Candidate("torch", "fp32", compiled=True)
+BF16_CAST = Candidate("torch", "bf16", cast=True)
+BF16_CAST_COMPILED = Candidate("torch", "bf16", cast=True, compiled=True)
 #: every candidate there is, by key
-ALL_CANDIDATES = {c.key: c for c in (REFERENCE, Candidate("onnxruntime", "fp32"), Candidate("torch", "bf16", cast=True),
-                                     Candidate("torch", "bf16"))}
+ALL_CANDIDATES = {c.key: c for c in (REFERENCE, FP32_COMPILED, Candidate("onnxruntime", "fp32"), BF16_CAST,
+                                     BF16_CAST_COMPILED, Candidate("torch", "bf16"))}
 
 
 def forced_candidate() -> Candidate | None:
@@ -147,18 +156,20 @@ def int8_candidates(bundle: ModelBundle, store: Any) -> list[Candidate]:
 
 
 def candidates(backend: str, precision: str, cpu: dict[str, Any], ort_available: bool,
-               int8: list[Candidate] | None = None) -> list[Candidate]:
+               int8: list[Candidate] | None = None, compiler: bool = False) -> list[Candidate]:
     """What `backend` x `precision` (either may be `auto`) can mean on this CPU; the reference first when allowed.
-    `int8`: the int8 candidates the engine store offers (int8_candidates), considered for `auto` precision only."""
+    `int8`: the int8 candidates the engine store offers (int8_candidates), considered for `auto` precision only;
+    `compiler`: a C++ compiler is there for inductor, so the compiled candidates join their eager siblings."""
     out: list[Candidate] = []
     if precision in ("auto", "fp32"):
         if backend in ("auto", "torch"):
-            out.append(REFERENCE)
+            out += [REFERENCE, FP32_COMPILED] if compiler else [REFERENCE]
         # asked for by name, it is a candidate even when missing: its build says what to install
         if backend == "onnxruntime" or (backend == "auto" and ort_available):
             out.append(Candidate("onnxruntime", "fp32"))
     if backend in ("auto", "torch") and (precision == "bf16" or (precision == "auto" and native_bf16(cpu))):
-        out += [Candidate("torch", "bf16", cast=True), Candidate("torch", "bf16")]
+        out += [BF16_CAST, BF16_CAST_COMPILED] if compiler else [BF16_CAST]
+        out.append(Candidate("torch", "bf16"))
     if precision == "auto" and backend in ("auto", "onnxruntime") and ort_available:
         out += list(int8 or [])
     return out
@@ -297,12 +308,14 @@ def choose(bundle: ModelBundle, *, backend: str, precision: str, max_batch: int,
     `build(candidate)` creates a candidate's engine at `max_batch`. The decision is loaded from the store when its
     identity matches (policy `auto`), measured and stored otherwise (`force`: always measured; `never`: refused)."""
     from capsule_batch.backends.base import BACKENDS
+    from capsule_batch.backends.compiled import compiler_available
     from capsule_batch.backends.engine_store import EngineStore
 
     ort_ok = BACKENDS.get("onnxruntime").available()[0]
     cpu = cpu_info()
     forced = forced_candidate()
-    if forced is not None and forced in candidates(backend, precision, {**cpu, "flags": list(BF16_FLAGS)}, True):
+    if forced is not None and forced in candidates(backend, precision, {**cpu, "flags": list(BF16_FLAGS)}, True,
+                                                   compiler=True):
         _logger.warning("CPU choice for %s forced by %s: %s (not measured; its parity bound is max |dp| <= %g)",
                         bundle.name, FORCE_ENV, forced.label, forced.parity_bound)
         decision = {"backend": forced.backend, "precision": forced.precision, "options": forced.options,
@@ -311,7 +324,8 @@ def choose(bundle: ModelBundle, *, backend: str, precision: str, max_batch: int,
         return build(forced), decision
     store = store if isinstance(store, EngineStore) else EngineStore(store)
     cands = candidates(backend, precision, cpu, ort_ok,
-                       int8_candidates(bundle, store) if ort_ok and precision == "auto" else [])
+                       int8_candidates(bundle, store) if ort_ok and precision == "auto" else [],
+                       compiler=compiler_available()[0])
     if not cands:
         raise EngineError(f"backend {backend} with precision {precision} has nothing to run on this CPU")
     if len(cands) == 1:
@@ -349,6 +363,7 @@ def parity_bound(engine: Any) -> float:
     return FP32_MAX_ABS_DP if desc.get("precision") == "fp32" else MAX_ABS_DP  # bf16, and int8 chosen by auto
 
 
-__all__ = ["ALL_CANDIDATES", "BF16_FLAGS", "Candidate", "DEFAULT_PARITY_FRAMES", "FORCE_ENV", "FP32_MAX_ABS_DP",
-           "MAX_ABS_DP", "MIN_TOP1_AGREEMENT", "REFERENCE", "candidates", "choose", "compare", "cpu_info",
-           "forced_candidate", "native_bf16", "parity_bound", "parity_pixels", "within_fidelity"]
+__all__ = ["ALL_CANDIDATES", "BF16_CAST", "BF16_CAST_COMPILED", "BF16_FLAGS", "Candidate", "DEFAULT_PARITY_FRAMES",
+           "FORCE_ENV", "FP32_COMPILED", "FP32_MAX_ABS_DP", "MAX_ABS_DP", "MIN_TOP1_AGREEMENT", "REFERENCE",
+           "candidates", "choose", "compare", "cpu_info", "forced_candidate", "native_bf16", "parity_bound",
+           "parity_pixels", "within_fidelity"]

@@ -8,9 +8,13 @@ and its input are cast to bf16/fp16 instead (no autocast: every op in the low pr
 AMX, and the furthest from fp32 — the CPU choice, cpu_choice.py, uses it only where it passes parity).
 On CUDA, `cuda_graphs` captures one graph at `max_batch` (smaller batches are padded into its static
 input) or, with `compile`, uses torch.compile's `reduce-overhead` mode, which manages graphs itself.
-A compiled engine is warmed up (compiled) when it is built, outside any run's engine watch, and pads every call
-to `max_batch`, so a run never compiles again for the shorter last batch.
-`compile_options` go to torch.compile as they are (e.g. {"mode": "max-autotune"}).
+On CUDA a compiled engine is warmed up (compiled) when it is built, outside any run's engine watch, and pads every
+call to `max_batch`, so a run never compiles again for the shorter last batch; `compile_options` go to
+torch.compile as they are (e.g. {"mode": "max-autotune"}).
+On a CPU, `compile` loads the bundle's AOTInductor package from the engine store, compiled there on first use
+(compiled.py): fp32, or bf16/fp16 with `cast`; the compile is paid once per bundle, CPU and torch version, not once
+per process. With `compile_options` (torch.compile's own, for experiments) a CPU engine is compiled in the process
+as on CUDA.
 """
 
 from __future__ import annotations
@@ -54,10 +58,11 @@ class TorchEngine(Engine):
     # to the fp32 reference), and the seed trained with fp16 mixed precision, so its activations fit fp16 under
     # autocast; docs/gpu.md says how the measured choice replaces this
     precisions = {"cuda": ("fp16", "bf16", "fp32"), "cpu": ("fp32", "bf16", "fp16")}
+    uses_store = True  # a compiled CPU engine's package
 
     def __init__(self, bundle: ModelBundle, *, device: Any, precision: str, max_batch: int,
                  compile: bool = False, cuda_graphs: bool = False, compile_options: dict[str, Any] | None = None,
-                 model: Any = None, cast: bool = False):
+                 model: Any = None, cast: bool = False, store: Any = None, rebuild: str = "auto"):
         import torch
 
         super().__init__(bundle, device=device, precision=precision, max_batch=max_batch)
@@ -69,6 +74,10 @@ class TorchEngine(Engine):
         if cast and precision == "fp32":
             raise EngineError("torch engine: `cast` needs a bf16 or fp16 precision")
         self.cast = bool(cast)
+        self.package: tuple[Any, dict[str, Any]] | None = None  # (path, meta) of a compiled CPU engine
+        if compile and self.device.type == "cpu" and not compile_options:
+            self._load_package(model, store, rebuild)
+            return
         # one conversion to the device (and the cast precision): each weight is copied once, never cast on the host
         module = (model if model is not None else bundle.create_model()).eval()
         module = module.to(self.device, self._dtype) if self.cast else module.to(self.device)
@@ -83,6 +92,22 @@ class TorchEngine(Engine):
             self._capture_backing_off()
         elif compile:
             self._warm_up()
+
+    def _load_package(self, model: Any, store: Any, rebuild: str) -> None:
+        from capsule_batch.backends.compiled import MAX_BATCH, ensure_package, load_package
+        from capsule_batch.backends.engine_store import EngineStore
+
+        if self.precision != "fp32" and not self.cast:
+            raise EngineError(f"torch engine: compiled {self.precision} on a CPU needs `cast` (the model in "
+                              f"{self.precision}); autocast is not compiled")
+        store = store if isinstance(store, EngineStore) else EngineStore(store)
+        if self.max_batch > MAX_BATCH:
+            _logger.info("compiled engine: batch capped at %d (the package's largest)", MAX_BATCH)
+            self.max_batch = MAX_BATCH
+        self.package = ensure_package(self.bundle, store, self.precision, policy=rebuild, model=model)
+        self._module = None
+        self._fn = load_package(self.package[0])
+        self._graph = None
 
     @property
     def dtype(self) -> Any:
@@ -160,7 +185,7 @@ class TorchEngine(Engine):
             static_in[:n].copy_(pixels)
             graph.replay()
             return static_out[:n].clone()
-        if self.compiled and n < self.max_batch:
+        if self.compiled and self.package is None and n < self.max_batch:
             # one shape only: a shorter batch would make torch.compile compile again, inside a watched call
             pad = pixels.new_zeros((self.max_batch - n, *pixels.shape[1:]))
             return self._run(torch.cat([pixels, pad]))[:n]
@@ -172,4 +197,7 @@ class TorchEngine(Engine):
                  autocast=self.precision != "fp32" and not self.cast)
         if self.device.type == "cuda" and self.precision == "fp32":
             d["tf32"] = False
+        if self.package is not None:
+            path, meta = self.package
+            d.update(artifact=str(path), compile_seconds=meta.get("compile_seconds"), aot=True)
         return d

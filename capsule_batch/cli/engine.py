@@ -28,6 +28,9 @@ def command() -> None:
               help="Largest batch the engine accepts (TensorRT profile max).")
 @click.option("--opt-batch", type=click.IntRange(1, 65536), default=None,
               help="TensorRT profile opt batch (default: --max-batch).")
+@click.option("--compile", "compile_", is_flag=True,
+              help="--backend torch on a CPU: compile the model ahead of time with TorchInductor (an AOTInductor "
+                   "package in the engine store, which later runs load instead of compiling).")
 @click.option("--force", is_flag=True, help="Rebuild even if an up-to-date engine exists (on a CPU: measure the "
               "choice again).")
 @click.option("--parity-frames", type=click.IntRange(16, 100_000), default=None,
@@ -41,8 +44,8 @@ def command() -> None:
 @engines_option
 @json_option
 def build_cmd(bundle: Path, backend: str, device: str, precision: str, max_batch: int, opt_batch: int | None,
-              force: bool, parity_frames: int | None, calibration: Path | None, calibration_frames: int | None,
-              engines_dir: Path | None, as_json: bool) -> None:
+              compile_: bool, force: bool, parity_frames: int | None, calibration: Path | None,
+              calibration_frames: int | None, engines_dir: Path | None, as_json: bool) -> None:
     """Build (or check) the engine for BUNDLE on this machine; a stale engine is rebuilt.
 
     On a CPU, `auto` backend or precision is measured: every configuration this CPU runs natively is checked
@@ -54,6 +57,10 @@ def build_cmd(bundle: Path, backend: str, device: str, precision: str, max_batch
 
     b = ModelBundle.load(bundle)
     kwargs: dict = {"opt_batch": opt_batch} if opt_batch else {}
+    if compile_:
+        if backend != "torch":
+            raise click.UsageError("--compile is for --backend torch")
+        kwargs.update(compile=True, cast=precision in ("bf16", "fp16"))
     if calibration is not None or calibration_frames is not None:
         if precision != "int8":
             raise click.UsageError("--calibration and --calibration-frames are for --precision int8")
@@ -72,6 +79,8 @@ def build_cmd(bundle: Path, backend: str, device: str, precision: str, max_batch
         echo_choice(choice)
     if "artifact" in info:
         click.echo(f"{info['backend']} {info['precision']} engine on {info['device']}: {info['artifact']}")
+    if info.get("compile_seconds") is not None:
+        click.echo(f"compiled ahead of time in {info['compile_seconds']:.1f} s (once; later runs load the package)")
     if info.get("int8_parity"):
         par, calib = info["int8_parity"], info.get("calibration") or {}
         click.echo(f"int8 against fp32 on {par['frames']} held-out frames of {calib.get('source')}: top-1 agreement "
@@ -79,7 +88,7 @@ def build_cmd(bundle: Path, backend: str, device: str, precision: str, max_batch
                    + ("meets the Fidelity bounds: `auto` considers it" if par["passed"] else
                       "misses the Fidelity bounds (top-1 >= 99.9 %, max |dp| <= 0.01): used only with "
                       "--precision int8"))
-    else:
+    if "artifact" not in info:
         click.echo(f"{info['backend']} {info['precision']} on {info['device']}: built in-process at run time, "
                    "nothing to store")
 
@@ -90,11 +99,11 @@ def echo_choice(choice: dict) -> None:
     click.echo(f"CPU choice ({how}, {choice.get('stored')}): {choice['label']} — {choice['reason']}")
     for label, ev in sorted(choice.get("evidence", {}).items()):
         if "error" in ev:
-            click.echo(f"  {label:<22} cannot run here: {ev['error']}")
+            click.echo(f"  {label:<26} cannot run here: {ev['error']}")
             continue
         rate = ev.get("best_frames_per_s", max(ev.get("frames_per_s") or [0]))
         verdict = "reference" if ev.get("reference") else "passes" if ev["passed"] else "FAILS"
-        click.echo(f"  {label:<22} {rate:9.1f} frames/s  top-1 {100 * ev['top1_agreement']:6.2f} %  "
+        click.echo(f"  {label:<26} {rate:9.1f} frames/s  top-1 {100 * ev['top1_agreement']:6.2f} %  "
                    f"max |dp| {ev['max_abs_dp']:.4f}  {verdict}")
 
 
@@ -123,7 +132,9 @@ def list_cmd(engines_dir: Path | None, verify: bool, as_json: bool) -> None:
                        f"{r['status']}")
             continue
         gpu = r.get("gpu") or {}
-        where = f"{gpu.get('name')} sm{gpu.get('capability')}" if gpu else "any device"
+        where = (f"{gpu.get('name')} sm{gpu.get('capability')}" if gpu else
+                 f"{(r.get('cpu') or {}).get('model')} ({r.get('threads')} threads)" if r.get("kind") == "aoti" else
+                 "any device")
         batch = r.get("batch")
         prof = f" batch {batch['min']}/{batch['opt']}/{batch['max']}" if isinstance(batch, dict) else ""
         prec = r.get("precision") or r.get("dtype")
