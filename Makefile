@@ -26,8 +26,10 @@ venv: $(VENV)/.installed
 # The tests that compare numbers from an engine that `auto` picks on a CPU run again once per CPU candidate
 # (capsule_batch/backends/cpu_choice.py; bf16 runs on any x86-64 CPU, emulated where it is not native), so a bound
 # that holds for one candidate only fails on every machine. `make test CPU_CANDIDATES=` skips those runs.
-CPU_CANDIDATES ?= torch-fp32 torch-fp32-compiled onnxruntime-fp32 torch-bf16-cast torch-bf16-cast-compiled \
-  torch-bf16-autocast
+# torch-bf16-cast-compiled is left out by default (3 more minutes): its numbers are bf16-cast's (4e-7 apart) under the
+# same bound, and tests/test_compiled.py forces it and checks it against fp32; add it with
+# `make test CPU_CANDIDATES="torch-fp32 torch-fp32-compiled onnxruntime-fp32 torch-bf16-cast torch-bf16-cast-compiled torch-bf16-autocast"`.
+CPU_CANDIDATES ?= torch-fp32 torch-fp32-compiled onnxruntime-fp32 torch-bf16-cast torch-bf16-autocast
 
 test: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
