@@ -322,7 +322,7 @@ def choose(bundle: ModelBundle, *, backend: str, precision: str, max_batch: int,
                     "label": forced.label, "reason": f"forced by {FORCE_ENV}", "forced": True, "evidence": {},
                     "measured_now": False, "stored": None}
         return build(forced), decision
-    store = store if isinstance(store, EngineStore) else EngineStore(store)
+    store = EngineStore.of(store)
     cands = candidates(backend, precision, cpu, ort_ok,
                        int8_candidates(bundle, store) if ort_ok and precision == "auto" else [],
                        compiler=compiler_available()[0])

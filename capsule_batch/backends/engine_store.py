@@ -104,6 +104,11 @@ class EngineStore:
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = Path(root) if root is not None else default_root()
 
+    @classmethod
+    def of(cls, store: EngineStore | str | os.PathLike | None) -> EngineStore:
+        """`store` itself when it is an EngineStore, else the store at that folder (None: the default root)."""
+        return store if isinstance(store, EngineStore) else cls(store)
+
     def entry_dir(self, bundle: ModelBundle, entry: str) -> Path:
         return self.root / slug(bundle.name) / entry
 

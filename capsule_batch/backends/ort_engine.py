@@ -47,7 +47,7 @@ class OrtEngine(Engine):
         import onnxruntime as ort
 
         super().__init__(bundle, device=device, precision=precision, max_batch=max_batch)
-        store = store if isinstance(store, EngineStore) else EngineStore(store)
+        store = EngineStore.of(store)
         if precision == "int8":
             from capsule_batch.backends.int8 import DEFAULT_CALIBRATION_FRAMES, ensure_int8_onnx, stored_int8_engine
 

@@ -100,7 +100,7 @@ class TorchEngine(Engine):
         if self.precision != "fp32" and not self.cast:
             raise EngineError(f"torch engine: compiled {self.precision} on a CPU needs `cast` (the model in "
                               f"{self.precision}); autocast is not compiled")
-        store = store if isinstance(store, EngineStore) else EngineStore(store)
+        store = EngineStore.of(store)
         if self.max_batch > MAX_BATCH:
             _logger.info("compiled engine: batch capped at %d (the package's largest)", MAX_BATCH)
             self.max_batch = MAX_BATCH

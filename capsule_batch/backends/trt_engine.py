@@ -162,7 +162,7 @@ class TensorRTEngine(Engine):
         import torch
 
         super().__init__(bundle, device=device, precision=precision, max_batch=max_batch)
-        store = store if isinstance(store, EngineStore) else EngineStore(store)
+        store = EngineStore.of(store)
         self.profile = batch_profile(self.max_batch, opt_batch)
         self.plan_path, self.meta = ensure_plan(bundle, store, trt, precision=precision, profile=self.profile,
                                                 gpu=gpu_info(self.device), policy=rebuild, opset=opset,

@@ -132,9 +132,12 @@ def list_cmd(engines_dir: Path | None, verify: bool, as_json: bool) -> None:
                        f"{r['status']}")
             continue
         gpu = r.get("gpu") or {}
-        where = (f"{gpu.get('name')} sm{gpu.get('capability')}" if gpu else
-                 f"{(r.get('cpu') or {}).get('model')} ({r.get('threads')} threads)" if r.get("kind") == "aoti" else
-                 "any device")
+        if gpu:
+            where = f"{gpu.get('name')} sm{gpu.get('capability')}"
+        elif r.get("kind") == "aoti":  # a compiled CPU package: machine code for one CPU and thread count
+            where = f"{(r.get('cpu') or {}).get('model')} ({r.get('threads')} threads)"
+        else:
+            where = "any device"
         batch = r.get("batch")
         prof = f" batch {batch['min']}/{batch['opt']}/{batch['max']}" if isinstance(batch, dict) else ""
         prec = r.get("precision") or r.get("dtype")
