@@ -9,6 +9,7 @@ Which candidate is fastest is the CPU's business: where the choice is tested, th
 from __future__ import annotations
 
 import json
+import tempfile
 
 import pytest
 from click.testing import CliRunner
@@ -40,7 +41,14 @@ def eager_fp32(bundle, x):
     return create_engine(bundle, backend="torch", precision="fp32", device="cpu").infer(x)
 
 
-def test_engine_build_compiles_once_and_later_engines_load_the_package(tiny_bundle, store_dir, monkeypatch):
+def test_engine_build_compiles_once_and_later_engines_load_the_package(tiny_bundle, store_dir, tmp_path,
+                                                                        monkeypatch):
+    # torch left to itself leaves a copy of the package in $TMPDIR per load and the generated code and weights in
+    # inductor's cache there per compile: neither may stay in this temporary directory
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     runner = CliRunner()
     args = ["engine", "build", "-m", str(tiny_bundle.path), "--backend", "torch", "--precision", "fp32", "--compile",
             "--device", "cpu", "--max-batch", "16", "--engine-dir", str(store_dir)]
@@ -68,6 +76,10 @@ def test_engine_build_compiles_once_and_later_engines_load_the_package(tiny_bund
     assert float((engine.infer(x[:1]) - ref[:1]).abs().max()) <= cpu_choice.FP32_MAX_ABS_DP
     r = runner.invoke(cli_main, ["engine", "list", "--engine-dir", str(store_dir)])
     assert "torch-aoti" in r.output and f"{cpu['model']} (" in r.output and "ok" in r.output, r.output
+    del engine
+    # only inductor's precompiled headers stay (one per compiler configuration, shared by every bundle)
+    left = [p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file()]
+    assert left and all(p.parts[0].startswith("torchinductor_") and p.parts[1] == "precompiled_headers" for p in left)
 
 
 def test_each_machine_gets_its_own_package_and_a_stale_one_is_not_loaded(tiny_bundle, store_dir, monkeypatch):
