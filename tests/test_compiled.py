@@ -9,6 +9,9 @@ Which candidate is fastest is the CPU's business: where the choice is tested, th
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -49,6 +52,8 @@ def test_engine_build_compiles_once_and_later_engines_load_the_package(tiny_bund
     tmp.mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    inductor_cache = tmp_path / "inductor"  # where torch.compile in this process keeps what it generates
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache))
     runner = CliRunner()
     args = ["engine", "build", "-m", str(tiny_bundle.path), "--backend", "torch", "--precision", "fp32", "--compile",
             "--device", "cpu", "--max-batch", "16", "--engine-dir", str(store_dir)]
@@ -80,6 +85,15 @@ def test_engine_build_compiles_once_and_later_engines_load_the_package(tiny_bund
     # only inductor's precompiled headers may stay (one per compiler configuration, shared by every bundle)
     left = [p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file()]
     assert all(p.parts[0].startswith("torchinductor_") and p.parts[1] == "precompiled_headers" for p in left)
+    assert not [p for p in inductor_cache.rglob("*") if p.is_file() and "precompiled_headers" not in p.parts]
+    # nor when a process ends without destroying what it loaded (os._exit, as a run whose store could not close,
+    # a killed worker, a crash): before, each such load left a copy of the package behind
+    code = ("import os; from capsule_batch.backends.compiled import load_package; "
+            f"model = load_package({str(entry / 'model.pt2')!r}); os._exit(0)")
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TMPDIR": str(tmp)}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not [p for p in tmp.rglob("*") if "aotinductor" in str(p)]
 
 
 def test_each_machine_gets_its_own_package_and_a_stale_one_is_not_loaded(tiny_bundle, store_dir, monkeypatch):
